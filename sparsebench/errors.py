@@ -1,0 +1,28 @@
+"""The error types the tool turns into one-line messages.
+
+Anything derived from `UserError` is the user's to fix (a bad suite, a missing GPU, a
+corrupt file): the CLI prints its message on one line and exits 2, with no traceback.
+Everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+    """A problem with the input or the machine that the user can fix."""
+
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    """A setting is invalid; the message starts with the key (and file) at fault."""
+
+
+class NoGPUError(UserError):
+    """A GPU device was asked for where TensorFlow sees none.
+
+    The orchestrator records cells that raise it as `skipped: no GPU`.
+    """
+
+    reason = "no GPU"
+
+    def __init__(self, message: str = "no GPU: TensorFlow sees no GPU device on this machine"):
+        super().__init__(message)

@@ -1,0 +1,222 @@
+"""Optimizers written against TensorFlow's resource ops, sparse-aware and measurable.
+
+Why not Keras: Keras 3 `Adam` densifies `IndexedSlices` (every step touches the whole
+table) and is wrong when a gradient repeats a row id; tensorflow-addons' LazyAdam no
+longer imports (DESIGN.md section 3). The benchmark must know exactly what each
+optimizer does with a sparse gradient, so we own the update rules:
+
+- `sgd`: dense `assign_sub`; sparse `scatter_sub` (repeated ids accumulate).
+- `adam`: always dense. An `IndexedSlices` gradient is converted to a dense tensor first
+  and moments decay over the whole table: the cost this variant exists to show.
+- `lazy_adam`: with an `IndexedSlices` gradient, only the rows present are touched: ids
+  are deduplicated and their slices summed, then m, v and the weights of those rows are
+  gathered, updated and scattered back; other rows and their moments stay bit-identical.
+  With a dense gradient it is plain Adam.
+- `adagrad`, `ftrl`: TensorFlow's fused `ResourceSparseApply*` kernels on deduplicated
+  slices, and `ResourceApply*` for dense gradients.
+
+All Adam updates use the same formula (TensorFlow's `ApplyAdam`): with t = step + 1,
+`lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)`, `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`,
+`w -= lr_t * m / (sqrt(v) + eps)`. So lazy and dense Adam agree on touched rows at step 1.
+
+Slots are created eagerly by `build` (never inside a `tf.function`) and the step counter
+is shared by all variables of one optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import tensorflow as tf
+
+from .errors import ConfigError
+
+
+def dedupe(grad: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:
+    """(unique row ids, summed slices) of an IndexedSlices gradient."""
+    unique_ids, position = tf.unique(grad.indices)
+    summed = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(unique_ids)[0])
+    return unique_ids, summed
+
+
+class Optimizer:
+    """Base: dispatches each gradient to its dense or sparse rule."""
+
+    name = ""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = float(learning_rate)
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False, name="iterations")
+        self._slots: dict = {}
+
+    def build(self, variables: Iterable[tf.Variable]) -> None:
+        for var in variables:
+            if var.ref() not in self._slots:
+                self._slots[var.ref()] = self._make_slots(var)
+
+    def _make_slots(self, var: tf.Variable) -> dict[str, tf.Variable]:
+        return {}
+
+    def _zeros_like(self, var, name, value=0.0):
+        return tf.Variable(tf.fill(var.shape, tf.constant(value, var.dtype)), trainable=False, name=f"{name}")
+
+    def slots(self, var: tf.Variable) -> dict[str, tf.Variable]:
+        return self._slots[var.ref()]
+
+    def apply(self, grads_and_vars: Iterable[tuple]) -> None:
+        for grad, var in grads_and_vars:
+            if grad is None:
+                continue
+            if var.ref() not in self._slots:
+                raise ConfigError(f"optimizer {self.name}: variable {var.name} was not built")
+            if isinstance(grad, tf.IndexedSlices):
+                self._apply_sparse(grad, var, self._slots[var.ref()])
+            else:
+                self._apply_dense(grad, var, self._slots[var.ref()])
+        self.iterations.assign_add(1)
+
+    def _apply_dense(self, grad, var, slots):
+        raise NotImplementedError
+
+    def _apply_sparse(self, grad, var, slots):
+        raise NotImplementedError
+
+
+class SGD(Optimizer):
+    name = "sgd"
+
+    def _apply_dense(self, grad, var, slots):
+        var.assign_sub(self.learning_rate * grad)
+
+    def _apply_sparse(self, grad, var, slots):
+        var.scatter_sub(tf.IndexedSlices(self.learning_rate * grad.values, grad.indices, grad.dense_shape))
+
+
+class Adam(Optimizer):
+    """Dense Adam: sparse gradients are densified first."""
+
+    name = "adam"
+
+    def __init__(self, learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+
+    def _make_slots(self, var):
+        return {"m": self._zeros_like(var, "m"), "v": self._zeros_like(var, "v")}
+
+    def _powers(self, dtype):
+        t = tf.cast(self.iterations + 1, dtype)
+        return tf.pow(tf.cast(self.beta_1, dtype), t), tf.pow(tf.cast(self.beta_2, dtype), t)
+
+    def _apply_dense(self, grad, var, slots):
+        beta_1_power, beta_2_power = self._powers(var.dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=var.handle,
+            m=slots["m"].handle,
+            v=slots["v"].handle,
+            beta1_power=beta_1_power,
+            beta2_power=beta_2_power,
+            lr=tf.cast(self.learning_rate, var.dtype),
+            beta1=tf.cast(self.beta_1, var.dtype),
+            beta2=tf.cast(self.beta_2, var.dtype),
+            epsilon=tf.cast(self.epsilon, var.dtype),
+            grad=grad,
+        )
+
+    def _apply_sparse(self, grad, var, slots):
+        self._apply_dense(tf.convert_to_tensor(grad), var, slots)
+
+
+class LazyAdam(Adam):
+    """Adam that touches only the rows present in an IndexedSlices gradient."""
+
+    name = "lazy_adam"
+
+    def _apply_sparse(self, grad, var, slots):
+        ids, g = dedupe(grad)
+        beta_1_power, beta_2_power = self._powers(var.dtype)
+        lr_t = self.learning_rate * tf.sqrt(1.0 - beta_2_power) / (1.0 - beta_1_power)
+        m_rows = self.beta_1 * tf.gather(slots["m"], ids) + (1.0 - self.beta_1) * g
+        v_rows = self.beta_2 * tf.gather(slots["v"], ids) + (1.0 - self.beta_2) * tf.square(g)
+        slots["m"].scatter_update(tf.IndexedSlices(m_rows, ids))
+        slots["v"].scatter_update(tf.IndexedSlices(v_rows, ids))
+        var.scatter_sub(tf.IndexedSlices(lr_t * m_rows / (tf.sqrt(v_rows) + self.epsilon), ids))
+
+
+class Adagrad(Optimizer):
+    name = "adagrad"
+
+    def __init__(self, learning_rate, initial_accumulator_value=0.1, epsilon=1e-7):
+        super().__init__(learning_rate)
+        self.initial_accumulator_value, self.epsilon = initial_accumulator_value, epsilon
+
+    def _make_slots(self, var):
+        return {"accum": self._zeros_like(var, "accum", self.initial_accumulator_value)}
+
+    def _apply_dense(self, grad, var, slots):
+        tf.raw_ops.ResourceApplyAdagradV2(
+            var=var.handle,
+            accum=slots["accum"].handle,
+            lr=tf.cast(self.learning_rate, var.dtype),
+            epsilon=tf.cast(self.epsilon, var.dtype),
+            grad=grad,
+        )
+
+    def _apply_sparse(self, grad, var, slots):
+        ids, g = dedupe(grad)
+        tf.raw_ops.ResourceSparseApplyAdagradV2(
+            var=var.handle,
+            accum=slots["accum"].handle,
+            lr=tf.cast(self.learning_rate, var.dtype),
+            epsilon=tf.cast(self.epsilon, var.dtype),
+            grad=g,
+            indices=ids,
+        )
+
+
+class Ftrl(Optimizer):
+    name = "ftrl"
+
+    def __init__(self, learning_rate, initial_accumulator_value=0.1, l1=0.0, l2=0.0, lr_power=-0.5):
+        super().__init__(learning_rate)
+        self.initial_accumulator_value = initial_accumulator_value
+        self.l1, self.l2, self.lr_power = l1, l2, lr_power
+
+    def _make_slots(self, var):
+        return {
+            "accum": self._zeros_like(var, "accum", self.initial_accumulator_value),
+            "linear": self._zeros_like(var, "linear"),
+        }
+
+    def _hyper(self, dtype):
+        return dict(
+            lr=tf.cast(self.learning_rate, dtype),
+            l1=tf.cast(self.l1, dtype),
+            l2=tf.cast(self.l2, dtype),
+            lr_power=tf.cast(self.lr_power, dtype),
+        )
+
+    def _apply_dense(self, grad, var, slots):
+        tf.raw_ops.ResourceApplyFtrl(
+            var=var.handle, accum=slots["accum"].handle, linear=slots["linear"].handle, grad=grad, **self._hyper(var.dtype)
+        )
+
+    def _apply_sparse(self, grad, var, slots):
+        ids, g = dedupe(grad)
+        tf.raw_ops.ResourceSparseApplyFtrl(
+            var=var.handle,
+            accum=slots["accum"].handle,
+            linear=slots["linear"].handle,
+            grad=g,
+            indices=ids,
+            **self._hyper(var.dtype),
+        )
+
+
+REGISTRY: dict[str, type[Optimizer]] = {cls.name: cls for cls in (SGD, Adam, LazyAdam, Adagrad, Ftrl)}
+
+
+def build_optimizer(name: str, learning_rate: float) -> Optimizer:
+    if name not in REGISTRY:
+        raise ConfigError(f"optimizer: unknown optimizer {name!r}; known: {', '.join(REGISTRY)}")
+    return REGISTRY[name](learning_rate)

@@ -1,0 +1,138 @@
+"""Plain, TensorFlow-free descriptions of what a cell trains.
+
+The CLI process builds and validates these without importing TensorFlow; the worker
+receives them as JSON and builds the model from them. They are frozen dataclasses so
+that the same settings always hash (and therefore identify a cell) the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .errors import ConfigError
+
+VARIANTS = (
+    "sparse_dense_matmul",
+    "embedding_lookup_sparse",
+    "embedding_lookup_sparse_fast",
+    "row_partitioned",
+    "col_partitioned",
+)
+PARTITIONED_VARIANTS = ("row_partitioned", "col_partitioned")
+PARTITION_STRATEGIES = ("mod", "div")
+OPTIMIZERS = ("sgd", "lazy_adam", "adam", "adagrad", "ftrl")
+DEVICES = ("cpu", "gpu")
+ACTIVATIONS = ("relu", "linear", "sigmoid", "tanh")
+
+# Learning rates that train the complete model stably on the synthetic data; a suite
+# may override them. Adam-family rates are smaller because their steps are normalized.
+DEFAULT_LEARNING_RATES = {
+    "sgd": 0.05,
+    "lazy_adam": 0.002,
+    "adam": 0.002,
+    "adagrad": 0.05,
+    "ftrl": 0.05,
+}
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Synthetic production-like sparse data (DESIGN.md section 1)."""
+
+    feature_bits: int = 20
+    mean_active: float = 100.0  # mean number of active features per example
+    active_sigma: float = 0.5  # log-normal sigma of that count: the tail
+    max_active: int = 1000
+    zipf_exponent: float = 1.05  # key popularity ~ 1 / rank**s
+    binary_fraction: float = 0.5  # share of keys whose value is always 1
+    value_decades: float = 6.0  # continuous keys have scales 10**U(0, decades)
+    signal_fraction: float = 0.05  # share of keys with a non-zero hidden weight
+    signal_scale: float = 2.0  # std of the hidden logit
+    seed: int = 0
+
+    @property
+    def num_features(self) -> int:
+        return 2**self.feature_bits
+
+    def validate(self) -> None:
+        _require(1 <= self.feature_bits <= 30, "feature_bits", "must be between 1 and 30")
+        _require(self.mean_active > 0, "mean_active", "must be positive")
+        _require(self.active_sigma >= 0, "active_sigma", "must be >= 0")
+        _require(self.max_active >= 1, "max_active", "must be >= 1")
+        _require(self.zipf_exponent >= 0, "zipf_exponent", "must be >= 0")
+        _require(0 <= self.binary_fraction <= 1, "binary_fraction", "must be in [0, 1]")
+        _require(self.value_decades >= 0, "value_decades", "must be >= 0")
+        _require(0 < self.signal_fraction <= 1, "signal_fraction", "must be in (0, 1]")
+        _require(self.signal_scale >= 0, "signal_scale", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """The complete model: discretizer, normalization, sparse layer, head, optimizer."""
+
+    variant: str = "embedding_lookup_sparse"
+    shards: int = 1
+    partition_strategy: str = "mod"  # row_partitioned only
+    out_dim: int = 50
+    hidden_units: tuple[int, ...] = (32,)
+    activation: str = "relu"
+    discretizer: bool = False
+    n_bin: int = 16
+    normalization: bool = True
+    optimizer: str = "sgd"
+    learning_rate: float | None = None  # None: DEFAULT_LEARNING_RATES[optimizer]
+    device: str = "cpu"
+    seed: int = 0
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DEFAULT_LEARNING_RATES[self.optimizer]
+
+    def validate(self) -> None:
+        _require(self.variant in VARIANTS, "variant", f"unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
+        _require(self.shards >= 1, "shards", "must be >= 1")
+        _require(
+            self.partition_strategy in PARTITION_STRATEGIES,
+            "partition_strategy",
+            f"must be one of {', '.join(PARTITION_STRATEGIES)}",
+        )
+        _require(self.out_dim >= 1, "out_dim", "must be >= 1")
+        _require(all(u >= 1 for u in self.hidden_units), "hidden_units", "every layer needs >= 1 unit")
+        _require(self.activation in ACTIVATIONS, "activation", f"must be one of {', '.join(ACTIVATIONS)}")
+        _require(self.n_bin >= 1, "n_bin", "must be >= 1")
+        _require(
+            self.optimizer in OPTIMIZERS, "optimizer", f"unknown optimizer {self.optimizer!r}; known: {', '.join(OPTIMIZERS)}"
+        )
+        _require(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be positive")
+        _require(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+        if self.variant not in PARTITIONED_VARIANTS:
+            _require(self.shards == 1, "shards", f"variant {self.variant!r} is not partitioned; shards must be 1")
+        if self.variant == "col_partitioned":
+            _require(self.shards <= self.out_dim, "shards", "col_partitioned needs shards <= out_dim")
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+def to_dict(spec: Any) -> dict[str, Any]:
+    """JSON-ready dict of a spec (tuples become lists)."""
+    return dataclasses.asdict(spec)
+
+
+def from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """Build a spec from a dict, naming unknown keys instead of failing obscurely."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown setting for {cls.__name__}")
+    kwargs = dict(data)
+    if "hidden_units" in kwargs:
+        kwargs["hidden_units"] = tuple(kwargs["hidden_units"])
+    return cls(**kwargs)
+
