@@ -13,7 +13,9 @@ optimizer does with a sparse gradient, so we own the update rules:
   gathered, updated and scattered back; other rows and their moments stay bit-identical.
   With a dense gradient it is plain Adam.
 - `adagrad`, `ftrl`: TensorFlow's fused `ResourceSparseApply*` kernels on deduplicated
-  slices, and `ResourceApply*` for dense gradients.
+  slices, and `ResourceApply*` for dense gradients. FTRL's `linear` slot starts where it
+  reproduces the variable's initial value (stock FTRL starts it at zero, which zeroes a
+  randomly initialized dense head on the first step).
 
 All Adam updates use the same formula (TensorFlow's `ApplyAdam`): with t = step + 1,
 `lr_t = lr * sqrt(1 - b2^t) / (1 - b1^t)`, `m = b1 m + (1-b1) g`, `v = b2 v + (1-b2) g^2`,
@@ -183,10 +185,15 @@ class Ftrl(Optimizer):
         self.l1, self.l2, self.lr_power = l1, l2, lr_power
 
     def _make_slots(self, var):
-        return {
-            "accum": self._zeros_like(var, "accum", self.initial_accumulator_value),
-            "linear": self._zeros_like(var, "linear"),
-        }
+        # FTRL's weight is a function of its state: w = -linear * lr / sqrt(accum) (with
+        # l1 = l2 = 0). A zero `linear` would reset every weight to ~0 on the first step,
+        # wiping the dense head's random initialization and leaving a dead network; start
+        # `linear` where that formula gives back the initial weights.
+        accum = self._zeros_like(var, "accum", self.initial_accumulator_value)
+        linear = tf.Variable(
+            -var * tf.sqrt(accum) / self.learning_rate, trainable=False, name="linear"
+        )
+        return {"accum": accum, "linear": linear}
 
     def _hyper(self, dtype):
         return dict(
