@@ -220,9 +220,7 @@ class Trainer:
         signature = batch_signature(model.num_features)
         self.train_step = tf.function(self._train_step, input_signature=signature)
         self.gradient_stats = tf.function(self._gradient_stats, input_signature=signature)
-        self.predict = tf.function(
-            lambda sp: tf.sigmoid(model(sp, training=False)), input_signature=signature[:1]
-        )
+        self.predict_logits = tf.function(lambda sp: model(sp, training=False), input_signature=signature[:1])
 
     def _gradients(self, sp, labels):
         with tf.device(self.device), tf.GradientTape() as tape:

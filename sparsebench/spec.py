@@ -127,12 +127,71 @@ def to_dict(spec: Any) -> dict[str, Any]:
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build a spec from a dict, naming unknown keys instead of failing obscurely."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    by_name = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(by_name))
     if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown setting for {cls.__name__}")
+        raise ConfigError(f"{unknown[0]}: unknown setting; known: {', '.join(by_name)}")
     kwargs = dict(data)
+    for name, value in kwargs.items():
+        _check_type(name, by_name[name], value)
     if "hidden_units" in kwargs:
         kwargs["hidden_units"] = tuple(kwargs["hidden_units"])
     return cls(**kwargs)
 
+
+def _check_type(name: str, spec_field: dataclasses.Field, value: Any) -> None:
+    """Settings come from TOML and the command line: check them against the field's type."""
+    annotation = str(spec_field.type)
+    if value is None:
+        if "None" not in annotation:
+            raise ConfigError(f"{name}: must be set")
+        return
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if annotation.startswith("bool"):
+        ok, want = isinstance(value, bool), "true or false"
+    elif annotation.startswith("int"):
+        ok, want = is_int, "an integer"
+    elif annotation.startswith("float"):
+        ok, want = is_int or isinstance(value, float), "a number"
+    elif annotation.startswith("str"):
+        ok, want = isinstance(value, str), "a string"
+    elif annotation.startswith("tuple"):
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        want = "a list of integers"
+    else:
+        return
+    if not ok:
+        raise ConfigError(f"{name}: expected {want}, got {value!r}")
+
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """How a cell is timed. Not part of a cell's identity: the same configuration measured
+    with more windows is still the same cell, so runs stay comparable."""
+
+    warmup_steps: int = 10
+    windows: int = 5
+    steps_per_window: int | None = None
+    seconds_per_window: float | None = 2.0
+    batch_pool: int = 32  # distinct batches generated ahead and cycled through
+    eval_examples: int = 4096  # held-out examples for AUC and eval loss
+    diagnostic_steps: int = 3  # steps whose gradient type / rows touched are recorded
+    timeout_s: float = 300.0  # per cell, start-up included
+
+    def validate(self) -> None:
+        _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
+        _require(self.windows >= 1, "windows", "must be >= 1")
+        _require(
+            self.steps_per_window is not None or self.seconds_per_window is not None,
+            "steps_per_window",
+            "give steps_per_window or seconds_per_window",
+        )
+        _require(self.steps_per_window is None or self.steps_per_window >= 1, "steps_per_window", "must be >= 1")
+        _require(
+            self.seconds_per_window is None or self.seconds_per_window > 0, "seconds_per_window", "must be positive"
+        )
+        _require(self.batch_pool >= 1, "batch_pool", "must be >= 1")
+        _require(self.eval_examples >= 2, "eval_examples", "must be >= 2")
+        _require(self.diagnostic_steps >= 0, "diagnostic_steps", "must be >= 0")
+        _require(self.timeout_s > 0, "timeout_s", "must be positive")

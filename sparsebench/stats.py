@@ -31,3 +31,48 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     for start, end in zip(starts, ends):
         ranks[order[start:end]] = (start + end + 1) / 2.0
     return ranks
+
+
+def bootstrap_median_interval(samples, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval for the median of `samples` (seeded: reproducible).
+
+    With a single sample the interval is that sample on both sides.
+    """
+    x = np.asarray(samples, dtype=np.float64)
+    if len(x) == 0:
+        return float("nan"), float("nan")
+    if len(x) == 1:
+        return float(x[0]), float(x[0])
+    rng = np.random.default_rng(seed)
+    medians = np.median(x[rng.integers(0, len(x), size=(resamples, len(x)))], axis=1)
+    alpha = (1.0 - confidence) / 2.0
+    return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1.0 - alpha))
+
+
+def coefficient_of_variation(samples) -> float:
+    """Sample standard deviation over the mean (NaN for fewer than 2 samples)."""
+    x = np.asarray(samples, dtype=np.float64)
+    if len(x) < 2 or x.mean() == 0:
+        return float("nan")
+    return float(x.std(ddof=1) / x.mean())
+
+
+def percentiles(samples, qs=(50, 90, 99)) -> dict[str, float]:
+    x = np.asarray(samples, dtype=np.float64)
+    if len(x) == 0:
+        return {f"p{q}": float("nan") for q in qs}
+    return {f"p{q}": float(np.percentile(x, q)) for q in qs}
+
+
+NOISY_CV = 0.05  # a throughput whose windows vary more than this is flagged as noisy
+
+
+def summarize_throughput(window_samples_per_sec) -> dict[str, float]:
+    """Median, 95% bootstrap interval and CV of per-window throughputs."""
+    low, high = bootstrap_median_interval(window_samples_per_sec)
+    return {
+        "median": float(np.median(window_samples_per_sec)) if len(window_samples_per_sec) else float("nan"),
+        "low": low,
+        "high": high,
+        "cv": coefficient_of_variation(window_samples_per_sec),
+    }

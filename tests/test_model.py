@@ -52,7 +52,7 @@ def test_stored_maxima_update_in_training_only(small_data):
     expected = np.zeros(SMALL.num_features, np.float32)
     np.maximum.at(expected, keys, np.abs(sp.values.numpy()))
     np.testing.assert_array_equal(max_x, expected)
-    trainer.predict(other)  # inference on unseen rows must not touch the maxima
+    trainer.predict_logits(other)  # inference on unseen rows must not touch the maxima
     np.testing.assert_array_equal(trainer.model.norm.max_x.numpy(), max_x)
 
 
@@ -101,10 +101,10 @@ def test_training_learns_the_planted_signal(small_data, optimizer, min_auc):
     batches = tensors(small_data, 256, 300)
     held_out = small_data.held_out(4000)
     trainer = build_trainer(ModelSpec(out_dim=8, optimizer=optimizer), SMALL.num_features, "/CPU:0")
-    before = auc(held_out.labels, trainer.predict(to_sparse_tensor(held_out, SMALL.num_features)).numpy())
+    before = auc(held_out.labels, trainer.predict_logits(to_sparse_tensor(held_out, SMALL.num_features)).numpy())
     for batch in batches:
         trainer.train_step(*batch)
-    after = auc(held_out.labels, trainer.predict(to_sparse_tensor(held_out, SMALL.num_features)).numpy())
+    after = auc(held_out.labels, trainer.predict_logits(to_sparse_tensor(held_out, SMALL.num_features)).numpy())
     assert after > min_auc, f"held-out AUC {after:.3f} (before training {before:.3f})"
 
 

@@ -1,0 +1,170 @@
+"""A cell: one point of a suite's matrix, as a plain hashable value.
+
+A cell says what is trained (data, model, batch size, Hogwild workers), where (device) and
+with which process-level settings (threads, oneDNN). Its id is derived from exactly those
+fields, so the same cell always has the same id: runs can be resumed and compared cell by
+cell. Measurement settings are carried along but are not part of the identity.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from .errors import ConfigError
+from .spec import DataSpec, MeasureSpec, ModelSpec, from_dict
+
+ABBREVIATIONS = {
+    "sparse_dense_matmul": "sdm",
+    "embedding_lookup_sparse": "els",
+    "embedding_lookup_sparse_fast": "elsfast",
+    "row_partitioned": "row",
+    "col_partitioned": "col",
+}
+
+
+@dataclass(frozen=True)
+class Threads:
+    """Process-level threading. 0 / None mean "TensorFlow's (or the library's) default"."""
+
+    intra_op_threads: int = 0
+    inter_op_threads: int = 0
+    omp_num_threads: int | None = None
+    mkl_num_threads: int | None = None
+    kmp_blocktime: int | None = None
+    onednn: bool | None = None
+
+    def validate(self) -> None:
+        for name in ("intra_op_threads", "inter_op_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must be >= 0 (0 = TensorFlow's default)")
+        for name in ("omp_num_threads", "mkl_num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+        if self.kmp_blocktime is not None and self.kmp_blocktime < 0:
+            raise ConfigError("kmp_blocktime: must be >= 0")
+
+
+@dataclass(frozen=True)
+class Cell:
+    suite: str
+    batch_size: int
+    model: ModelSpec
+    data: DataSpec = field(default_factory=DataSpec)
+    threads: Threads = field(default_factory=Threads)
+    workers: int = 1
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        self.model.validate()
+        self.data.validate()
+        self.threads.validate()
+        self.measure.validate()
+
+    # -- identity ----------------------------------------------------------------
+    def identity(self) -> dict[str, Any]:
+        """The fields that make two cells the same configuration."""
+        return {
+            "batch_size": self.batch_size,
+            "workers": self.workers,
+            "model": asdict(self.model),
+            "data": asdict(self.data),
+            "threads": asdict(self.threads),
+        }
+
+    @property
+    def cell_id(self) -> str:
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.label}-{digest}"
+
+    @property
+    def label(self) -> str:
+        """A readable summary: variant, batch, optimizer, device and non-default settings."""
+        m, t = self.model, self.threads
+        parts = [ABBREVIATIONS.get(m.variant, m.variant)]
+        if m.variant == "row_partitioned":
+            parts.append(f"{m.partition_strategy}{m.shards}")
+        elif m.variant == "col_partitioned":
+            parts.append(f"x{m.shards}")
+        parts += [f"b{self.batch_size}", m.optimizer, m.device]
+        if t.intra_op_threads or t.inter_op_threads:
+            parts.append(f"t{t.intra_op_threads}x{t.inter_op_threads}")
+        if t.omp_num_threads is not None:
+            parts.append(f"omp{t.omp_num_threads}")
+        if t.mkl_num_threads is not None:
+            parts.append(f"mkl{t.mkl_num_threads}")
+        if t.onednn is not None:
+            parts.append("onednn" if t.onednn else "noonednn")
+        if self.workers > 1:
+            parts.append(f"w{self.workers}")
+        return "-".join(parts)
+
+    # -- process settings --------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        """Environment variables this cell's worker must start with."""
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+        t = self.threads
+        if t.omp_num_threads is not None:
+            env["OMP_NUM_THREADS"] = str(t.omp_num_threads)
+        if t.mkl_num_threads is not None:
+            env["MKL_NUM_THREADS"] = str(t.mkl_num_threads)
+        if t.kmp_blocktime is not None:
+            env["KMP_BLOCKTIME"] = str(t.kmp_blocktime)
+        if t.onednn is not None:
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1" if t.onednn else "0"
+        if self.model.device == "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = "-1"  # a CPU cell never touches a GPU
+        return env
+
+    def process_key(self) -> str:
+        """Cells with equal keys may share one worker process (isolation = "env")."""
+        return json.dumps({"env": self.environment(), "threads": asdict(self.threads)}, sort_keys=True)
+
+    # -- serialization -----------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Cell":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{unknown[0]}: unknown cell field")
+        return cls(
+            suite=data["suite"],
+            batch_size=data["batch_size"],
+            workers=data.get("workers", 1),
+            model=from_dict(ModelSpec, data["model"]),
+            data=from_dict(DataSpec, data.get("data", {})),
+            threads=from_dict(Threads, data.get("threads", {})),
+            measure=from_dict(MeasureSpec, data.get("measure", {})),
+        )
+
+    def axes(self) -> dict[str, Any]:
+        """The flat view report and compare use (stable key names)."""
+        m, t = self.model, self.threads
+        return {
+            "cell_id": self.cell_id,
+            "suite": self.suite,
+            "variant": m.variant,
+            "shards": m.shards,
+            "partition_strategy": m.partition_strategy if m.variant == "row_partitioned" else None,
+            "batch_size": self.batch_size,
+            "optimizer": m.optimizer,
+            "device": m.device,
+            "intra_op_threads": t.intra_op_threads,
+            "inter_op_threads": t.inter_op_threads,
+            "omp_num_threads": t.omp_num_threads,
+            "mkl_num_threads": t.mkl_num_threads,
+            "onednn": t.onednn,
+            "workers": self.workers,
+            "discretizer": m.discretizer,
+            "normalization": m.normalization,
+        }

@@ -1,0 +1,133 @@
+"""The `sparsebench` command line. Never imports TensorFlow (workers do).
+
+Every command shares one error path: a `UserError` becomes one line on stderr and exit 2,
+with no traceback (asv's model). Exit codes: 0 success, 1 a cell failed or timed out,
+2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="sparsebench")
+def cli() -> None:
+    """Benchmark and profile sparse linear layers and sparse ranking models in TensorFlow."""
+
+
+@cli.command()
+@click.option("--suite", "suite_arg", metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]",
+              help="Override a matrix axis (batch_size=256,1024) or a setting (windows=3). Repeatable.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Results file (default results/<suite>-<time>.jsonl).")
+@click.option("--resume", type=click.Path(path_type=Path), help="Run only the cells missing or failed in this results file.")
+@click.option("--isolation", type=click.Choice(["cell", "env"]), help="Override the suite's process isolation.")
+@click.option("--require-gpu", is_flag=True, help="Record GPU cells on a machine without a GPU as failed, not skipped.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failures and the summary.")
+@click.option("--dry-run", is_flag=True, help="List the cells and exit.")
+def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry_run):
+    """Run a suite's cells, each in its own worker process, and record the results."""
+    from . import runner
+
+    if dry_run:
+        if suite_arg is None:
+            raise UserError("run --dry-run: give --suite")
+        _, cells, _ = runner.prepare(suite_arg, list(overrides))
+        for cell in cells:
+            click.echo(f"{cell.cell_id}")
+        click.echo(f"{len(cells)} cells")
+        return 0
+    try:
+        summary = runner.run(suite_arg, list(overrides), output, resume, quiet, require_gpu, isolation)
+    except KeyboardInterrupt:
+        target = resume or output
+        hint = f" with --resume {target}" if target else " with --resume <the results file above>"
+        click.echo(f"\ninterrupted: finished cells are saved; complete the run{hint}", err=True)
+        return 130
+    click.echo(summary.line())
+    if summary.exit_code:
+        click.echo(f"resume the failed cells with: sparsebench run --resume {summary.path}", err=True)
+    return summary.exit_code
+
+
+@cli.command()
+def suites():
+    """List the shipped suites with their cell counts."""
+    from .suite import load_suite, shipped_suites
+
+    rows = []
+    for name in sorted(shipped_suites()):
+        suite = load_suite(name)
+        rows.append((name, len(suite.cells()), suite.description))
+    width = max(len(r[0]) for r in rows)
+    click.echo(f"{'suite':<{width}}  cells  description")
+    for name, count, description in rows:
+        click.echo(f"{name:<{width}}  {count:>5}  {description}")
+    return 0
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
+def env(as_json):
+    """Print the environment fingerprint stored with every run."""
+    from .env import fingerprint
+
+    info = fingerprint()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return 0
+    tf = info.get("tensorflow", {})
+    gpus = ", ".join(f"{g['name']} ({g['memory_total_mb']} MiB, driver {g['driver']})" for g in info["gpus"]) or "none"
+    lines = [
+        ("CPU", info["cpu"]["model"]),
+        ("CPU flags", " ".join(info["cpu"].get("key_flags", []))),
+        ("cores", f"{info['cores_available']} available, {info['cores_logical']} logical, {info['cores_physical']} physical"),
+        ("memory", f"{info['memory']['total_gb']} GiB"),
+        ("GPUs (NVML)", gpus),
+        ("TensorFlow", tf.get("version", tf.get("error", "?"))),
+        ("TF oneDNN build", tf.get("onednn_built")),
+        ("TF CUDA build", tf.get("build", {}).get("is_cuda_build")),
+        ("TF GPUs visible", ", ".join(tf.get("gpus_visible", [])) or "none"),
+        ("Python", info["python"]),
+        ("OS", info["os"]),
+    ]
+    for key, value in lines:
+        click.echo(f"{key + ':':<17} {value}")
+    return 0
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def report(paths, fmt):
+    """Show the cells of one or more results files."""
+    from .report import render
+
+    click.echo(render(paths, fmt))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        code = cli.main(args=argv, prog_name="sparsebench", standalone_mode=False)
+    except UserError as exc:
+        click.echo(f"sparsebench: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

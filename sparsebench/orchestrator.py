@@ -1,0 +1,179 @@
+"""Runs cells in worker processes and records each result the moment it exists.
+
+The parent never imports TensorFlow. For each group of cells (one cell per group by
+default; with isolation "env", consecutive cells whose process settings are equal) it
+starts `python -m sparsebench.worker` with an environment built from a whitelist of the
+parent's variables plus the cell's own (OMP/MKL/KMP, oneDNN, CUDA_VISIBLE_DEVICES), then
+watches the worker's result folder:
+
+- each `<i>.json` that appears becomes a record, appended to the results file at once;
+- a cell running longer than its `timeout_s` gets its worker killed (the whole process
+  group) and a `timeout` record;
+- a worker that dies (a crash, `kill -9`, out of memory) gets a `failed` record for the
+  cell it was running, with its exit status and last line of stderr;
+- either way the rest of the group continues in a fresh worker.
+
+Ctrl-C kills the running worker and propagates; every record already written stays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .cell import Cell
+
+# Passed through from the parent's environment (pyperf's approach): enough to find Python,
+# the package and the GPU driver, nothing that silently changes threading.
+ENV_WHITELIST = (
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHOME",
+    "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES", "SYSTEMROOT",
+)
+ENV_PREFIXES = ("LC_", "NVIDIA_", "XLA_", "TF_", "OPENBLAS_", "SPARSEBENCH_")
+
+POLL_S = 0.05
+
+
+def worker_environment(cell: Cell, parent: dict[str, str] | None = None) -> dict[str, str]:
+    parent = os.environ if parent is None else parent
+    env = {k: v for k, v in parent.items() if k in ENV_WHITELIST or k.startswith(ENV_PREFIXES)}
+    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # only the cell decides
+    env.update(cell.environment())
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def groups_of(cells: list[Cell], isolation: str) -> list[list[Cell]]:
+    """Consecutive cells sharing a process key form a group under isolation "env"."""
+    if isolation != "env":
+        return [[c] for c in cells]
+    groups: list[list[Cell]] = []
+    for cell in cells:
+        if groups and groups[-1][0].process_key() == cell.process_key():
+            groups[-1].append(cell)
+        else:
+            groups.append([cell])
+    return groups
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    record: dict[str, Any]
+
+
+def _describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"worker killed by {name}"
+    return f"worker exited with code {returncode}"
+
+
+def _last_line(path: Path) -> str:
+    try:
+        lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def make_record(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
+    """A results-file record: the cell, its flat axes, then what the worker measured."""
+    return {"cell_id": cell.cell_id, "axes": cell.axes(), "cell": cell.to_dict(), **result, "recorded_at": time.time()}
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        record: Callable[[Outcome], None],
+        isolation: str = "cell",
+        python: str = sys.executable,
+        on_start: Callable[[Cell], None] = lambda cell: None,
+    ):
+        self.record = record
+        self.isolation = isolation
+        self.python = python
+        self.on_start = on_start
+        self._process: subprocess.Popen | None = None
+
+    def run(self, cells: list[Cell]) -> None:
+        for group in groups_of(cells, self.isolation):
+            remaining = list(group)
+            while remaining:
+                remaining = self._run_worker(remaining)
+
+    def _run_worker(self, cells: list[Cell]) -> list[Cell]:
+        """Run `cells` in one worker; return the cells still to run (after a kill or crash)."""
+        with tempfile.TemporaryDirectory(prefix="sparsebench-") as tmp:
+            tmp_path = Path(tmp)
+            jobs = tmp_path / "jobs.json"
+            jobs.write_text(json.dumps({"isolation": self.isolation, "cells": [c.to_dict() for c in cells]}))
+            stderr_path = tmp_path / "worker.log"
+            with open(stderr_path, "w") as log:
+                self._process = subprocess.Popen(
+                    [self.python, "-m", "sparsebench.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
+                    env=worker_environment(cells[0]),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # its own process group: a kill takes its children too
+                )
+                try:
+                    return self._watch(cells, tmp_path, stderr_path)
+                finally:
+                    self._kill()
+
+    def _watch(self, cells: list[Cell], folder: Path, log: Path) -> list[Cell]:
+        index = 0
+        self.on_start(cells[0])
+        clock_start = time.monotonic()  # the first cell's clock includes process start-up
+        while True:
+            result_file = folder / f"{index}.json"
+            if result_file.exists():
+                self.record(Outcome(cells[index], make_record(cells[index], json.loads(result_file.read_text()))))
+                index += 1
+                if index == len(cells):
+                    self._process.wait()
+                    return []
+                self.on_start(cells[index])
+                clock_start = time.monotonic()
+                continue
+            cell = cells[index]
+            returncode = self._process.poll()
+            if returncode is not None:
+                if result_file.exists():  # written just before exit
+                    continue
+                reason = _describe_exit(returncode)
+                detail = _last_line(log)
+                self.record(
+                    Outcome(cell, make_record(cell, {"status": "failed", "reason": f"{reason}: {detail}" if detail else reason}))
+                )
+                return cells[index + 1 :]
+            if time.monotonic() - clock_start > cell.measure.timeout_s:
+                self._kill()
+                self.record(
+                    Outcome(cell, make_record(cell, {"status": "timeout", "reason": f"no result after {cell.measure.timeout_s:g} s"}))
+                )
+                return cells[index + 1 :]
+            time.sleep(POLL_S)
+
+    def _kill(self) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()

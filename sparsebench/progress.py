@@ -1,0 +1,84 @@
+"""Progress of a run: a live bar on a terminal, one line per finished cell everywhere.
+
+The bar (stderr, redrawn in place) shows the cell running, cells done/total and an ETA
+from the mean time per finished cell. Result lines go to stdout so they survive in logs.
+`quiet` keeps only failures and the final summary, for CI logs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+from .cell import Cell
+from .stats import NOISY_CV
+
+
+def format_rate(value: float | None) -> str:
+    """Samples/s to 3 significant digits with a k/M suffix."""
+    if value is None:
+        return "-"
+    for threshold, suffix in ((1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.3g}{suffix}"
+    return f"{value:.3g}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def describe_record(record: dict) -> str:
+    status = record.get("status")
+    if status != "ok":
+        return f"{status}: {record.get('reason') or ''}".rstrip(": ")
+    windows = record.get("windows") or []
+    cv = record.get("cv")
+    noisy = f"  NOISY (CV {cv:.0%} > {NOISY_CV:.0%})" if cv is not None and cv > NOISY_CV else ""
+    spread = f" ±{cv:.1%}" if cv is not None else ""
+    return (
+        f"{format_rate(record.get('samples_per_sec'))} samples/s{spread} over {len(windows)} windows, "
+        f"step p50 {record.get('step_ms_p50', float('nan')):.1f} ms, AUC {record.get('auc') or float('nan'):.3f}{noisy}"
+    )
+
+
+class Progress:
+    def __init__(self, total: int, quiet: bool = False, out: TextIO | None = None, err: TextIO | None = None):
+        self.total = total
+        self.quiet = quiet
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.done = 0
+        self.started_at = time.monotonic()
+        self.live = (not quiet) and self.err.isatty()
+        self.current: Cell | None = None
+
+    def start(self, cell: Cell) -> None:
+        self.current = cell
+        self._draw()
+
+    def _draw(self) -> None:
+        if not self.live or self.current is None:
+            return
+        width = 24
+        filled = int(width * self.done / max(self.total, 1))
+        elapsed = time.monotonic() - self.started_at
+        eta = f"ETA {format_duration(elapsed / self.done * (self.total - self.done))}" if self.done else "ETA --:--"
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {eta}  running {self.current.label}"
+        self.err.write("\r\033[K" + line[:160])
+        self.err.flush()
+
+    def finish(self, cell: Cell, record: dict) -> None:
+        self.done += 1
+        if self.live:
+            self.err.write("\r\033[K")
+        if not self.quiet or record.get("status") not in ("ok", "skipped"):
+            print(f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}", file=self.out, flush=True)
+        self._draw()
+
+    def close(self) -> None:
+        if self.live:
+            self.err.write("\r\033[K")
+            self.err.flush()

@@ -1,0 +1,158 @@
+"""The results file: versioned, append-only, crash-safe.
+
+Format: JSON Lines. Line 1 is the header (`schema`, `version`, the run's metadata and the
+environment fingerprint); every further line is one cell's record, appended, flushed and
+fsynced as the cell finishes, so a crash, a `kill -9` or Ctrl-C loses at most the cell that
+was running. A half-written last line (the process died mid-write) is ignored with a
+warning; a damaged line elsewhere is an error naming the file and line.
+
+A cell may have several records in one file (a failed cell re-run by `--resume`): the
+last one wins.
+
+Format history (bump VERSION and add a line on any incompatible change):
+- 1 (2026-11): first version.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+
+SCHEMA = "sparsebench-results"
+VERSION = 1
+
+# The flat view of a record that `report --format json` prints and `compare` reads.
+# These names are a contract with users' CI scripts: add keys, never rename them.
+JSON_KEYS = (
+    "cell_id", "suite", "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device",
+    "intra_op_threads", "inter_op_threads", "omp_num_threads", "mkl_num_threads", "onednn", "workers",
+    "status", "reason", "samples_per_sec", "samples_per_sec_low", "samples_per_sec_high", "windows", "cv",
+    "step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "peak_rss_mb", "grad_type",
+    "rows_touched", "gpu_util_pct", "gpu_mem_used_mb", "isolation",
+)
+
+DONE_STATUSES = ("ok", "skipped")
+
+
+class ResultsError(UserError):
+    """A results file that cannot be read or written."""
+
+
+def _clean(value: Any) -> Any:
+    """NaN/inf are not JSON: store them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+class ResultsWriter:
+    """Appends records to a results file, one durable line at a time."""
+
+    def __init__(self, path: Path, header: dict[str, Any] | None = None):
+        """Create `path` with `header`, or (header None) open an existing file to append."""
+        self.path = Path(path)
+        try:
+            if header is not None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fh = open(self.path, "x")
+                self._write({"schema": SCHEMA, "version": VERSION, **header})
+            else:
+                self._fh = open(self.path, "a")
+        except FileExistsError:
+            raise ResultsError(f"{self.path}: already exists; choose another --output or use --resume") from None
+        except OSError as exc:
+            raise ResultsError(f"{self.path}: cannot write results: {exc.strerror}") from None
+
+    def _write(self, payload: dict[str, Any]) -> None:
+        self._fh.write(json.dumps(_clean(payload), allow_nan=False) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def append(self, record: dict[str, Any]) -> None:
+        self._write(record)
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "ResultsWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+@dataclass
+class Results:
+    path: Path
+    header: dict[str, Any]
+    records: list[dict[str, Any]]  # every record, in file order
+    warnings: list[str] = field(default_factory=list)
+
+    def latest(self) -> list[dict[str, Any]]:
+        """One record per cell (the last one written), in first-seen order."""
+        by_id: dict[str, dict[str, Any]] = {}
+        for record in self.records:
+            by_id[record["cell_id"]] = record
+        return list(by_id.values())
+
+    def done_ids(self) -> set[str]:
+        return {r["cell_id"] for r in self.latest() if r.get("status") in DONE_STATUSES}
+
+    @property
+    def environment(self) -> dict[str, Any]:
+        return self.header.get("environment", {})
+
+
+def read_results(path: str | Path) -> Results:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ResultsError(f"{path}: no such results file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ResultsError(f"{path}: cannot read results file: {exc}") from None
+    lines = text.split("\n")
+    complete, trailing = lines[:-1], lines[-1]  # text written by us always ends in "\n"
+    warnings = []
+    if trailing.strip():
+        warnings.append(f"{path}: ignored an incomplete last line (the run was interrupted while writing it)")
+    if not complete:
+        raise ResultsError(f"{path}: empty results file")
+    try:
+        header = json.loads(complete[0])
+    except json.JSONDecodeError:
+        raise ResultsError(f"{path}:1: not a sparsebench results file (header is not JSON)") from None
+    if not isinstance(header, dict) or header.get("schema") != SCHEMA:
+        raise ResultsError(f"{path}:1: not a sparsebench results file (schema {header.get('schema') if isinstance(header, dict) else None!r})")
+    if header.get("version") != VERSION:
+        raise ResultsError(
+            f"{path}:1: results format version {header.get('version')!r}; this sparsebench reads version {VERSION}"
+        )
+    records = []
+    for number, line in enumerate(complete[1:], start=2):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ResultsError(f"{path}:{number}: corrupt record ({exc.msg})") from None
+        if not isinstance(record, dict) or "cell_id" not in record or "status" not in record:
+            raise ResultsError(f"{path}:{number}: corrupt record (no cell_id or status)")
+        records.append(record)
+    return Results(path, header, records, warnings)
+
+
+def flat_view(record: dict[str, Any]) -> dict[str, Any]:
+    """The stable JSON_KEYS view of one record (missing metrics are null)."""
+    merged = {**record.get("axes", {}), **record}
+    return {key: merged.get(key) for key in JSON_KEYS}

@@ -1,0 +1,227 @@
+"""The worker process: `python -m sparsebench.worker --jobs JOBS --out DIR`.
+
+It is the only place TensorFlow is imported. The orchestrator starts it with the cells'
+environment (OMP/MKL/oneDNN variables are read when TensorFlow loads), the worker sets
+TensorFlow's inter/intra-op threads before the runtime initializes, then for each cell:
+generate data -> build model and optimizer -> warm up -> timed windows -> gradient
+diagnostics -> held-out evaluation.
+
+Results travel through files, not stdout, so library log noise cannot corrupt them: before
+a cell starts the worker writes `DIR/<i>.started`; when it ends, `DIR/<i>.json` (written
+to a temporary name and renamed, so a reader never sees half a record). A cell that raises
+is recorded as `failed` with its error (`skipped` for a missing GPU) and the worker moves
+on to the next cell; a crash of the process itself is noticed by the orchestrator.
+
+`python -m sparsebench.worker --probe` prints TensorFlow's facts as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import stats
+from .cell import Cell, Threads
+from .errors import NoGPUError
+
+_PROCESS_START = time.perf_counter()
+
+
+def configure_threads(threads: Threads) -> dict[str, Any]:
+    """Set TF's thread pools (before any op runs) and return the values in effect."""
+    import tensorflow as tf
+
+    if threads.intra_op_threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads.intra_op_threads)
+    if threads.inter_op_threads:
+        tf.config.threading.set_inter_op_parallelism_threads(threads.inter_op_threads)
+    return threads_in_effect()
+
+
+def threads_in_effect() -> dict[str, Any]:
+    """What TensorFlow and the environment report now; 0 means TF picks (all cores)."""
+    import tensorflow as tf
+
+    from .env import cpu_count
+
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    inter = tf.config.threading.get_inter_op_parallelism_threads()
+    return {
+        "intra_op_threads": intra,
+        "inter_op_threads": inter,
+        "intra_op_threads_resolved": intra or cpu_count(),
+        "inter_op_threads_resolved": inter or cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"),
+        "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+        "cpu_count": cpu_count(),
+    }
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
+    """Train and time one cell; returns its result record (status `ok`)."""
+    import tensorflow as tf
+
+    from .data import SyntheticData
+    from .devices import resolve_device
+    from .gpumon import GpuSampler
+    from .measure import measure
+    from .model import build_trainer, calibrate, loss_fn, to_sparse_tensor
+
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(cell.model.device)
+    data = SyntheticData(cell.data)
+    pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
+    held_out = data.held_out(cell.measure.eval_examples)
+    calibration = calibrate(data.sample(max(4 * cell.batch_size, 2048), stream=5), cell.model.n_bin) if cell.model.discretizer else None
+    with tf.device("/CPU:0"):
+        batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in pool]
+        held_out_sp = to_sparse_tensor(held_out, data.num_features)
+    phases["data_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    trainer = build_trainer(cell.model, data.num_features, device, calibration)
+    phases["build_s"] = time.perf_counter() - t0
+
+    losses: list[float] = []
+    sampler = GpuSampler() if cell.model.device == "gpu" else None
+    t0 = time.perf_counter()
+    if sampler is not None:
+        sampler.__enter__()
+    try:
+        measurement = measure(
+            trainer.train_step,
+            batches,
+            cell.batch_size,
+            cell.measure,
+            workers=cell.workers,
+            sync=lambda loss: losses.append(float(loss)),
+        )
+    finally:
+        if sampler is not None:
+            sampler.__exit__(None, None, None)
+    phases["warmup_s"] = measurement.warmup_seconds
+    phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
+
+    rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
+    logits = trainer.predict_logits(held_out_sp)
+    eval_loss = float(loss_fn(logits, tf.constant(held_out.labels)))
+    throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
+    step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
+    grad_types = sorted(set(trainer.grad_types.values()))
+    tail = losses[-max(1, min(20, len(losses))):] if losses else []
+    record = {
+        "status": "ok",
+        "reason": None,
+        "isolation": isolation,
+        "samples_per_sec": throughput["median"],
+        "samples_per_sec_low": throughput["low"],
+        "samples_per_sec_high": throughput["high"],
+        "cv": throughput["cv"],
+        "windows": measurement.window_samples_per_sec,
+        "window_seconds": measurement.window_seconds,
+        "window_steps": measurement.window_steps,
+        "step_ms_p50": step_ms["p50"],
+        "step_ms_p90": step_ms["p90"],
+        "step_ms_p99": step_ms["p99"],
+        "steps_timed": len(measurement.step_seconds),
+        "loss": float(np.mean(tail)) if tail else None,
+        "eval_loss": eval_loss,
+        "auc": stats.auc(held_out.labels, logits.numpy()),
+        "peak_rss_mb": peak_rss_mb(),
+        "grad_type": grad_types[0] if len(grad_types) == 1 else ",".join(grad_types),
+        "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
+        "rows_touched_per_step": rows_touched,
+        "num_features": data.num_features,
+        "avg_nnz_per_batch": float(np.mean([b.nnz for b in pool])),
+        "threads_in_effect": threads_in_effect(),
+        "phases": phases,
+        "variables_mb": {v.name: v.shape.num_elements() * 4 / 2**20 for v in trainer.model.train_variables},
+    }
+    if sampler is not None:
+        record.update(sampler.summary())
+    return record
+
+
+def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, allow_nan=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def run_jobs(jobs_path: Path, out_dir: Path) -> int:
+    job = json.loads(jobs_path.read_text())
+    cells = [Cell.from_dict(c) for c in job["cells"]]
+    first_index = job.get("first_index", 0)
+    isolation = job.get("isolation", "cell")
+    if not cells:
+        return 0
+    startup = {"process_start_to_tf_s": None}
+    t0 = time.perf_counter()
+    import tensorflow as tf  # noqa: F401 - imported here, after the environment is in place
+
+    from .env import tensorflow_info
+
+    effect = configure_threads(cells[0].threads)
+    startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
+    startup["tf_import_s"] = time.perf_counter() - t0
+    tf_facts = tensorflow_info()
+    for offset, cell in enumerate(cells):
+        index = first_index + offset
+        (out_dir / f"{index}.started").write_text(str(time.time()))
+        started = time.perf_counter()
+        try:
+            record = run_cell(cell, isolation)
+        except NoGPUError as exc:
+            record = {"status": "skipped", "reason": exc.reason, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash
+            lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
+            record = {"status": "failed", "reason": lines[-1].strip()[:500], "traceback": traceback.format_exc()}
+        record["worker"] = {
+            "pid": os.getpid(),
+            "cell_seconds": time.perf_counter() - started,
+            "cells_before_in_process": offset,
+            "threads_requested": effect,
+            **startup,
+        }
+        record["tensorflow"] = tf_facts
+        _write_atomic(out_dir / f"{index}.json", record)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsebench.worker")
+    parser.add_argument("--jobs", type=Path)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--probe", action="store_true", help="print TensorFlow's facts as JSON")
+    args = parser.parse_args(argv)
+    if args.probe:
+        from .env import tensorflow_info
+
+        print(json.dumps(tensorflow_info()))
+        return 0
+    if args.jobs is None or args.out is None:
+        parser.error("--jobs and --out are required")
+    return run_jobs(args.jobs, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
