@@ -88,7 +88,9 @@ class SGD(Optimizer):
     name = "sgd"
 
     def _apply_dense(self, grad, var, slots):
-        var.assign_sub(self.learning_rate * grad)
+        # The fused kernel makes one pass over the (possibly 2**20-row) gradient; an
+        # assign_sub(lr * grad) would materialize lr * grad first.
+        tf.raw_ops.ResourceApplyGradientDescent(var=var.handle, alpha=tf.cast(self.learning_rate, var.dtype), delta=grad)
 
     def _apply_sparse(self, grad, var, slots):
         var.scatter_sub(tf.IndexedSlices(self.learning_rate * grad.values, grad.indices, grad.dense_shape))

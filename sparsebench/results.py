@@ -20,7 +20,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import UserError
 
@@ -58,20 +58,25 @@ def _clean(value: Any) -> Any:
 class ResultsWriter:
     """Appends records to a results file, one durable line at a time."""
 
-    def __init__(self, path: Path, header: dict[str, Any] | None = None):
-        """Create `path` with `header`, or (header None) open an existing file to append."""
+    def __init__(self, path: Path, header: Callable[[], dict[str, Any]] | None = None):
+        """Create `path` and write `header()`, or (header None) open an existing file to append.
+
+        The header is a callable so an unwritable path fails at once, before the slow
+        parts of the header (the environment fingerprint) are computed.
+        """
         self.path = Path(path)
         try:
             if header is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.path, "x")
-                self._write({"schema": SCHEMA, "version": VERSION, **header})
             else:
                 self._fh = open(self.path, "a")
         except FileExistsError:
             raise ResultsError(f"{self.path}: already exists; choose another --output or use --resume") from None
         except OSError as exc:
             raise ResultsError(f"{self.path}: cannot write results: {exc.strerror}") from None
+        if header is not None:
+            self._write({"schema": SCHEMA, "version": VERSION, **header()})
 
     def _write(self, payload: dict[str, Any]) -> None:
         self._fh.write(json.dumps(_clean(payload), allow_nan=False) + "\n")

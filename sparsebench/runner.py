@@ -23,7 +23,7 @@ from .errors import UserError
 from .orchestrator import Orchestrator, Outcome
 from .progress import Progress
 from .results import ResultsWriter, read_results
-from .suite import Suite, load_suite, parse_suite
+from .suite import Suite, load_suite, parse_suite, shipped_suites
 
 
 @dataclass
@@ -56,9 +56,8 @@ def git_revision() -> dict[str, Any] | None:
         return None
 
 
-def suite_text(name_or_path: str, suite: Suite) -> str:
-    from .suite import shipped_suites
-
+def suite_text(name_or_path: str) -> str:
+    """The suite's TOML, stored in the results header so --resume needs no suite file."""
     shipped = shipped_suites()
     if name_or_path in shipped:
         return shipped[name_or_path].read_text()
@@ -69,7 +68,7 @@ def prepare(suite_arg: str, overrides: list[str]) -> tuple[Suite, list[Cell], st
     suite = load_suite(suite_arg)
     for assignment in overrides:
         suite.override(assignment)
-    return suite, suite.cells(), suite_text(suite_arg, suite)
+    return suite, suite.cells(), suite_text(suite_arg)
 
 
 def default_output(suite: Suite) -> Path:
@@ -106,26 +105,22 @@ def run(
         suite, cells, text = prepare(suite_arg, overrides)
         todo = cells
         path = Path(output) if output is not None else default_output(suite)
-        header = {
-            "run": {
-                "suite": suite.name,
-                "suite_arg": suite_arg,
-                "suite_source": suite.source,
-                "suite_text": text,
-                "description": suite.description,
-                "overrides": list(overrides),
-                "isolation": isolation or suite.isolation,
-                "command": shlex.join(sys.argv),
-                "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                "sparsebench_version": __version__,
-                "git": git_revision(),
-                "cells_planned": len(cells),
-            },
-            "environment": fingerprint(),
+        run_meta = {
+            "suite": suite.name,
+            "suite_arg": suite_arg,
+            "suite_source": suite.source,
+            "suite_text": text,
+            "description": suite.description,
+            "overrides": list(overrides),
+            "isolation": isolation or suite.isolation,
+            "command": shlex.join(sys.argv),
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "sparsebench_version": __version__,
+            "git": git_revision(),
+            "cells_planned": len(cells),
         }
-        writer = ResultsWriter(path, header)
+        writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
         already = 0
-        run_meta = header["run"]
 
     summary = RunSummary(path=path, planned=len(todo), already_done=already)
     progress = Progress(len(todo), quiet=quiet)

@@ -227,8 +227,15 @@ def _parse_scalar(text: str) -> Any:
 
 # -- loading -----------------------------------------------------------------------
 def shipped_suites() -> dict[str, Any]:
-    """Suite name -> resource for every TOML shipped inside the package."""
-    folder = resources.files("sparsebench.suites")
+    """Suite name -> resource for every TOML shipped inside the package.
+
+    Installed, they are the package `sparsebench.suites`; run from a source checkout
+    (PYTHONPATH pointing at it), they are the top-level `suites/` folder beside the package.
+    """
+    try:
+        folder = resources.files("sparsebench.suites")
+    except ModuleNotFoundError:
+        folder = Path(__file__).resolve().parent.parent / "suites"
     return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
 
 

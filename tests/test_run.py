@@ -1,0 +1,190 @@
+"""`sparsebench run` end to end with real worker processes on tiny cells.
+
+Covers: records for every cell, SIGKILL of a worker, per-cell timeouts, Ctrl-C then
+--resume, thread settings in effect, a GPU cell without a GPU, and exit codes.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from sparsebench.orchestrator import Orchestrator
+from sparsebench.results import read_results
+from sparsebench.suite import load_suite
+
+pytestmark = pytest.mark.slow
+
+TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, check=None, **kwargs):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env, **kwargs)
+    if check is not None:
+        assert done.returncode == check, done.stdout + done.stderr
+    return done
+
+
+def tiny_cells(*overrides):
+    suite = load_suite(str(TINY))
+    for o in overrides:
+        suite.override(o)
+    return suite.cells()
+
+
+def test_run_records_every_cell_with_windows_and_metrics(tmp_path):
+    out = tmp_path / "r.jsonl"
+    done = cli("run", "--suite", str(TINY), "--output", str(out), "--set", "optimizer=sgd,lazy_adam", check=0)
+    assert "4 cells run: 4 ok" in done.stdout
+    results = read_results(out)
+    assert results.header["run"]["suite"] == "tiny"
+    assert results.header["environment"]["tensorflow"]["version"].startswith("2.")
+    assert len(results.records) == 4
+    for record in results.records:
+        assert record["status"] == "ok"
+        assert len(record["windows"]) == 3 and all(w > 0 for w in record["windows"])
+        assert record["samples_per_sec_low"] <= record["samples_per_sec"] <= record["samples_per_sec_high"]
+        assert record["step_ms_p50"] <= record["step_ms_p99"]
+        assert 0.0 <= record["auc"] <= 1.0 and record["loss"] > 0 and record["peak_rss_mb"] > 0
+        assert record["isolation"] == "cell"
+        expected = "dense" if record["axes"]["variant"] == "sparse_dense_matmul" else "IndexedSlices"
+        assert record["grad_type"] == expected and record["rows_touched"] > 0
+    pids = {r["worker"]["pid"] for r in results.records}
+    assert len(pids) == 4  # one process per cell
+    report = json.loads(cli("report", str(out), "--format", "json", check=0).stdout)
+    assert len(report) == 4 and {"cell_id", "samples_per_sec", "windows", "grad_type", "rows_touched"} <= set(report[0])
+
+
+def test_sigkilled_worker_is_a_failed_record_and_later_cells_still_run():
+    cells = tiny_cells()
+    records = []
+    orchestrator = None
+
+    def on_start(cell):
+        if cell is cells[0]:
+            time.sleep(1.0)  # let the worker get going, then kill it hard
+            os.kill(orchestrator._process.pid, signal.SIGKILL)
+
+    orchestrator = Orchestrator(lambda outcome: records.append(outcome.record), on_start=on_start)
+    orchestrator.run(cells)
+    assert [r["status"] for r in records] == ["failed", "ok"]
+    assert "killed by SIGKILL" in records[0]["reason"]
+    assert records[0]["cell_id"] == cells[0].cell_id and records[1]["cell_id"] == cells[1].cell_id
+
+
+def test_timeout_is_recorded_as_timeout_and_the_next_cell_runs():
+    slow, fast = tiny_cells()
+    from dataclasses import replace
+
+    slow = replace(slow, measure=replace(slow.measure, timeout_s=0.3))  # cannot even import TF in time
+    records = []
+    Orchestrator(lambda outcome: records.append(outcome.record)).run([slow, fast])
+    assert [r["status"] for r in records] == ["timeout", "ok"]
+    assert "0.3 s" in records[0]["reason"]
+
+
+def test_shared_process_isolation_survives_a_crash_mid_group():
+    cells = tiny_cells("optimizer=sgd,adagrad")
+    records = []
+    orchestrator = None
+    killed = []
+
+    def on_start(cell):
+        if cell is cells[1] and not killed:
+            killed.append(cell)
+            time.sleep(0.3)
+            os.kill(orchestrator._process.pid, signal.SIGKILL)
+
+    orchestrator = Orchestrator(lambda outcome: records.append(outcome.record), isolation="env", on_start=on_start)
+    orchestrator.run(cells)
+    assert [r["status"] for r in records] == ["ok", "failed", "ok", "ok"]
+    assert len({r["worker"]["pid"] for r in records if r["status"] == "ok"}) == 2  # restarted once
+    assert all(r["isolation"] == "env" for r in records if r["status"] == "ok")
+
+
+def test_ctrl_c_keeps_finished_records_and_resume_completes_the_rest(tmp_path):
+    out = tmp_path / "r.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sparsebench", "run", "--suite", str(TINY), "--output", str(out),
+         "--set", "optimizer=sgd,lazy_adam,adagrad"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if out.exists() and len(out.read_text().splitlines()) >= 2:  # header + one record
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
+    partial = read_results(out)
+    assert 1 <= len(partial.records) < 6 and all(r["status"] == "ok" for r in partial.records)
+
+    done = cli("run", "--resume", str(out), check=0)
+    assert f"({len(partial.records)} already done)" in done.stdout
+    final = read_results(out)
+    assert len(final.latest()) == 6 and all(r["status"] == "ok" for r in final.latest())
+    assert len(final.records) == 6  # nothing ran twice
+
+
+def test_thread_settings_asked_for_are_in_effect(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cli("run", "--suite", str(TINY), "--output", str(out), "--set", "variant=embedding_lookup_sparse",
+        "--set", "intra_op_threads=1", "--set", "inter_op_threads=2", "--set", "omp_num_threads=1",
+        "--set", "onednn=false", check=0)
+    (record,) = read_results(out).records
+    effect = record["threads_in_effect"]
+    assert effect["intra_op_threads"] == 1 and effect["inter_op_threads"] == 2
+    assert effect["omp_num_threads"] == "1" and effect["tf_enable_onednn_opts"] == "0"
+    assert record["tensorflow"]["onednn_env"] == "0"
+
+
+def test_gpu_cell_without_gpu_is_skipped_or_fails_with_require_gpu(tmp_path):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "r.jsonl"
+    args = ["run", "--suite", str(TINY), "--set", "variant=embedding_lookup_sparse", "--set", "device=gpu"]
+    done = cli(*args, "--output", str(out), check=0)
+    assert "skipped: no GPU" in done.stdout
+    assert read_results(out).records[0]["reason"] == "no GPU"
+    done = cli(*args, "--output", str(tmp_path / "r2.jsonl"), "--require-gpu", check=1)
+    assert "no GPU (--require-gpu)" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["run", "--suite", "nope"], "unknown suite 'nope'"),
+        (["run", "--suite", "smoke", "--set", "variant=warp_drive"], "--set variant: 'warp_drive' is not a known variant"),
+        (["report", "/nonexistent/r.jsonl"], "/nonexistent/r.jsonl: no such results file"),
+        (["run", "--suite", "smoke", "--output", "/proc/forbidden/r.jsonl"], "cannot write results"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message):
+    done = cli(*args, check=2)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_results_file_names_the_line(tmp_path):
+    out = tmp_path / "r.jsonl"
+    cli("run", "--suite", str(TINY), "--output", str(out), "--set", "variant=embedding_lookup_sparse", check=0)
+    lines = out.read_text().splitlines()
+    out.write_text("\n".join([lines[0], "{not json", *lines[1:]]) + "\n")
+    done = cli("report", str(out), check=2)
+    assert f"{out}:2: corrupt record" in done.stderr
+    # A torn last line (the writer died mid-line) is only a warning.
+    out.write_text("\n".join(lines) + '\n{"cell_id": "x", "sta')
+    done = cli("report", str(out), check=0)
+    assert "incomplete last line" in done.stdout
