@@ -20,6 +20,7 @@ ABBREVIATIONS = {
     "sparse_dense_matmul": "sdm",
     "embedding_lookup_sparse": "els",
     "embedding_lookup_sparse_fast": "elsfast",
+    "ragged_embedding_lookup": "ragged",
     "row_partitioned": "row",
     "col_partitioned": "col",
 }

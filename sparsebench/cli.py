@@ -106,12 +106,44 @@ def env(as_json):
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-def report(paths, fmt):
-    """Show the cells of one or more results files."""
-    from .report import render
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json", "html"]), default="table",
+              show_default=True, help="json: one object per cell with stable keys, whatever the view.")
+@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best"]),
+              help="Default: talk for a gpu-vs-cpu run, matrix otherwise.")
+@click.option("--rows", help="pivot: the axis down the side (e.g. batch_size).")
+@click.option("--cols", help="pivot: the axis across the top (e.g. variant).")
+@click.option("--metric", default="samples_per_sec", show_default=True, help="pivot: the value shown.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout (html: the page).")
+@click.option("--plots", type=click.Path(path_type=Path), help="Also write PNG and SVG plots into this folder.")
+def report(paths, fmt, view, rows, cols, metric, output, plots):
+    """Tables, plots and an HTML page from one or more results files."""
+    from . import report as reporting
 
-    click.echo(render(paths, fmt))
+    loaded = reporting.load(list(paths))
+    for warning in loaded.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    written = []
+    if plots is not None or fmt == "html":
+        from .plots import write_plots
+
+        written = write_plots(loaded, plots) if plots is not None else []
+    if fmt == "html":
+        from .html import render_html
+
+        text = render_html(loaded, view, rows, cols, metric)
+    else:
+        text = reporting.render(loaded, fmt, view, rows, cols, metric)
+    if output is not None:
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+        except OSError as exc:
+            raise UserError(f"{output}: cannot write report: {exc.strerror}") from None
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text)
+    for path in written:
+        click.echo(f"wrote {path}", err=True)
     return 0
 
 

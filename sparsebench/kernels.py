@@ -9,6 +9,7 @@ ops they run and in the gradient type they give W:
 - `sparse_dense_matmul`: `tf.sparse.sparse_dense_matmul`; dense gradient (the baseline).
 - `embedding_lookup_sparse`: `tf.nn.embedding_lookup_sparse(combiner="sum")`; IndexedSlices.
 - `embedding_lookup_sparse_fast`: the same with `allow_fast_lookup=True` (TF >= 2.13).
+- `ragged_embedding_lookup`: ragged ids -> `tf.nn.embedding_lookup` -> weighted row sums.
 - `row_partitioned`: W split along rows into `shards` variables by the `mod` or `div`
   strategy; each shard gathers the ids that fall in it and the partial outputs are summed.
 - `col_partitioned`: W split along columns; each shard runs the lookup for all ids on its
@@ -101,6 +102,21 @@ class EmbeddingLookupSparse(SparseKernel):
 class EmbeddingLookupSparseFast(EmbeddingLookupSparse):
     variant = "embedding_lookup_sparse_fast"
     fast = True
+
+
+class RaggedEmbeddingLookup(SparseKernel):
+    """The RaggedTensor route: ids and weights as ragged rows, `tf.nn.embedding_lookup`
+    on the ragged ids, weighted and summed per row. Correct, and measured slower than
+    `embedding_lookup_sparse` on CPU (kept so suites can show it)."""
+
+    variant = "ragged_embedding_lookup"
+
+    def __call__(self, sp):
+        rows, nrows = sp.indices[:, 0], sp.dense_shape[0]
+        ids = tf.RaggedTensor.from_value_rowids(sp.indices[:, 1], rows, nrows=nrows)
+        weights = tf.RaggedTensor.from_value_rowids(sp.values, rows, nrows=nrows)
+        gathered = tf.nn.embedding_lookup(self.tables[0], ids)
+        return tf.reduce_sum(gathered * tf.expand_dims(weights, -1), axis=1)
 
 
 class RowPartitioned(SparseKernel):
@@ -208,6 +224,7 @@ REGISTRY: dict[str, KernelFactory] = {
     SparseDenseMatmul.variant: lambda n, d, shards=1, strategy="mod": SparseDenseMatmul(n, d, 1),
     EmbeddingLookupSparse.variant: lambda n, d, shards=1, strategy="mod": EmbeddingLookupSparse(n, d, 1),
     EmbeddingLookupSparseFast.variant: lambda n, d, shards=1, strategy="mod": EmbeddingLookupSparseFast(n, d, 1),
+    RaggedEmbeddingLookup.variant: lambda n, d, shards=1, strategy="mod": RaggedEmbeddingLookup(n, d, 1),
     RowPartitioned.variant: lambda n, d, shards=1, strategy="mod": RowPartitioned(n, d, shards, strategy),
     ColPartitioned.variant: lambda n, d, shards=1, strategy="mod": ColPartitioned(n, d, shards),
 }

@@ -1,38 +1,333 @@
-"""`sparsebench report`: results files -> tables. Computes nothing new: it reads."""
+"""`sparsebench report`: results files -> views -> text, markdown, CSV, JSON or HTML.
+
+Compute first, render after: each view is a function from the records' DataFrame to a
+`View` (a DataFrame of display values plus notes); renderers only format. Reading is all
+this module does: it never re-runs anything.
+
+Views:
+- `talk`: batch size x {device} x {baseline, optimized}, with speedup columns; cells
+  without a measurement show their status (`skipped: no GPU`), never a blank or a zero.
+- `matrix`: every cell with median, 95% interval, CV, loss, AUC, peak memory, grad type.
+- `pivot`: any two axes against each other, for any metric.
+- `best`: per batch size and device, the fastest configuration and its margin over the next.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from .progress import format_rate
-from .results import flat_view, read_results
+import pandas as pd
+
+from .cell import ABBREVIATIONS
+from .errors import UserError
+from .results import JSON_KEYS, flat_view, read_results
+from .stats import NOISY_CV
+
+BASELINE_VARIANT = "sparse_dense_matmul"
+VIEWS = ("talk", "matrix", "pivot", "best")
+FORMATS = ("table", "markdown", "csv", "json", "html")
+AXIS_COLUMNS = (
+    "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
+    "inter_op_threads", "omp_num_threads", "mkl_num_threads", "onednn", "workers",
+)
+NOISY_MARK = "*"
 
 
-def load_rows(paths: list[Path]) -> tuple[list[dict], list[str]]:
-    rows, warnings = [], []
+@dataclass
+class View:
+    title: str
+    table: pd.DataFrame  # display strings
+    notes: list[str] = field(default_factory=list)
+    numeric: pd.DataFrame | None = None  # the numbers behind the strings (csv)
+
+
+@dataclass
+class Loaded:
+    frame: pd.DataFrame  # one row per cell per run
+    runs: list[dict[str, Any]]  # per file: path, label, header
+    warnings: list[str]
+
+
+# -- loading ---------------------------------------------------------------------------
+def run_label(path: Path, header: dict[str, Any]) -> str:
+    return path.stem
+
+
+def load(paths: list[Path]) -> Loaded:
+    rows, runs, warnings = [], [], []
     for path in paths:
         results = read_results(path)
         warnings += results.warnings
+        label = run_label(Path(path), results.header)
+        machine = results.environment.get("cpu", {}).get("model", "unknown CPU")
+        runs.append({"path": str(path), "label": label, "header": results.header, "machine": machine})
         for record in results.latest():
-            rows.append(flat_view(record))
-    return rows, warnings
+            row = flat_view(record)
+            row["run"] = label
+            row["machine"] = machine
+            row["label"] = _label(record)
+            rows.append(row)
+    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label"])
+    return Loaded(frame, runs, warnings)
 
 
-def render(paths: list[Path], fmt: str) -> str:
-    rows, warnings = load_rows(list(paths))
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    lines = [f"warning: {w}" for w in warnings]
-    header = f"{'cell':<48} {'status':<8} {'samples/s':>10} {'95% interval':>17} {'CV':>6} {'AUC':>6}"
-    lines += [header, "-" * len(header)]
-    for row in rows:
-        interval = (
-            f"{format_rate(row['samples_per_sec_low'])}-{format_rate(row['samples_per_sec_high'])}"
-            if row["status"] == "ok" else ""
-        )
-        cv = f"{row['cv']:.1%}" if row.get("cv") is not None else ""
-        auc = f"{row['auc']:.3f}" if row.get("auc") is not None else ""
-        rate = format_rate(row["samples_per_sec"]) if row["status"] == "ok" else (row.get("reason") or "")[:30]
-        lines.append(f"{row['cell_id']:<48} {row['status']:<8} {rate:>10} {interval:>17} {cv:>6} {auc:>6}")
+def _label(record: dict[str, Any]) -> str:
+    axes = record.get("axes", {})
+    cell_id = record.get("cell_id", "")
+    return cell_id.rsplit("-", 1)[0] if axes else cell_id
+
+
+# -- formatting helpers ----------------------------------------------------------------
+def sig3(value: Any) -> str:
+    """Samples/s to 3 significant digits, with thousands separators (12,300)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    value = float(value)
+    if value == 0:
+        return "0"
+    digits = 3 - int(math.floor(math.log10(abs(value)))) - 1
+    rounded = round(value, digits)
+    return f"{rounded:,.{max(digits, 0)}f}"
+
+
+def ratio(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{float(value):.2f}x"
+
+
+def status_text(row: pd.Series) -> str:
+    reason = row.get("reason")
+    return f"{row['status']}: {reason}" if isinstance(reason, str) and reason else str(row["status"])
+
+
+def rate_cell(row: pd.Series) -> str:
+    """A throughput for display: the rounded median (marked if noisy) or the status."""
+    if row["status"] != "ok":
+        return status_text(row)
+    mark = NOISY_MARK if _noisy(row) else ""
+    return sig3(row["samples_per_sec"]) + mark
+
+
+def _noisy(row: pd.Series) -> bool:
+    cv = row.get("cv")
+    return cv is not None and not (isinstance(cv, float) and math.isnan(cv)) and cv > NOISY_CV
+
+
+def _noisy_note(frame: pd.DataFrame) -> list[str]:
+    if frame.apply(_noisy, axis=1).any() if len(frame) else False:
+        return [f"{NOISY_MARK} noisy: the windows' coefficient of variation is above {NOISY_CV:.0%}"]
+    return []
+
+
+def _multi_run(frame: pd.DataFrame) -> bool:
+    return frame["run"].nunique() > 1
+
+
+# -- views -----------------------------------------------------------------------------
+def view_matrix(frame: pd.DataFrame) -> View:
+    rows = []
+    for _, row in frame.iterrows():
+        ok = row["status"] == "ok"
+        rows.append({
+            **({"run": row["run"]} if _multi_run(frame) else {}),
+            "cell": row["label"],
+            "status": status_text(row),
+            "samples/s": rate_cell(row) if ok else "",
+            "95% interval": f"{sig3(row['samples_per_sec_low'])} - {sig3(row['samples_per_sec_high'])}" if ok else "",
+            "CV": f"{row['cv']:.1%}" if ok and row["cv"] is not None else "",
+            "loss": f"{row['loss']:.4f}" if ok and row["loss"] is not None else "",
+            "AUC": f"{row['auc']:.3f}" if ok and row["auc"] is not None else "",
+            "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",
+            "grad": row["grad_type"] if ok else "",
+        })
+    return View("All cells", pd.DataFrame(rows), _noisy_note(frame), frame)
+
+
+def view_talk(frame: pd.DataFrame) -> View:
+    """The talk's table: rows batch sizes, columns device x {baseline, optimized} + speedups."""
+    if frame.empty:
+        raise UserError("report --view talk: no cells in the results")
+    if BASELINE_VARIANT not in set(frame["variant"]):
+        raise UserError(f"report --view talk: needs {BASELINE_VARIANT} cells (the baseline); use --view matrix")
+    devices = [d for d in ("cpu", "gpu") if d in set(frame["device"])]
+    notes, out_rows, numeric_rows = [], [], []
+    optimized_variants: set[str] = set()
+    for batch in sorted(frame["batch_size"].unique()):
+        row: dict[str, Any] = {"batch size": int(batch)}
+        nums: dict[str, Any] = {"batch_size": int(batch)}
+        best_rates: dict[str, float | None] = {}
+        base_rates: dict[str, float | None] = {}
+        for device in devices:
+            cells = frame[(frame["batch_size"] == batch) & (frame["device"] == device)]
+            base = cells[cells["variant"] == BASELINE_VARIANT]
+            others = cells[cells["variant"] != BASELINE_VARIANT]
+            d = device.upper()
+            row[f"{d} baseline"], base_rates[device] = _pick(base, fastest=True)
+            row[f"{d} optimized"], best_rates[device] = _pick(others, fastest=True)
+            ok_others = others[others["status"] == "ok"]
+            if len(ok_others):
+                winner = ok_others.loc[ok_others["samples_per_sec"].idxmax()]
+                optimized_variants.add(winner["label"])
+            nums[f"{device}_baseline"] = base_rates[device]
+            nums[f"{device}_optimized"] = best_rates[device]
+            speedup = _div(best_rates[device], base_rates[device])
+            row[f"{d} speedup"] = ratio(speedup) if speedup else "n/a"
+            nums[f"{device}_speedup"] = speedup
+        if "cpu" in devices and "gpu" in devices:
+            for kind, rates in (("baseline", base_rates), ("optimized", best_rates)):
+                value = _div(rates["gpu"], rates["cpu"])
+                row[f"GPU/CPU {kind}"] = ratio(value) if value else "n/a"
+                nums[f"gpu_over_cpu_{kind}"] = value
+        out_rows.append(row)
+        numeric_rows.append(nums)
+    notes.append(f"baseline: {BASELINE_VARIANT}; optimized: the fastest other variant measured at that batch size and device")
+    if optimized_variants:
+        notes.append("optimized cells: " + ", ".join(sorted(optimized_variants)))
+    notes += _noisy_note(frame)
+    return View("Training throughput, samples/s (the talk's table)", pd.DataFrame(out_rows), notes, pd.DataFrame(numeric_rows))
+
+
+def _pick(cells: pd.DataFrame, fastest: bool) -> tuple[str, float | None]:
+    """The fastest ok cell's display value and number, or the status of the first cell."""
+    if cells.empty:
+        return "not measured", None
+    ok = cells[cells["status"] == "ok"]
+    if ok.empty:
+        return status_text(cells.iloc[0]), None
+    best = ok.loc[ok["samples_per_sec"].idxmax()]
+    return rate_cell(best), float(best["samples_per_sec"])
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
+    for name, value in (("--rows", rows), ("--cols", cols)):
+        if value not in frame.columns or value in ("windows",):
+            raise UserError(f"report {name} {value}: not a column; axes: {', '.join(AXIS_COLUMNS)}")
+    if metric not in frame.columns:
+        raise UserError(f"report --metric {metric}: not a column; metrics: samples_per_sec, cv, step_ms_p50, auc, loss, ...")
+    ok = frame[frame["status"] == "ok"]
+    if ok.empty:
+        raise UserError("report --view pivot: no ok cells to pivot")
+    table = ok.pivot_table(index=rows, columns=cols, values=metric, aggfunc="max")
+    counts = ok.groupby([rows, cols]).size()
+    notes = [f"{metric}; rows {rows}, columns {cols}"]
+    if (counts > 1).any():
+        notes.append(f"several cells share some entries (other axes differ); each entry shows the largest {metric}")
+    fmt = sig3 if metric.startswith("samples_per_sec") else (lambda v: "" if pd.isna(v) else f"{v:.4g}")
+    display = table.map(lambda v: "" if pd.isna(v) else fmt(v))
+    display = display.reset_index()
+    display.columns = [str(c) for c in display.columns]
+    return View(f"{metric} by {rows} x {cols}", display, notes, table.reset_index())
+
+
+def view_best(frame: pd.DataFrame) -> View:
+    rows = []
+    for (batch, device), cells in frame.groupby(["batch_size", "device"]):
+        ok = cells[cells["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
+        if ok.empty:
+            rows.append({"batch size": int(batch), "device": device, "fastest": status_text(cells.iloc[0]),
+                         "samples/s": "", "next": "", "margin": ""})
+            continue
+        first = ok.iloc[0]
+        second = ok.iloc[1] if len(ok) > 1 else None
+        rows.append({
+            "batch size": int(batch),
+            "device": device,
+            "fastest": first["label"],
+            "samples/s": rate_cell(first),
+            "next": second["label"] if second is not None else "",
+            "margin": ratio(first["samples_per_sec"] / second["samples_per_sec"]) if second is not None else "",
+        })
+    return View("Fastest configuration per batch size and device", pd.DataFrame(rows), _noisy_note(frame), None)
+
+
+def default_view(loaded: Loaded) -> str:
+    suites = set(loaded.frame["suite"].dropna())
+    return "talk" if suites == {"gpu-vs-cpu"} else "matrix"
+
+
+def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | None = None, metric: str = "samples_per_sec") -> View:
+    frame = loaded.frame
+    if view == "matrix":
+        return view_matrix(frame)
+    if view == "talk":
+        return view_talk(frame)
+    if view == "best":
+        return view_best(frame)
+    if view == "pivot":
+        if not rows or not cols:
+            raise UserError("report --view pivot: give --rows AXIS and --cols AXIS")
+        return view_pivot(frame, rows, cols, metric)
+    raise UserError(f"report --view {view}: unknown view; views: {', '.join(VIEWS)}")
+
+
+# -- renderers -------------------------------------------------------------------------
+def render_text(view: View) -> str:
+    table = view.table.astype(str)
+    widths = {c: max(len(c), *(len(v) for v in table[c])) if len(table) else len(c) for c in table.columns}
+    lines = [view.title, ""]
+    lines.append("  ".join(c.rjust(widths[c]) for c in table.columns))
+    lines.append("  ".join("-" * widths[c] for c in table.columns))
+    for _, row in table.iterrows():
+        lines.append("  ".join(str(row[c]).rjust(widths[c]) for c in table.columns))
+    lines += [""] + view.notes if view.notes else []
     return "\n".join(lines)
+
+
+def render_markdown(view: View) -> str:
+    table = view.table.astype(str)
+    lines = [f"**{view.title}**", ""]
+    lines.append("| " + " | ".join(table.columns) + " |")
+    lines.append("|" + "|".join("---:" if _numeric_column(table[c]) else "---" for c in table.columns) + "|")
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in table.columns) + " |")
+    if view.notes:
+        lines += [""] + [f"- {note}" for note in view.notes]
+    return "\n".join(lines)
+
+
+def _numeric_column(values: pd.Series) -> bool:
+    return all(v.replace(",", "").replace(".", "").replace("x", "").replace(NOISY_MARK, "").isdigit() for v in values if v)
+
+
+def render_csv(view: View) -> str:
+    return (view.numeric if view.numeric is not None else view.table).to_csv(index=False)
+
+
+def render_json(loaded: Loaded) -> str:
+    """The stable per-cell JSON (the keys of results.JSON_KEYS), whatever the view."""
+    records = loaded.frame[list(JSON_KEYS)].astype(object).where(loaded.frame[list(JSON_KEYS)].notna(), None)
+    return json.dumps(records.to_dict(orient="records"), indent=2, default=_json_default)
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def render(loaded: Loaded, fmt: str = "table", view: str | None = None, rows: str | None = None,
+           cols: str | None = None, metric: str = "samples_per_sec") -> str:
+    """Text for every format but html (see html.py). Warnings are the caller's to print."""
+    if fmt == "json":
+        return render_json(loaded)
+    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric)
+    if fmt == "markdown":
+        return render_markdown(chosen)
+    if fmt == "csv":
+        return render_csv(chosen)
+    return render_text(chosen)
+
+
+def variant_short(variant: str) -> str:
+    return ABBREVIATIONS.get(variant, variant)

@@ -17,6 +17,7 @@ VARIANTS = (
     "sparse_dense_matmul",
     "embedding_lookup_sparse",
     "embedding_lookup_sparse_fast",
+    "ragged_embedding_lookup",
     "row_partitioned",
     "col_partitioned",
 )

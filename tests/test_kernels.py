@@ -12,7 +12,8 @@ NUM_FEATURES = 37  # not a multiple of any shard count below: uneven div shards
 OUT_DIM = 6
 
 CONFIGS = (
-    [("sparse_dense_matmul", 1, "mod"), ("embedding_lookup_sparse", 1, "mod"), ("embedding_lookup_sparse_fast", 1, "mod")]
+    [("sparse_dense_matmul", 1, "mod"), ("embedding_lookup_sparse", 1, "mod"), ("embedding_lookup_sparse_fast", 1, "mod"),
+     ("ragged_embedding_lookup", 1, "mod")]
     + [("row_partitioned", p, s) for p in (1, 2, 3, 4, 8) for s in ("mod", "div")]
     + [("col_partitioned", p, "mod") for p in (1, 2, 4, 6)]
 )
@@ -66,6 +67,7 @@ def test_variant_matches_dense_reference(variant, shards, strategy):
 
 @pytest.mark.parametrize(
     "variant,want", [("sparse_dense_matmul", tf.Tensor), ("embedding_lookup_sparse", tf.IndexedSlices),
+                     ("ragged_embedding_lookup", tf.IndexedSlices),
                      ("row_partitioned", tf.IndexedSlices), ("col_partitioned", tf.IndexedSlices)]
 )
 def test_gradient_type(variant, want):

@@ -187,4 +187,4 @@ def test_corrupt_results_file_names_the_line(tmp_path):
     # A torn last line (the writer died mid-line) is only a warning.
     out.write_text("\n".join(lines) + '\n{"cell_id": "x", "sta')
     done = cli("report", str(out), check=0)
-    assert "incomplete last line" in done.stdout
+    assert "incomplete last line" in done.stderr

@@ -1,0 +1,105 @@
+"""`report --format html`: one self-contained page, readable offline.
+
+Plots are embedded as base64 PNG, styles inline, no scripts or external resources. Every
+string that came from a results file is escaped: a suite description or an error message
+can hold anything.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+
+import matplotlib.pyplot as plt
+
+from .plots import figures
+from .report import Loaded, View, build_view, default_view, view_matrix
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 3px 8px; text-align: right; }
+th { background: #f0f0f0; } td.text { text-align: left; }
+pre { background: #f7f7f7; padding: 1em; overflow-x: auto; font-size: 12px; }
+img { max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }
+.note { color: #555; font-size: 13px; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def table_html(view: View) -> str:
+    head = "".join(f"<th>{_e(c)}</th>" for c in view.table.columns)
+    body = []
+    for _, row in view.table.iterrows():
+        cells = []
+        for column in view.table.columns:
+            value = row[column]
+            numeric = isinstance(value, (int, float)) or str(value).replace(",", "").replace(".", "").rstrip("x*").isdigit()
+            cells.append(f"<td{'' if numeric else ' class=text'}>{_e(value)}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    notes = "".join(f"<p class=note>{_e(n)}</p>" for n in view.notes)
+    return f"<h2>{_e(view.title)}</h2><table><tr>{head}</tr>{''.join(body)}</table>{notes}"
+
+
+def _figure_png(fig) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def environment_html(run: dict) -> str:
+    env = run["header"].get("environment", {})
+    tf = env.get("tensorflow", {})
+    gpus = ", ".join(f"{g.get('name')} ({g.get('memory_total_mb')} MiB)" for g in env.get("gpus", [])) or "none"
+    meta = run["header"].get("run", {})
+    rows = [
+        ("results file", run["path"]),
+        ("suite", meta.get("suite")),
+        ("command", meta.get("command")),
+        ("started", meta.get("started_at")),
+        ("git", (meta.get("git") or {}).get("commit")),
+        ("CPU", env.get("cpu", {}).get("model")),
+        ("CPU flags", " ".join(env.get("cpu", {}).get("key_flags", []))),
+        ("cores", f"{env.get('cores_available')} available / {env.get('cores_logical')} logical"),
+        ("memory", f"{env.get('memory', {}).get('total_gb')} GiB"),
+        ("GPUs", gpus),
+        ("TensorFlow", tf.get("version") or tf.get("error")),
+        ("oneDNN build", tf.get("onednn_built")),
+        ("CUDA build", (tf.get("build") or {}).get("is_cuda_build")),
+    ]
+    body = "".join(f"<tr><th>{_e(k)}</th><td class=text>{_e(v)}</td></tr>" for k, v in rows)
+    suite_text = meta.get("suite_text", "")
+    overrides = meta.get("overrides") or []
+    extra = f"<p class=note>overrides: {_e(' '.join(overrides))}</p>" if overrides else ""
+    return (
+        f"<h3>Run {_e(run['label'])}</h3><table>{body}</table>{extra}"
+        f"<details><summary>suite settings</summary><pre>{_e(suite_text)}</pre></details>"
+    )
+
+
+def render_html(loaded: Loaded, view: str | None, rows: str | None, cols: str | None, metric: str) -> str:
+    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric)
+    parts = [table_html(chosen)]
+    if chosen.title != "All cells":
+        parts.append(table_html(view_matrix(loaded.frame)))
+    plots = figures(loaded.frame)
+    if plots:
+        parts.append("<h2>Plots</h2>")
+        for name, fig in plots.items():
+            parts.append(f"<img alt='{_e(name)}' src='data:image/png;base64,{_figure_png(fig)}'>")
+    parts.append("<h2>Environment and settings</h2>")
+    parts += [environment_html(run) for run in loaded.runs]
+    suites = ", ".join(sorted(set(loaded.frame["suite"].dropna()))) or "sparsebench"
+    title = f"sparsebench report: {suites}"
+    data = json.dumps({"cells": len(loaded.frame), "runs": [r["label"] for r in loaded.runs]})
+    return (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
+        f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{_e(title)}</h1><p class=note>{_e(data)}</p>{''.join(parts)}</body></html>"
+    )

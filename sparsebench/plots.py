@@ -1,0 +1,169 @@
+"""Plots of a run, written as PNG and SVG. Only figures whose axis actually varies are drawn.
+
+Honest axes: every throughput axis starts at zero; error bars are the stored 95% interval
+of the median; titles say what was measured and on which machine (the fingerprint's CPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .errors import UserError  # noqa: E402
+
+BASELINE_VARIANT = "sparse_dense_matmul"
+GROUP_AXES = ["variant", "shards", "partition_strategy", "optimizer", "device", "intra_op_threads",
+              "inter_op_threads", "omp_num_threads", "onednn", "workers"]
+
+
+def _ok(frame: pd.DataFrame) -> pd.DataFrame:
+    return frame[frame["status"] == "ok"].copy()
+
+
+def _machine(frame: pd.DataFrame) -> str:
+    machines = sorted(set(frame["machine"].dropna()))
+    return machines[0] if len(machines) == 1 else f"{len(machines)} machines"
+
+
+def _suite(frame: pd.DataFrame) -> str:
+    return ", ".join(sorted(set(frame["suite"].dropna()))) or "?"
+
+
+def _series_label(row: pd.Series, drop: set[str], varying: list[str]) -> str:
+    parts = []
+    for axis in varying:
+        if axis in drop:
+            continue
+        value = row[axis]
+        if axis == "variant":
+            parts.append(str(value))
+        elif axis == "run":
+            parts.append(f"run {value}")
+        elif value is not None and not (isinstance(value, float) and pd.isna(value)):
+            parts.append(f"{axis}={value}")
+    return ", ".join(parts) or "all"
+
+
+def _varying(frame: pd.DataFrame, axes: list[str]) -> list[str]:
+    return [a for a in axes if frame[a].astype(str).nunique() > 1]
+
+
+def _errorbars(cells: pd.DataFrame):
+    low = (cells["samples_per_sec"] - cells["samples_per_sec_low"]).clip(lower=0)
+    high = (cells["samples_per_sec_high"] - cells["samples_per_sec"]).clip(lower=0)
+    return [low.fillna(0).to_numpy(), high.fillna(0).to_numpy()]
+
+
+def _line_plot(frame: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool = False):
+    """samples/s against `x`, one line per combination of the other varying axes."""
+    axes_all = [*GROUP_AXES, "run"]
+    varying = _varying(frame, axes_all)
+    group_keys = [a for a in varying if a != x]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    groups = frame.groupby(group_keys, dropna=False) if group_keys else [((), frame)]
+    for _, cells in groups:
+        cells = cells.sort_values(x)
+        label = _series_label(cells.iloc[0], {x}, varying)
+        ax.errorbar(cells[x], cells["samples_per_sec"], yerr=_errorbars(cells), marker="o", capsize=3, label=label)
+        if ideal and len(cells):
+            first = cells.iloc[0]
+            per_unit = first["samples_per_sec"] / first[x]
+            ax.plot(cells[x], cells[x] * per_unit, linestyle="--", color="grey", alpha=0.7,
+                    label=f"ideal linear scaling ({label})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("training throughput (samples/s)")
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(sorted(frame[x].unique()))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _speedup_plot(frame: pd.DataFrame, title: str):
+    keys = [a for a in ["batch_size", "optimizer", "device", "intra_op_threads", "inter_op_threads",
+                        "omp_num_threads", "onednn", "workers", "run"] if a in frame]
+    baselines = frame[frame["variant"] == BASELINE_VARIANT].set_index(keys)["samples_per_sec"]
+    others = frame[frame["variant"] != BASELINE_VARIANT].copy()
+    others["speedup"] = [
+        row["samples_per_sec"] / baselines.get(tuple(row[k] for k in keys), float("nan")) for _, row in others.iterrows()
+    ]
+    others = others.dropna(subset=["speedup"])
+    if others.empty:
+        return None
+    varying = _varying(others, [*GROUP_AXES, "run"])
+    others["series"] = [_series_label(r, {"batch_size"}, varying) for _, r in others.iterrows()]
+    batches = sorted(others["batch_size"].unique())
+    series = list(dict.fromkeys(others["series"]))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        cells = others[others["series"] == name].set_index("batch_size")
+        xs = [b for b in range(len(batches)) if batches[b] in cells.index]
+        ax.bar([x + i * width for x in xs], [cells.loc[batches[x], "speedup"] for x in xs], width=width, label=name)
+    ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=f"{BASELINE_VARIANT} (1.0x)")
+    ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(batches))])
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_xlabel("batch size (examples)")
+    ax.set_ylabel(f"speedup over {BASELINE_VARIANT} (x)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def figures(frame: pd.DataFrame) -> dict[str, object]:
+    """name -> matplotlib figure, for every plot this data supports."""
+    ok = _ok(frame)
+    if ok.empty:
+        return {}
+    where = f"suite {_suite(ok)} on {_machine(ok)}"
+    out: dict[str, object] = {}
+    if ok["batch_size"].nunique() > 1:
+        out["throughput_vs_batch"] = _line_plot(ok, "batch_size", "batch size (examples)",
+                                                f"Training throughput vs batch size ({where})")
+    elif ok["variant"].nunique() > 1 or len(ok) > 1:
+        out["throughput_vs_batch"] = _line_plot(ok, "batch_size", "batch size (examples)",
+                                                f"Training throughput ({where})")
+    if BASELINE_VARIANT in set(ok["variant"]) and ok["variant"].nunique() > 1:
+        fig = _speedup_plot(ok, f"Speedup over the {BASELINE_VARIANT} baseline ({where})")
+        if fig is not None:
+            out["speedup"] = fig
+    if ok["intra_op_threads"].nunique() > 1:
+        out["thread_scaling"] = _line_plot(ok, "intra_op_threads", "TF intra-op threads (0 = TF default)",
+                                           f"Thread scaling, one line per other setting ({where})")
+    if ok["workers"].nunique() > 1:
+        out["hogwild_scaling"] = _line_plot(ok, "workers", "Hogwild worker threads",
+                                            f"Hogwild scaling, with ideal linear scaling ({where})", ideal=True)
+    if ok["shards"].nunique() > 1:
+        out["shards"] = _line_plot(ok, "shards", "shards of W",
+                                   f"Throughput vs shards, rows vs columns ({where})")
+    return out
+
+
+def write_plots(loaded, folder: Path) -> list[Path]:
+    """Write every supported plot as PNG and SVG into `folder`; return the paths."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot create plots folder: {exc.strerror}") from None
+    written = []
+    for name, fig in figures(loaded.frame).items():
+        for ext in ("png", "svg"):
+            path = folder / f"{name}.{ext}"
+            try:
+                fig.savefig(path, dpi=120)
+            except OSError as exc:
+                raise UserError(f"{path}: cannot write plot: {exc.strerror}") from None
+            written.append(path)
+        plt.close(fig)
+    return written
