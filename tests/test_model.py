@@ -143,8 +143,9 @@ def test_gradient_type_and_rows_touched_are_recorded(small_data, variant, shards
 def test_hogwild_threads_share_the_variables(small_data):
     trainer = build_trainer(ModelSpec(out_dim=4), SMALL.num_features, "/CPU:0")
     batches = tensors(small_data, 32, 8)
-    results = run_hogwild(trainer.train_step, batches, workers=4, steps_per_worker=5)
-    assert len(results) == 4 and all(np.isfinite(float(r)) for r in results)
+    run = run_hogwild(trainer.train_step, batches, workers=4, steps_per_worker=5)
+    assert run.steps == 20 and len(run.step_seconds) == 20
+    assert len(run.last_results) == 4 and all(np.isfinite(float(r)) for r in run.last_results)
     assert int(trainer.optimizer.iterations.numpy()) == 20
     assert float(tf.reduce_max(tf.abs(trainer.model.kernel.tables[0]))) > 0
 
