@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 
 import matplotlib.pyplot as plt
 
@@ -97,7 +96,7 @@ def render_html(loaded: Loaded, view: str | None, rows: str | None, cols: str | 
     parts += [environment_html(run) for run in loaded.runs]
     suites = ", ".join(sorted(set(loaded.frame["suite"].dropna()))) or "sparsebench"
     title = f"sparsebench report: {suites}"
-    data = json.dumps({"cells": len(loaded.frame), "runs": [r["label"] for r in loaded.runs]})
+    data = f"{len(loaded.frame)} cells from {len(loaded.runs)} run(s): " + ", ".join(r["path"] for r in loaded.runs)
     return (
         "<!DOCTYPE html><html lang=en><head><meta charset=utf-8>"
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"

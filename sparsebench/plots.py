@@ -64,12 +64,14 @@ def _line_plot(frame: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool
     axes_all = [*GROUP_AXES, "run"]
     varying = _varying(frame, axes_all)
     group_keys = [a for a in varying if a != x]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _figure()
     groups = frame.groupby(group_keys, dropna=False) if group_keys else [((), frame)]
-    for _, cells in groups:
+    for i, (_, cells) in enumerate(groups):
         cells = cells.sort_values(x)
         label = _series_label(cells.iloc[0], {x}, varying)
-        ax.errorbar(cells[x], cells["samples_per_sec"], yerr=_errorbars(cells), marker="o", capsize=3, label=label)
+        ax.errorbar(cells[x], cells["samples_per_sec"], yerr=_errorbars(cells), capsize=3, label=label,
+                    color=_COLORS(i % 20), marker=_MARKERS[i % len(_MARKERS)],
+                    linestyle=_LINESTYLES[(i // 10) % len(_LINESTYLES)])
         if ideal and len(cells):
             first = cells.iloc[0]
             per_unit = first["samples_per_sec"] / first[x]
@@ -77,13 +79,32 @@ def _line_plot(frame: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool
                     label=f"ideal linear scaling ({label})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training throughput (samples/s)")
+    ticks = sorted(frame[x].unique())
+    if x in ("batch_size", "shards", "workers") and min(ticks) > 0 and max(ticks) / min(ticks) >= 4:
+        ax.set_xscale("log", base=2)  # powers of two, evenly spaced
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_ylim(bottom=0)
-    ax.set_xticks(sorted(frame[x].unique()))
+    _finish(ax, fig, title)
+    return fig
+
+
+_COLORS = plt.get_cmap("tab20")
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", ":")
+
+
+def _figure():
+    return plt.subplots(figsize=(11, 5.5))
+
+
+def _finish(ax, fig, title: str) -> None:
+    """Title, grid, and the legend outside the axes so it never hides data."""
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
-    return fig
 
 
 def _speedup_plot(frame: pd.DataFrame, title: str):
@@ -101,22 +122,20 @@ def _speedup_plot(frame: pd.DataFrame, title: str):
     others["series"] = [_series_label(r, {"batch_size"}, varying) for _, r in others.iterrows()]
     batches = sorted(others["batch_size"].unique())
     series = list(dict.fromkeys(others["series"]))
-    fig, ax = plt.subplots(figsize=(8, 5))
+    fig, ax = _figure()
     width = 0.8 / max(len(series), 1)
     for i, name in enumerate(series):
         cells = others[others["series"] == name].set_index("batch_size")
         xs = [b for b in range(len(batches)) if batches[b] in cells.index]
-        ax.bar([x + i * width for x in xs], [cells.loc[batches[x], "speedup"] for x in xs], width=width, label=name)
+        ax.bar([x + i * width for x in xs], [cells.loc[batches[x], "speedup"] for x in xs], width=width, label=name,
+               color=_COLORS(i % 20))
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=f"{BASELINE_VARIANT} (1.0x)")
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(batches))])
     ax.set_xticklabels([str(b) for b in batches])
     ax.set_xlabel("batch size (examples)")
     ax.set_ylabel(f"speedup over {BASELINE_VARIANT} (x)")
     ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
+    _finish(ax, fig, title)
     return fig
 
 

@@ -157,9 +157,16 @@ def view_talk(frame: pd.DataFrame) -> View:
     devices = [d for d in ("cpu", "gpu") if d in set(frame["device"])]
     notes, out_rows, numeric_rows = [], [], []
     optimized_variants: set[str] = set()
-    for batch in sorted(frame["batch_size"].unique()):
-        row: dict[str, Any] = {"batch size": int(batch)}
-        nums: dict[str, Any] = {"batch_size": int(batch)}
+    multi = _multi_run(frame)
+    keys = [(run, batch) for run in dict.fromkeys(frame["run"])
+            for batch in sorted(frame[frame["run"] == run]["batch_size"].unique())]
+    all_frame = frame
+    for run, batch in keys:
+        frame = all_frame[all_frame["run"] == run]
+        row: dict[str, Any] = {"run": run, "machine": frame["machine"].iloc[0]} if multi else {}
+        nums: dict[str, Any] = {"run": run} if multi else {}
+        row["batch size"] = int(batch)
+        nums["batch_size"] = int(batch)
         best_rates: dict[str, float | None] = {}
         base_rates: dict[str, float | None] = {}
         for device in devices:
@@ -188,7 +195,7 @@ def view_talk(frame: pd.DataFrame) -> View:
     notes.append(f"baseline: {BASELINE_VARIANT}; optimized: the fastest other variant measured at that batch size and device")
     if optimized_variants:
         notes.append("optimized cells: " + ", ".join(sorted(optimized_variants)))
-    notes += _noisy_note(frame)
+    notes += _noisy_note(all_frame)
     return View("Training throughput, samples/s (the talk's table)", pd.DataFrame(out_rows), notes, pd.DataFrame(numeric_rows))
 
 
@@ -218,8 +225,9 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
         raise UserError("report --view pivot: no ok cells to pivot")
-    table = ok.pivot_table(index=rows, columns=cols, values=metric, aggfunc="max")
-    counts = ok.groupby([rows, cols]).size()
+    index = ["run", rows] if _multi_run(ok) else [rows]
+    table = ok.pivot_table(index=index, columns=cols, values=metric, aggfunc="max")
+    counts = ok.groupby([*index, cols]).size()
     notes = [f"{metric}; rows {rows}, columns {cols}"]
     if (counts > 1).any():
         notes.append(f"several cells share some entries (other axes differ); each entry shows the largest {metric}")
@@ -232,15 +240,18 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
 
 def view_best(frame: pd.DataFrame) -> View:
     rows = []
-    for (batch, device), cells in frame.groupby(["batch_size", "device"]):
+    multi = _multi_run(frame)
+    for (run, batch, device), cells in frame.groupby(["run", "batch_size", "device"], sort=False):
+        lead = {"run": run} if multi else {}
         ok = cells[cells["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
         if ok.empty:
-            rows.append({"batch size": int(batch), "device": device, "fastest": status_text(cells.iloc[0]),
+            rows.append({**lead, "batch size": int(batch), "device": device, "fastest": status_text(cells.iloc[0]),
                          "samples/s": "", "next": "", "margin": ""})
             continue
         first = ok.iloc[0]
         second = ok.iloc[1] if len(ok) > 1 else None
         rows.append({
+            **lead,
             "batch size": int(batch),
             "device": device,
             "fastest": first["label"],
@@ -248,7 +259,8 @@ def view_best(frame: pd.DataFrame) -> View:
             "next": second["label"] if second is not None else "",
             "margin": ratio(first["samples_per_sec"] / second["samples_per_sec"]) if second is not None else "",
         })
-    return View("Fastest configuration per batch size and device", pd.DataFrame(rows), _noisy_note(frame), None)
+    shown = frame[frame["label"].isin([r["fastest"] for r in rows])]
+    return View("Fastest configuration per batch size and device", pd.DataFrame(rows), _noisy_note(shown), None)
 
 
 def default_view(loaded: Loaded) -> str:

@@ -1,0 +1,126 @@
+"""`sparsebench report` against hand-made results files (tests/fixtures/make_fixtures.py)."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsebench import report
+from sparsebench.errors import UserError
+from sparsebench.html import render_html
+from sparsebench.plots import write_plots
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TALK, TALK_GPU, THREADS = FIXTURES / "talk.jsonl", FIXTURES / "talk_gpu.jsonl", FIXTURES / "threads.jsonl"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_talk_view_values_rounding_and_status_cells():
+    view = report.build_view(report.load([TALK]), "talk")
+    rows = view.table.set_index("batch size")
+    assert rows.loc[256, "CPU baseline"] == "4,000"
+    assert rows.loc[256, "CPU optimized"] == "21,000"  # the faster of the two lookups
+    assert rows.loc[256, "CPU speedup"] == "5.25x"
+    assert rows.loc[1024, "CPU optimized"] == "25,000*"  # noisy (CV 20%); the failed variant is not picked
+    assert rows.loc[1024, "CPU speedup"] == "2.50x"
+    assert rows.loc[256, "GPU baseline"] == "skipped: no GPU" == rows.loc[1024, "GPU optimized"]
+    assert rows.loc[256, "GPU/CPU optimized"] == "n/a"
+    assert any("noisy" in note for note in view.notes)
+    text = report.render_markdown(view)
+    assert "| 256 | 4,000 | 21,000 | 5.25x | skipped: no GPU |" in text
+
+
+def test_several_runs_combine_with_the_run_as_a_column():
+    view = report.build_view(report.load([TALK, TALK_GPU]), "talk")
+    gpu_run = view.table[view.table["run"] == "talk_gpu"].iloc[0]
+    assert gpu_run["machine"] == "Other CPU 42"
+    assert (gpu_run["GPU baseline"], gpu_run["GPU optimized"], gpu_run["GPU speedup"]) == ("5,500", "22,000", "4.00x")
+    assert gpu_run["GPU/CPU optimized"] == "2.93x"  # 22,000 / 7,500
+    assert len(view.table) == 3
+    matrix = report.build_view(report.load([TALK, TALK_GPU]), "matrix")
+    assert list(matrix.table.columns[:2]) == ["run", "cell"] and len(matrix.table) == 14
+
+
+def test_pivot_and_best_views():
+    loaded = report.load([THREADS])
+    pivot = report.build_view(loaded, "pivot", rows="intra_op_threads", cols="inter_op_threads")
+    table = pivot.table.set_index("intra_op_threads")
+    assert table.loc[1, "1"] == "1,100" and table.loc[2, "2"] == "2,200"
+    best = report.build_view(report.load([TALK]), "best").table
+    first = best[(best["batch size"] == 256) & (best["device"] == "cpu")].iloc[0]
+    assert first["fastest"] == "elsfast-b256-sgd-cpu" and first["margin"] == "1.05x"
+    with pytest.raises(UserError, match="--rows colour: not a column"):
+        report.build_view(loaded, "pivot", rows="colour", cols="variant")
+
+
+@pytest.mark.parametrize("value,text", [(12345.6, "12,300"), (999.5, "1,000"), (1.234, "1.23"), (0.0, "0"), (None, "")])
+def test_three_significant_digits(value, text):
+    assert report.sig3(value) == text
+
+
+def test_json_keys_and_csv():
+    loaded = report.load([TALK])
+    rows = json.loads(report.render(loaded, "json"))
+    assert len(rows) == 10
+    assert rows[0]["windows"] == [4000.0, 4100.0, 3900.0] and rows[0]["grad_type"] == "dense"
+    assert rows[3]["status"] == "skipped" and rows[3]["samples_per_sec"] is None
+    csv = report.render(loaded, "csv", view="talk")
+    assert csv.splitlines()[1].startswith("256,4000.0,21000.0,5.25")
+
+
+def test_default_view_is_talk_for_gpu_vs_cpu():
+    assert report.default_view(report.load([TALK])) == "talk"
+    assert report.default_view(report.load([THREADS])) == "matrix"
+
+
+def test_plots_are_written_and_non_empty(tmp_path):
+    written = write_plots(report.load([TALK, TALK_GPU]), tmp_path / "a")
+    names = {p.name for p in written}
+    assert {"throughput_vs_batch.png", "throughput_vs_batch.svg", "speedup.png", "speedup.svg"} <= names
+    written += write_plots(report.load([THREADS]), tmp_path / "b")
+    assert {"thread_scaling.png", "thread_scaling.svg"} <= {p.name for p in written}
+    for path in written:
+        assert path.stat().st_size > 1000
+    assert (tmp_path / "a" / "throughput_vs_batch.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_html_escapes_text_from_results_files(tmp_path):
+    lines = TALK.read_text().splitlines()
+    record = json.loads(lines[8])
+    record["reason"] = "<script>alert('x')</script>"
+    lines[8] = json.dumps(record)
+    evil = tmp_path / "evil.jsonl"
+    evil.write_text("\n".join(lines) + "\n")
+    page = render_html(report.load([evil]), None, None, None, "samples_per_sec")
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert page.count("data:image/png;base64,") >= 2
+
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium on this machine (.ci/run installs Debian's chromium)")
+def test_html_page_renders_in_a_real_headless_browser(tmp_path):
+    page = tmp_path / "report.html"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "report", str(TALK), "--format", "html",
+                           "--output", str(page)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([chromium(), *flags, "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120)
+    assert "the talk's table" in dom.stdout and "skipped: no GPU" in dom.stdout
+    shot = tmp_path / "shot.png"
+    subprocess.run([chromium(), *flags, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
+                   capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000
