@@ -147,6 +147,37 @@ def report(paths, fmt, view, rows, cols, metric, output, plots):
     return 0
 
 
+@cli.command()
+@click.argument("baseline", type=click.Path(path_type=Path))
+@click.argument("current", type=click.Path(path_type=Path))
+@click.option("--max-regression", default=10.0, show_default=True, metavar="PCT",
+              help="Slowdown (percent of the baseline median) a cell must exceed to regress.")
+@click.option("--alpha", default=0.01, show_default=True, help="Significance level of the Mann-Whitney U test.")
+@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
+@click.option("--strict-env", is_flag=True, help="Refuse to compare runs whose environment fingerprints differ.")
+@click.option("--github-benchmark", type=click.Path(path_type=Path),
+              help="Also write CURRENT in github-action-benchmark's customBiggerIsBetter JSON.")
+def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_benchmark):
+    """Gate on throughput: exit 1 if a cell of CURRENT regressed against BASELINE."""
+    from . import compare as comparing
+    from .results import read_results
+
+    base, cur = read_results(baseline), read_results(current)
+    for warning in base.warnings + cur.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha)
+    if strict_env and report.environment_warnings:
+        raise UserError("--strict-env: " + "; ".join(report.environment_warnings))
+    renderer = {"table": comparing.render_table, "markdown": comparing.render_markdown, "json": comparing.render_json}[fmt]
+    click.echo(renderer(report))
+    if github_benchmark is not None:
+        try:
+            github_benchmark.write_text(json.dumps(comparing.github_benchmark(cur), indent=2))
+        except OSError as exc:
+            raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
+    return report.exit_code
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         code = cli.main(args=argv, prog_name="sparsebench", standalone_mode=False)
