@@ -108,18 +108,22 @@ def env(as_json):
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json", "html"]), default="table",
               show_default=True, help="json: one object per cell with stable keys, whatever the view.")
-@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best"]),
-              help="Default: talk for a gpu-vs-cpu run, matrix otherwise.")
+@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops"]),
+              help="Default: ops for profiles, talk for a gpu-vs-cpu run, matrix otherwise.")
 @click.option("--rows", help="pivot: the axis down the side (e.g. batch_size).")
 @click.option("--cols", help="pivot: the axis across the top (e.g. variant).")
 @click.option("--metric", default="samples_per_sec", show_default=True, help="pivot: the value shown.")
+@click.option("--where", "conditions", multiple=True, metavar="AXIS=V1[,V2]",
+              help="Keep only matching cells (e.g. variant=embedding_lookup_sparse). Repeatable.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout (html: the page).")
 @click.option("--plots", type=click.Path(path_type=Path), help="Also write PNG and SVG plots into this folder.")
-def report(paths, fmt, view, rows, cols, metric, output, plots):
+def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     """Tables, plots and an HTML page from one or more results files."""
     from . import report as reporting
 
     loaded = reporting.load(list(paths))
+    if conditions:
+        loaded = reporting.filter_rows(loaded, list(conditions))
     for warning in loaded.warnings:
         click.echo(f"warning: {warning}", err=True)
     written = []
@@ -176,6 +180,37 @@ def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_be
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
     return report.exit_code
+
+
+@cli.command()
+@click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override an axis or setting.")
+@click.option("--steps", default=20, show_default=True, help="Steady-state steps profiled per cell (after warm-up).")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Folder (default results/profile-<suite>-<time>).")
+@click.option("--isolation", type=click.Choice(["cell", "env"]), help="Override the suite's process isolation.")
+@click.option("--top", default=12, show_default=True, help="Ops shown per cell.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
+    """Profile each cell's training step op by op (TensorBoard profile, Chrome trace, op tables)."""
+    from . import profile as profiling
+    from . import runner
+
+    folder, profiled, summary = runner.profile(suite_arg, list(overrides), steps, output, quiet, isolation)
+    ok = [(cell, record) for cell, record in profiled if record.get("status") == "ok"]
+    for cell, record in ok:
+        click.echo("")
+        click.echo(profiling.format_cell(record["profile"], cell.label, top))
+        sizes = sorted(record.get("variables_mb", {}).items(), key=lambda kv: kv[1], reverse=True)[:3]
+        memory = ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes)
+        gpu = f", GPU peak {record['gpu_peak_mb']:.0f} MB" if record.get("gpu_peak_mb") is not None else ""
+        click.echo(f"  memory: peak RSS {record['peak_rss_mb']:.0f} MB{gpu}; largest variables: {memory}")
+    if len(ok) > 1:
+        click.echo("")
+        click.echo(profiling.format_side_by_side([(cell.label, record["profile"]) for cell, record in ok], top))
+    click.echo("")
+    click.echo(f"profiles in {folder}/<cell>/ (TensorBoard: tensorboard --logdir {folder}/<cell>; "
+               f"trace.json opens in ui.perfetto.dev); {summary.line()}")
+    return summary.exit_code
 
 
 def main(argv: list[str] | None = None) -> None:

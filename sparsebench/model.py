@@ -223,7 +223,9 @@ class Trainer:
         self.predict_logits = tf.function(lambda sp: model(sp, training=False), input_signature=signature[:1])
 
     def _gradients(self, sp, labels):
-        with tf.device(self.device), tf.GradientTape() as tape:
+        # Name scopes let the profiler split a step into phases: ops under forward/...,
+        # their gradients under gradient_tape/forward/..., and the update under optimizer/...
+        with tf.device(self.device), tf.GradientTape() as tape, tf.name_scope("forward"):
             loss = loss_fn(self.model(sp, training=True), labels)
         variables = self.model.train_variables
         return loss, tape.gradient(loss, variables), variables
@@ -233,7 +235,7 @@ class Trainer:
         for grad, var in zip(grads, variables):
             if any(var is table for table in self.model.sparse_tables):
                 self.grad_types[var.name] = "IndexedSlices" if isinstance(grad, tf.IndexedSlices) else "dense"
-        with tf.device(self.device):
+        with tf.device(self.device), tf.name_scope("optimizer"):
             self.optimizer.apply(zip(grads, variables))
         return loss
 

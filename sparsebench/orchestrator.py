@@ -100,8 +100,11 @@ class Orchestrator:
         isolation: str = "cell",
         python: str = sys.executable,
         on_start: Callable[[Cell], None] = lambda cell: None,
+        job_extra: dict[str, Any] | None = None,
     ):
+        """`job_extra` is merged into every worker's job (e.g. `{"profile": {...}}`)."""
         self.record = record
+        self.job_extra = job_extra or {}
         self.isolation = isolation
         self.python = python
         self.on_start = on_start
@@ -118,7 +121,8 @@ class Orchestrator:
         with tempfile.TemporaryDirectory(prefix="sparsebench-") as tmp:
             tmp_path = Path(tmp)
             jobs = tmp_path / "jobs.json"
-            jobs.write_text(json.dumps({"isolation": self.isolation, "cells": [c.to_dict() for c in cells]}))
+            jobs.write_text(json.dumps({**self.job_extra, "isolation": self.isolation,
+                                        "cells": [c.to_dict() for c in cells]}))
             stderr_path = tmp_path / "worker.log"
             with open(stderr_path, "w") as log:
                 self._process = subprocess.Popen(

@@ -139,6 +139,29 @@ def _speedup_plot(frame: pd.DataFrame, title: str):
     return fig
 
 
+def _op_category_plot(profiled: pd.DataFrame, title: str):
+    """Stacked bars: each profiled cell's op time per step, split by op category."""
+    per_cell = []
+    for _, cell in profiled.iterrows():
+        totals: dict[str, float] = {}
+        for op in cell["profile"]["ops"]:
+            totals[op["category"]] = totals.get(op["category"], 0.0) + op["ms_per_step"]
+        per_cell.append((cell["label"], totals))
+    categories = sorted({c for _, t in per_cell for c in t}, key=lambda c: (c == "other", c))
+    fig, ax = _figure()
+    bottoms = [0.0] * len(per_cell)
+    for i, category in enumerate(categories):
+        heights = [t.get(category, 0.0) for _, t in per_cell]
+        ax.bar(range(len(per_cell)), heights, bottom=bottoms, label=category, color=_COLORS(i % 20))
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_xticks(range(len(per_cell)))
+    ax.set_xticklabels([label for label, _ in per_cell], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("op time per step (ms, summed over TF compute threads)")
+    ax.set_ylim(bottom=0)
+    _finish(ax, fig, title)
+    return fig
+
+
 def figures(frame: pd.DataFrame) -> dict[str, object]:
     """name -> matplotlib figure, for every plot this data supports."""
     ok = _ok(frame)
@@ -146,12 +169,13 @@ def figures(frame: pd.DataFrame) -> dict[str, object]:
         return {}
     where = f"suite {_suite(ok)} on {_machine(ok)}"
     out: dict[str, object] = {}
+    profiled = ok[ok["profile"].notna()] if "profile" in ok else ok.iloc[0:0]
+    if len(profiled):
+        out["step_time_by_op_category"] = _op_category_plot(profiled, f"Step time by op category ({where})")
+        return out
     if ok["batch_size"].nunique() > 1:
         out["throughput_vs_batch"] = _line_plot(ok, "batch_size", "batch size (examples)",
                                                 f"Training throughput vs batch size ({where})")
-    elif ok["variant"].nunique() > 1 or len(ok) > 1:
-        out["throughput_vs_batch"] = _line_plot(ok, "batch_size", "batch size (examples)",
-                                                f"Training throughput ({where})")
     if BASELINE_VARIANT in set(ok["variant"]) and ok["variant"].nunique() > 1:
         fig = _speedup_plot(ok, f"Speedup over the {BASELINE_VARIANT} baseline ({where})")
         if fig is not None:

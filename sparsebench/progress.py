@@ -34,6 +34,11 @@ def describe_record(record: dict) -> str:
     status = record.get("status")
     if status != "ok":
         return f"{status}: {record.get('reason') or ''}".rstrip(": ")
+    if "profile" in record:
+        prof = record["profile"]
+        top = prof["ops"][0] if prof["ops"] else None
+        lead = f", top op {top['op_type']} {top['share_pct']:.0f}%" if top else ""
+        return f"profiled {prof['steps']} steps, {prof['step_wall_ms']:.1f} ms/step{lead}"
     windows = record.get("windows") or []
     cv = record.get("cv")
     noisy = f"  NOISY (CV {cv:.0%} > {NOISY_CV:.0%})" if cv is not None and cv > NOISY_CV else ""

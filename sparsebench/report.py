@@ -28,7 +28,7 @@ from .results import JSON_KEYS, flat_view, read_results
 from .stats import NOISY_CV
 
 BASELINE_VARIANT = "sparse_dense_matmul"
-VIEWS = ("talk", "matrix", "pivot", "best")
+VIEWS = ("talk", "matrix", "pivot", "best", "ops")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 AXIS_COLUMNS = (
     "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
@@ -70,8 +70,9 @@ def load(paths: list[Path]) -> Loaded:
             row["run"] = label
             row["machine"] = machine
             row["label"] = _label(record)
+            row["profile"] = record.get("profile")  # op table, for records written by `profile`
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label"])
+    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile"])
     return Loaded(frame, runs, warnings)
 
 
@@ -79,6 +80,21 @@ def _label(record: dict[str, Any]) -> str:
     axes = record.get("axes", {})
     cell_id = record.get("cell_id", "")
     return cell_id.rsplit("-", 1)[0] if axes else cell_id
+
+
+def filter_rows(loaded: Loaded, conditions: list[str]) -> Loaded:
+    """Keep the cells matching every `AXIS=V1,V2` condition (values compared as text)."""
+    frame = loaded.frame
+    for condition in conditions:
+        axis, sep, raw = condition.partition("=")
+        axis = axis.strip()
+        if not sep or axis not in frame.columns or axis in ("windows", "profile"):
+            raise UserError(f"--where {condition}: expected AXIS=VALUE with AXIS one of {', '.join(AXIS_COLUMNS)}")
+        wanted = {v.strip().lower() for v in raw.split(",")}
+        frame = frame[frame[axis].map(lambda v: str(v).lower() in wanted)]
+    if frame.empty:
+        raise UserError(f"--where {' '.join(conditions)}: no cell matches")
+    return Loaded(frame, loaded.runs, loaded.warnings)
 
 
 # -- formatting helpers ----------------------------------------------------------------
@@ -263,7 +279,30 @@ def view_best(frame: pd.DataFrame) -> View:
     return View("Fastest configuration per batch size and device", pd.DataFrame(rows), _noisy_note(shown), None)
 
 
+def view_ops(frame: pd.DataFrame, top: int = 12) -> View:
+    """The op tables of profiled cells (from `sparsebench profile`'s results.jsonl)."""
+    profiled = frame[frame["profile"].notna()]
+    if profiled.empty:
+        raise UserError("report --view ops: these results hold no profiles (write them with `sparsebench profile`)")
+    rows = []
+    for _, cell in profiled.iterrows():
+        prof = cell["profile"]
+        for op in prof["ops"][:top]:
+            rows.append({
+                **({"run": cell["run"]} if _multi_run(frame) else {}),
+                "cell": cell["label"], "op": op["op_type"], "phase": op["phase"], "category": op["category"],
+                "ms/step": f"{op['ms_per_step']:.2f}", "share": f"{op['share_pct']:.1f}%",
+                "calls/step": f"{op['calls_per_step']:.1f}",
+            })
+    walls = ", ".join(f"{c['label']} {c['profile']['step_wall_ms']:.1f} ms" for _, c in profiled.iterrows())
+    notes = [f"top {top} ops per cell by time; share = share of all op time on TF's compute threads",
+             f"step wall time: {walls}"]
+    return View("Where each step's time goes, op by op", pd.DataFrame(rows), notes, None)
+
+
 def default_view(loaded: Loaded) -> str:
+    if loaded.frame["profile"].notna().any():
+        return "ops"
     suites = set(loaded.frame["suite"].dropna())
     return "talk" if suites == {"gpu-vs-cpu"} else "matrix"
 
@@ -276,6 +315,8 @@ def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | N
         return view_talk(frame)
     if view == "best":
         return view_best(frame)
+    if view == "ops":
+        return view_ops(frame)
     if view == "pivot":
         if not rows or not cols:
             raise UserError("report --view pivot: give --rows AXIS and --cols AXIS")

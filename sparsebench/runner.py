@@ -76,6 +76,26 @@ def default_output(suite: Suite) -> Path:
     return Path("results") / f"{suite.name}-{stamp}.jsonl"
 
 
+def run_header(suite: Suite, suite_arg: str, overrides: list[str], text: str, isolation: str, cells: int,
+               **extra: Any) -> dict[str, Any]:
+    """The `run` part of a results file's header."""
+    return {
+        "suite": suite.name,
+        "suite_arg": suite_arg,
+        "suite_source": suite.source,
+        "suite_text": text,
+        "description": suite.description,
+        "overrides": list(overrides),
+        "isolation": isolation,
+        "command": shlex.join(sys.argv),
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "sparsebench_version": __version__,
+        "git": git_revision(),
+        "cells_planned": cells,
+        **extra,
+    }
+
+
 def run(
     suite_arg: str | None,
     overrides: list[str],
@@ -105,20 +125,7 @@ def run(
         suite, cells, text = prepare(suite_arg, overrides)
         todo = cells
         path = Path(output) if output is not None else default_output(suite)
-        run_meta = {
-            "suite": suite.name,
-            "suite_arg": suite_arg,
-            "suite_source": suite.source,
-            "suite_text": text,
-            "description": suite.description,
-            "overrides": list(overrides),
-            "isolation": isolation or suite.isolation,
-            "command": shlex.join(sys.argv),
-            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "sparsebench_version": __version__,
-            "git": git_revision(),
-            "cells_planned": len(cells),
-        }
+        run_meta = run_header(suite, suite_arg, overrides, text, isolation or suite.isolation, len(cells))
         writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
         already = 0
 
@@ -140,3 +147,37 @@ def run(
         progress.close()
         writer.close()
     return summary
+
+
+def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | None, quiet: bool = False,
+            isolation: str | None = None) -> tuple[Path, list[tuple[Cell, dict[str, Any]]], RunSummary]:
+    """Profile every cell of a suite; per cell the worker writes DIR/<cell_id>/{plugins,ops.*,trace.json}.
+
+    The records (with each cell's op table) also go to DIR/results.jsonl, so `report`
+    can show them later.
+    """
+    if steps < 1:
+        raise UserError(f"--steps: must be >= 1, got {steps}")
+    suite, cells, text = prepare(suite_arg, overrides)
+    folder = Path(output) if output is not None else Path("results") / f"profile-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = folder / "results.jsonl"
+    run_meta = run_header(suite, suite_arg, overrides, text, isolation or suite.isolation, len(cells), profile_steps=steps)
+    writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
+    summary = RunSummary(path=path, planned=len(cells))
+    progress = Progress(len(cells), quiet=quiet)
+    profiled: list[tuple[Cell, dict[str, Any]]] = []
+
+    def record(outcome: Outcome) -> None:
+        writer.append(outcome.record)
+        summary.counts[outcome.record["status"]] += 1
+        profiled.append((outcome.cell, outcome.record))
+        progress.finish(outcome.cell, outcome.record)
+
+    orchestrator = Orchestrator(record, isolation=run_meta["isolation"], on_start=progress.start,
+                                job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
+    try:
+        orchestrator.run(cells)
+    finally:
+        progress.close()
+        writer.close()
+    return folder, profiled, summary

@@ -72,31 +72,50 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
+class Prepared:
+    """A cell's data (generated before any timing) and its freshly built trainer."""
+
+    def __init__(self, cell: Cell):
+        import tensorflow as tf
+
+        from .data import SyntheticData
+        from .devices import resolve_device
+        from .model import build_trainer, calibrate, to_sparse_tensor
+
+        self.phases: dict[str, float] = {}
+        t0 = time.perf_counter()
+        self.device = resolve_device(cell.model.device)
+        data = SyntheticData(cell.data)
+        self.pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
+        self.held_out = data.held_out(cell.measure.eval_examples)
+        calibration = (
+            calibrate(data.sample(max(4 * cell.batch_size, 2048), stream=5), cell.model.n_bin)
+            if cell.model.discretizer else None
+        )
+        with tf.device("/CPU:0"):
+            self.batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in self.pool]
+            self.held_out_sp = to_sparse_tensor(self.held_out, data.num_features)
+        self.num_features = data.num_features
+        self.phases["data_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.trainer = build_trainer(cell.model, data.num_features, self.device, calibration)
+        self.phases["build_s"] = time.perf_counter() - t0
+
+    def variables_mb(self) -> dict[str, float]:
+        return {v.name: v.shape.num_elements() * 4 / 2**20 for v in self.trainer.model.train_variables}
+
+
 def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     """Train and time one cell; returns its result record (status `ok`)."""
     import tensorflow as tf
 
-    from .data import SyntheticData
-    from .devices import resolve_device
     from .gpumon import GpuSampler
     from .measure import measure
-    from .model import build_trainer, calibrate, loss_fn, to_sparse_tensor
+    from .model import loss_fn
 
-    phases: dict[str, float] = {}
-    t0 = time.perf_counter()
-    device = resolve_device(cell.model.device)
-    data = SyntheticData(cell.data)
-    pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
-    held_out = data.held_out(cell.measure.eval_examples)
-    calibration = calibrate(data.sample(max(4 * cell.batch_size, 2048), stream=5), cell.model.n_bin) if cell.model.discretizer else None
-    with tf.device("/CPU:0"):
-        batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in pool]
-        held_out_sp = to_sparse_tensor(held_out, data.num_features)
-    phases["data_s"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
-    trainer = build_trainer(cell.model, data.num_features, device, calibration)
-    phases["build_s"] = time.perf_counter() - t0
+    prepared = Prepared(cell)
+    trainer, batches, pool, held_out = prepared.trainer, prepared.batches, prepared.pool, prepared.held_out
+    phases = prepared.phases
 
     losses: list[float] = []
     sampler = GpuSampler() if cell.model.device == "gpu" else None
@@ -119,7 +138,7 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
 
     rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
-    logits = trainer.predict_logits(held_out_sp)
+    logits = trainer.predict_logits(prepared.held_out_sp)
     eval_loss = float(loss_fn(logits, tf.constant(held_out.labels)))
     throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
     step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
@@ -147,14 +166,52 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
         "grad_type": grad_types[0] if len(grad_types) == 1 else ",".join(grad_types),
         "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
         "rows_touched_per_step": rows_touched,
-        "num_features": data.num_features,
+        "num_features": prepared.num_features,
         "avg_nnz_per_batch": float(np.mean([b.nnz for b in pool])),
         "threads_in_effect": threads_in_effect(),
         "phases": phases,
-        "variables_mb": {v.name: v.shape.num_elements() * 4 / 2**20 for v in trainer.model.train_variables},
+        "variables_mb": prepared.variables_mb(),
     }
     if sampler is not None:
         record.update(sampler.summary())
+    return record
+
+
+def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[str, Any]:
+    """Warm up, then run `steps` steps under TensorFlow's profiler; write the op tables."""
+    import tensorflow as tf
+
+    from . import profile
+    from .hogwild import run_hogwild
+
+    prepared = Prepared(cell)
+    trainer, batches = prepared.trainer, prepared.batches
+    sync = lambda loss: loss.numpy()  # noqa: E731 - each step completes before the next
+    run_hogwild(trainer.train_step, batches, cell.workers, steps_per_worker=max(1, cell.measure.warmup_steps), sync=sync)
+    logdir.mkdir(parents=True, exist_ok=True)
+    steps_per_worker = max(1, steps // cell.workers)
+    tf.profiler.experimental.start(str(logdir))
+    start = time.perf_counter()
+    try:
+        run = run_hogwild(trainer.train_step, batches, cell.workers, steps_per_worker=steps_per_worker,
+                          offset=cell.measure.warmup_steps, sync=sync)
+    finally:
+        elapsed = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+    summary = profile.write_outputs(logdir, cell.cell_id, run.steps, 1000.0 * elapsed / run.steps * cell.workers)
+    record = {
+        "status": "ok",
+        "reason": None,
+        "isolation": isolation,
+        "profile_dir": str(logdir),
+        "profile": summary,
+        "peak_rss_mb": peak_rss_mb(),
+        "variables_mb": prepared.variables_mb(),
+        "grad_type": ",".join(sorted(set(trainer.grad_types.values()))),
+        "phases": prepared.phases,
+    }
+    if cell.model.device == "gpu":
+        record["gpu_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
     return record
 
 
@@ -172,6 +229,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     cells = [Cell.from_dict(c) for c in job["cells"]]
     first_index = job.get("first_index", 0)
     isolation = job.get("isolation", "cell")
+    profiling = job.get("profile")  # {"steps": N, "dir": DIR} for `sparsebench profile`
     if not cells:
         return 0
     startup = {"process_start_to_tf_s": None}
@@ -189,7 +247,11 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
         (out_dir / f"{index}.started").write_text(str(time.time()))
         started = time.perf_counter()
         try:
-            record = run_cell(cell, isolation)
+            if profiling:
+                logdir = Path(profiling["dir"]) / cell.cell_id
+                record = profile_cell(cell, isolation, profiling["steps"], logdir)
+            else:
+                record = run_cell(cell, isolation)
         except NoGPUError as exc:
             record = {"status": "skipped", "reason": exc.reason, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash

@@ -1,0 +1,201 @@
+"""Where a training step's time goes: TensorFlow profiler traces -> op tables and a trace.
+
+The worker wraps N steady-state steps (after warm-up) in `tf.profiler.experimental`
+start/stop with the logdir `DIR/<cell>`, so TensorBoard's profile plugin reads
+`DIR/<cell>/plugins/profile/<run>/*.xplane.pb` as it is. This module then reads that
+XPlane protobuf itself (it ships with TensorFlow; no xprof needed) and writes:
+
+- `ops.csv` / `ops.json`: per op type, ms per step, share of all op time, calls per step,
+  and per phase (forward / backward / optimizer / other);
+- `trace.json`: every op event as a Chrome/Perfetto trace (open it at ui.perfetto.dev or
+  chrome://tracing).
+
+Op time is the sum of op durations on TensorFlow's executor threads (`tf_Compute` lines),
+so with 2 threads busy it can exceed wall time: the shares are shares of op time, and
+the step's wall time is reported beside them.
+
+Phases come from the name scopes the trainer sets: `forward/...` (the model),
+`gradient_tape/...` (backward), `optimizer/...` (the update).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+PHASES = ("forward", "backward", "optimizer", "other")
+OP_CATEGORIES = {
+    # op type -> category, for the stacked bars; anything else is "other"
+    "SparseTensorDenseMatMul": "sparse matmul",
+    "ResourceGather": "gather", "GatherV2": "gather", "Gather": "gather",
+    "UnsortedSegmentSum": "segment sum", "SparseSegmentSum": "segment sum", "SegmentSum": "segment sum",
+    "SparseSegmentSumWithNumSegments": "segment sum", "SparseSegmentSumGrad": "segment sum",
+    "ResourceScatterSub": "scatter update", "ResourceScatterAdd": "scatter update",
+    "ResourceScatterUpdate": "scatter update", "ResourceScatterMax": "scatter update",
+    "Unique": "unique", "UniqueV2": "unique",
+    "ResourceApplyGradientDescent": "dense update", "ResourceApplyAdam": "dense update",
+    "ResourceApplyAdagradV2": "dense update", "ResourceApplyFtrl": "dense update",
+    "ResourceSparseApplyAdagradV2": "sparse update", "ResourceSparseApplyFtrl": "sparse update",
+    "MatMul": "dense matmul", "_MklMatMul": "dense matmul", "BatchMatMulV2": "dense matmul",
+    "_MklBatchMatMulV2": "dense matmul",
+}
+
+
+@dataclass
+class OpRow:
+    op_type: str
+    phase: str
+    ms_per_step: float
+    share_pct: float
+    calls_per_step: float
+    category: str
+
+
+def find_xplane(logdir: Path) -> Path:
+    files = sorted(glob.glob(str(Path(logdir) / "plugins" / "profile" / "*" / "*.xplane.pb")))
+    if not files:
+        raise FileNotFoundError(f"{logdir}: no plugins/profile/*/*.xplane.pb written by the profiler")
+    return Path(files[-1])
+
+
+def _split_event_name(name: str) -> tuple[str, str]:
+    """'forward/dense/MatMul:MatMul' -> ('forward/dense/MatMul', 'MatMul')."""
+    node, _, op_type = name.rpartition(":")
+    return (node, op_type) if node else (name, name)
+
+
+def phase_of(node: str) -> str:
+    if node.startswith("gradient_tape/") or "/gradient_tape/" in node:
+        return "backward"
+    if node.startswith("optimizer/") or "/optimizer/" in node:
+        return "optimizer"
+    if node.startswith("forward/") or "/forward/" in node:
+        return "forward"
+    return "other"
+
+
+def read_events(xplane_path: Path) -> list[dict[str, Any]]:
+    """Op events on TF's compute threads: node, op type, start and duration (µs), thread."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    space.ParseFromString(Path(xplane_path).read_bytes())
+    events = []
+    for plane in space.planes:
+        names = {key: meta.name for key, meta in plane.event_metadata.items()}
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                node, op_type = _split_event_name(names.get(event.metadata_id, "?"))
+                events.append({
+                    "node": node, "op_type": op_type, "thread": line.name,
+                    "start_us": (line.timestamp_ns + event.offset_ps / 1000.0) / 1000.0,
+                    "dur_us": event.duration_ps / 1e6,
+                })
+    return events
+
+
+def op_table(events: list[dict[str, Any]], steps: int) -> list[OpRow]:
+    """Per (op type, phase): time and calls per step and share of all op time, largest first."""
+    time_us: dict[tuple[str, str], float] = defaultdict(float)
+    calls: dict[tuple[str, str], int] = defaultdict(int)
+    for e in events:
+        key = (e["op_type"], phase_of(e["node"]))
+        time_us[key] += e["dur_us"]
+        calls[key] += 1
+    total = sum(time_us.values()) or 1.0
+    rows = [
+        OpRow(op, phase, t / 1000.0 / steps, 100.0 * t / total, calls[(op, phase)] / steps,
+              OP_CATEGORIES.get(op, "other"))
+        for (op, phase), t in time_us.items()
+    ]
+    return sorted(rows, key=lambda r: r.ms_per_step, reverse=True)
+
+
+def chrome_trace(events: list[dict[str, Any]], cell_id: str) -> dict[str, Any]:
+    threads = {name: i for i, name in enumerate(sorted({e["thread"] for e in events}))}
+    t0 = min((e["start_us"] for e in events), default=0.0)
+    trace = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}}
+             for name, tid in threads.items()]
+    trace.append({"name": "process_name", "ph": "M", "pid": 1, "args": {"name": cell_id}})
+    for e in events:
+        trace.append({"name": e["op_type"], "cat": phase_of(e["node"]), "ph": "X", "pid": 1,
+                      "tid": threads[e["thread"]], "ts": e["start_us"] - t0, "dur": e["dur_us"],
+                      "args": {"node": e["node"]}})
+    return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float) -> dict[str, Any]:
+    """Parse the profile under `logdir` and write ops.csv, ops.json and trace.json there."""
+    logdir = Path(logdir)
+    events = read_events(find_xplane(logdir))
+    rows = op_table(events, steps)
+    with open(logdir / "ops.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()) if rows else ["op_type"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(asdict(row))
+    by_phase = defaultdict(float)
+    for row in rows:
+        by_phase[row.phase] += row.ms_per_step
+    summary = {
+        "cell_id": cell_id,
+        "steps": steps,
+        "step_wall_ms": step_wall_ms,
+        "op_ms_per_step": sum(r.ms_per_step for r in rows),
+        "phases_ms_per_step": {p: by_phase.get(p, 0.0) for p in PHASES},
+        "ops": [asdict(r) for r in rows],
+    }
+    (logdir / "ops.json").write_text(json.dumps(summary, indent=2))
+    (logdir / "trace.json").write_text(json.dumps(chrome_trace(events, cell_id)))
+    return summary
+
+
+# -- TF-free: reading and printing what the workers wrote -------------------------------
+def load_summary(path: Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def by_op_type(summary: dict[str, Any]) -> dict[str, float]:
+    out: dict[str, float] = defaultdict(float)
+    for op in summary["ops"]:
+        out[op["op_type"]] += op["ms_per_step"]
+    return dict(out)
+
+
+def format_cell(summary: dict[str, Any], label: str, top: int = 10) -> str:
+    lines = [f"{label}: step {summary['step_wall_ms']:.1f} ms wall, {summary['op_ms_per_step']:.1f} ms of op time "
+             f"over {summary['steps']} profiled steps"]
+    phases = ", ".join(f"{p} {summary['phases_ms_per_step'][p]:.1f} ms" for p in PHASES)
+    lines.append(f"  by phase: {phases}")
+    lines.append(f"  {'op':<34} {'phase':<10} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
+    for op in summary["ops"][:top]:
+        lines.append(f"  {op['op_type']:<34} {op['phase']:<10} {op['ms_per_step']:>8.2f} "
+                     f"{op['share_pct']:>6.1f}% {op['calls_per_step']:>10.1f}")
+    return "\n".join(lines)
+
+
+def format_side_by_side(summaries: list[tuple[str, dict[str, Any]]], top: int = 15) -> str:
+    """The same op types across cells (ms per step), with the step-time difference."""
+    tables = [(label, by_op_type(s)) for label, s in summaries]
+    totals: dict[str, float] = defaultdict(float)
+    for _, table in tables:
+        for op, ms in table.items():
+            totals[op] = max(totals[op], ms)
+    ops = sorted(totals, key=totals.get, reverse=True)[:top]
+    width = max(12, *(len(label) for label, _ in tables))
+    lines = [f"{'op (ms per step)':<34} " + " ".join(f"{label:>{width}}" for label, _ in tables)]
+    for op in ops:
+        lines.append(f"{op:<34} " + " ".join(
+            f"{table[op]:>{width}.2f}" if op in table else f"{'-':>{width}}" for _, table in tables))
+    walls = [s["step_wall_ms"] for _, s in summaries]
+    lines.append(f"{'step wall time':<34} " + " ".join(f"{w:>{width}.1f}" for w in walls))
+    base = walls[0]
+    lines.append(f"{'vs first cell':<34} " + " ".join(f"{(w - base) / base * 100:>+{width - 1}.1f}%" for w in walls))
+    return "\n".join(lines)

@@ -1,0 +1,84 @@
+"""`sparsebench profile` on a tiny cell: op table, shares, trace, TensorBoard layout, report."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsebench import profile
+
+pytestmark = pytest.mark.slow
+
+TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def profiled(tmp_path_factory):
+    out = tmp_path_factory.mktemp("prof") / "p"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "sparsebench", "profile", "--suite", str(TINY), "--steps", "5", "--output", str(out),
+         "--set", "variant=sparse_dense_matmul,embedding_lookup_sparse"],
+        capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out, done.stdout
+
+
+def cell_dirs(out):
+    return sorted(p for p in out.iterdir() if p.is_dir())
+
+
+def test_op_table_is_non_empty_and_shares_sum_to_100(profiled):
+    out, _ = profiled
+    dirs = cell_dirs(out)
+    assert len(dirs) == 2
+    for folder in dirs:
+        summary = json.loads((folder / "ops.json").read_text())
+        assert summary["steps"] == 5 and summary["ops"]
+        assert sum(op["share_pct"] for op in summary["ops"]) == pytest.approx(100.0, abs=0.1)
+        assert summary["op_ms_per_step"] > 0 and summary["step_wall_ms"] > 0
+        phases = summary["phases_ms_per_step"]
+        assert phases["forward"] > 0 and phases["backward"] > 0 and phases["optimizer"] > 0
+        assert (folder / "ops.csv").read_text().startswith("op_type,phase,ms_per_step,share_pct,calls_per_step")
+        assert glob.glob(str(folder / "plugins" / "profile" / "*" / "*.xplane.pb"))  # TensorBoard's layout
+
+
+def test_trace_is_chrome_trace_json(profiled):
+    out, _ = profiled
+    trace = json.loads((cell_dirs(out)[0] / "trace.json").read_text())
+    complete = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    assert complete and all({"name", "ts", "dur", "pid", "tid"} <= set(e) for e in complete)
+
+
+def test_the_variants_show_their_signature_ops(profiled):
+    out, stdout = profiled
+    ops = {}
+    for folder in cell_dirs(out):
+        summary = json.loads((folder / "ops.json").read_text())
+        ops[summary["cell_id"].split("-")[0]] = {op["op_type"] for op in summary["ops"]}
+    assert "SparseTensorDenseMatMul" in ops["sdm"] and "ResourceApplyGradientDescent" in ops["sdm"]
+    assert "SparseTensorDenseMatMul" not in ops["els"]
+    assert {"ResourceGather", "ResourceScatterSub"} <= ops["els"]
+    assert "vs first cell" in stdout and "by phase:" in stdout  # the side-by-side table was printed
+
+
+def test_report_shows_the_op_tables_and_the_stacked_bars(profiled, tmp_path):
+    out, _ = profiled
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "report", str(out / "results.jsonl"),
+                           "--plots", str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    assert "Where each step's time goes" in done.stdout and "SparseTensorDenseMatMul" in done.stdout
+    assert (tmp_path / "step_time_by_op_category.png").stat().st_size > 1000
+
+
+def test_phase_of_names():
+    assert profile.phase_of("gradient_tape/forward/dense/MatMul") == "backward"
+    assert profile.phase_of("optimizer/ResourceScatterSub") == "optimizer"
+    assert profile.phase_of("forward/sparse_model/SparseTensorDenseMatMul") == "forward"
+    assert profile.phase_of("Identity") == "other"
