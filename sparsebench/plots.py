@@ -75,7 +75,7 @@ def _line_plot(frame: pd.DataFrame, x: str, xlabel: str, title: str, ideal: bool
         if ideal and len(cells):
             first = cells.iloc[0]
             per_unit = first["samples_per_sec"] / first[x]
-            ax.plot(cells[x], cells[x] * per_unit, linestyle="--", color="grey", alpha=0.7,
+            ax.plot(cells[x], cells[x] * per_unit, linestyle="--", color=_COLORS(i % 20), alpha=0.6,
                     label=f"ideal linear scaling ({label})")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("training throughput (samples/s)")
@@ -168,6 +168,10 @@ def figures(frame: pd.DataFrame) -> dict[str, object]:
     if ok.empty:
         return {}
     where = f"suite {_suite(ok)} on {_machine(ok)}"
+    missing = frame[frame["status"] != "ok"]
+    if len(missing):
+        reasons = ", ".join(sorted({f"{s}: {r}" if r else str(s) for s, r in zip(missing["status"], missing["reason"])}))
+        where += f"; {len(missing)} cells not shown ({reasons})"
     out: dict[str, object] = {}
     profiled = ok[ok["profile"].notna()] if "profile" in ok else ok.iloc[0:0]
     if len(profiled):

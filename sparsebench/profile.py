@@ -10,9 +10,10 @@ XPlane protobuf itself (it ships with TensorFlow; no xprof needed) and writes:
 - `trace.json`: every op event as a Chrome/Perfetto trace (open it at ui.perfetto.dev or
   chrome://tracing).
 
-Op time is the sum of op durations on TensorFlow's executor threads (`tf_Compute` lines),
-so with 2 threads busy it can exceed wall time: the shares are shares of op time, and
-the step's wall time is reported beside them.
+Op time is the sum of op durations on TensorFlow's executor threads (`tf_Compute` lines;
+only `node:OpType` events, see `is_op_event`), so with 2 threads busy it can exceed wall
+time, and time between ops (scheduling, Python) is not in it: the shares are shares of op
+time, and the step's wall time is reported beside them.
 
 Phases come from the name scopes the trainer sets: `forward/...` (the model),
 `gradient_tape/...` (backward), `optimizer/...` (the update).
@@ -69,6 +70,14 @@ def _split_event_name(name: str) -> tuple[str, str]:
     return (node, op_type) if node else (name, name)
 
 
+def is_op_event(name: str) -> bool:
+    """TF op events are named `node:OpType`. Executor and thread-pool bookkeeping
+    (`ExecutorState::Process`, `ThreadpoolListener::Record`) encloses op events, and
+    Eigen's `ParallelFor` or `MemoryAllocation` run inside them: counting those would count
+    time twice."""
+    return ":" in name and "::" not in name
+
+
 def phase_of(node: str) -> str:
     if node.startswith("gradient_tape/") or "/gradient_tape/" in node:
         return "backward"
@@ -92,7 +101,10 @@ def read_events(xplane_path: Path) -> list[dict[str, Any]]:
             if not line.name.startswith("tf_Compute"):
                 continue
             for event in line.events:
-                node, op_type = _split_event_name(names.get(event.metadata_id, "?"))
+                name = names.get(event.metadata_id, "")
+                if not is_op_event(name):
+                    continue
+                node, op_type = _split_event_name(name)
                 events.append({
                     "node": node, "op_type": op_type, "thread": line.name,
                     "start_us": (line.timestamp_ns + event.offset_ps / 1000.0) / 1000.0,

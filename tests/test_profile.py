@@ -61,6 +61,7 @@ def test_the_variants_show_their_signature_ops(profiled):
     for folder in cell_dirs(out):
         summary = json.loads((folder / "ops.json").read_text())
         ops[summary["cell_id"].split("-")[0]] = {op["op_type"] for op in summary["ops"]}
+        assert not {"Process", "ParallelFor", "Record"} & ops[summary["cell_id"].split("-")[0]]
     assert "SparseTensorDenseMatMul" in ops["sdm"] and "ResourceApplyGradientDescent" in ops["sdm"]
     assert "SparseTensorDenseMatMul" not in ops["els"]
     assert {"ResourceGather", "ResourceScatterSub"} <= ops["els"]
@@ -75,6 +76,12 @@ def test_report_shows_the_op_tables_and_the_stacked_bars(profiled, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "Where each step's time goes" in done.stdout and "SparseTensorDenseMatMul" in done.stdout
     assert (tmp_path / "step_time_by_op_category.png").stat().st_size > 1000
+
+
+def test_only_op_events_count():
+    assert profile.is_op_event("forward/MatMul:_MklMatMul")
+    assert not profile.is_op_event("ExecutorState::Process")
+    assert not profile.is_op_event("ParallelFor")
 
 
 def test_phase_of_names():
