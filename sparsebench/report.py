@@ -22,7 +22,6 @@ from typing import Any
 
 import pandas as pd
 
-from .cell import ABBREVIATIONS
 from .errors import UserError
 from .results import JSON_KEYS, flat_view, read_results
 from .stats import NOISY_CV
@@ -53,7 +52,8 @@ class Loaded:
 
 
 # -- loading ---------------------------------------------------------------------------
-def run_label(path: Path, header: dict[str, Any]) -> str:
+def run_label(path: Path) -> str:
+    """A run's name in combined views: its results file's name."""
     return path.stem
 
 
@@ -62,7 +62,7 @@ def load(paths: list[Path]) -> Loaded:
     for path in paths:
         results = read_results(path)
         warnings += results.warnings
-        label = run_label(Path(path), results.header)
+        label = run_label(Path(path))
         machine = results.environment.get("cpu", {}).get("model", "unknown CPU")
         runs.append({"path": str(path), "label": label, "header": results.header, "machine": machine})
         for record in results.latest():
@@ -381,6 +381,3 @@ def render(loaded: Loaded, fmt: str = "table", view: str | None = None, rows: st
         return render_csv(chosen)
     return render_text(chosen)
 
-
-def variant_short(variant: str) -> str:
-    return ABBREVIATIONS.get(variant, variant)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import itertools
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -289,7 +289,3 @@ def parse_suite(text: str, source: str, default_name: str) -> Suite:
     suite.validate()
     return suite
 
-
-def with_measure(cells: list[Cell], **changes: Any) -> list[Cell]:
-    """The same cells with some measurement settings changed (ids are unchanged)."""
-    return [replace(c, measure=replace(c.measure, **changes)) for c in cells]
