@@ -177,6 +177,20 @@ def test_bad_input_is_one_line_exit_2(args, message):
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("text,message", [
+    ("[matrix\nbatch_size = [1]\n", "bad.toml: invalid TOML"),
+    ('[matrix]\nvariant = ["nope"]\n', "bad.toml: matrix.variant: 'nope' is not a known variant"),
+    ("[matrix]\nbatch_size = [-1]\n", "bad.toml: matrix.batch_size: -1 is not an integer >= 1"),
+])
+def test_malformed_suite_file_is_one_line_exit_2(tmp_path, text, message):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(text)
+    done = cli("run", "--suite", str(bad), "--output", str(tmp_path / "r.jsonl"), check=2)
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_corrupt_results_file_names_the_line(tmp_path):
     out = tmp_path / "r.jsonl"
     cli("run", "--suite", str(TINY), "--output", str(out), "--set", "variant=embedding_lookup_sparse", check=0)
