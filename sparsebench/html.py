@@ -14,7 +14,7 @@ import io
 import matplotlib.pyplot as plt
 
 from .plots import figures
-from .report import Loaded, View, build_view, default_view, view_matrix
+from .report import Loaded, View, build_view, default_view, looks_numeric, view_matrix
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
@@ -38,8 +38,7 @@ def table_html(view: View) -> str:
         cells = []
         for column in view.table.columns:
             value = row[column]
-            numeric = isinstance(value, (int, float)) or str(value).replace(",", "").replace(".", "").rstrip("x*").isdigit()
-            cells.append(f"<td{'' if numeric else ' class=text'}>{_e(value)}</td>")
+            cells.append(f"<td{'' if looks_numeric(value) else ' class=text'}>{_e(value)}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     notes = "".join(f"<p class=note>{_e(n)}</p>" for n in view.notes)
     return f"<h2>{_e(view.title)}</h2><table><tr>{head}</tr>{''.join(body)}</table>{notes}"

@@ -349,8 +349,16 @@ def render_markdown(view: View) -> str:
     return "\n".join(lines)
 
 
+def looks_numeric(value: Any) -> bool:
+    """A display value that is a number: 12,300 / 1.23 / 2.50x / 25,000* / 4.1% / -3.0%."""
+    if isinstance(value, (int, float)):
+        return True
+    text = str(value).strip().replace(",", "").replace(".", "").lstrip("+-").rstrip("x%" + NOISY_MARK)
+    return text.isdigit()
+
+
 def _numeric_column(values: pd.Series) -> bool:
-    return all(v.replace(",", "").replace(".", "").replace("x", "").replace(NOISY_MARK, "").isdigit() for v in values if v)
+    return all(looks_numeric(v) for v in values if v)
 
 
 def render_csv(view: View) -> str:
