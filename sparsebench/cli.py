@@ -40,7 +40,7 @@ def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry
     if dry_run:
         if suite_arg is None:
             raise UserError("run --dry-run: give --suite")
-        _, cells, _ = runner.prepare(suite_arg, list(overrides))
+        _, cells = runner.prepare(suite_arg, list(overrides))
         for cell in cells:
             click.echo(f"{cell.cell_id}")
         click.echo(f"{len(cells)} cells")

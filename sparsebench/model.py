@@ -156,10 +156,10 @@ class SparseModel(tf.Module):
         self.activation = _ACTIVATIONS[spec.activation]
         self.head = DenseHead(spec.out_dim, spec.hidden_units, spec.seed)
 
-    @property
-    def sparse_tables(self) -> list[tf.Variable]:
-        """The `[num_features, ...]` weights whose gradient type and rows touched matter."""
-        return list(self.kernel.tables)
+    def is_sparse_table(self, var: tf.Variable) -> bool:
+        """Is `var` one of the `[num_features, ...]` weights whose gradient type and rows
+        touched are recorded?"""
+        return any(var is table for table in self.kernel.tables)
 
     @property
     def train_variables(self) -> list[tf.Variable]:
@@ -233,7 +233,7 @@ class Trainer:
     def _train_step(self, sp, labels):
         loss, grads, variables = self._gradients(sp, labels)
         for grad, var in zip(grads, variables):
-            if any(var is table for table in self.model.sparse_tables):
+            if self.model.is_sparse_table(var):
                 self.grad_types[var.name] = "IndexedSlices" if isinstance(grad, tf.IndexedSlices) else "dense"
         with tf.device(self.device), tf.name_scope("optimizer"):
             self.optimizer.apply(zip(grads, variables))
@@ -248,7 +248,7 @@ class Trainer:
         _, grads, variables = self._gradients(sp, labels)
         touched = []
         for grad, var in zip(grads, variables):
-            if any(var is table for table in self.model.sparse_tables):
+            if self.model.is_sparse_table(var):
                 if isinstance(grad, tf.IndexedSlices):
                     touched.append(tf.size(tf.unique(grad.indices).y, out_type=tf.int64))
                 else:

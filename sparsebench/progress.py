@@ -12,7 +12,7 @@ import time
 from typing import TextIO
 
 from .cell import Cell
-from .stats import NOISY_CV
+from .stats import NOISY_CV, is_noisy
 
 
 def format_rate(value: float | None) -> str:
@@ -41,7 +41,7 @@ def describe_record(record: dict) -> str:
         return f"profiled {prof['steps']} steps, {prof['step_wall_ms']:.1f} ms/step{lead}"
     windows = record.get("windows") or []
     cv = record.get("cv")
-    noisy = f"  NOISY (CV {cv:.1%} > {NOISY_CV:.0%})" if cv is not None and cv > NOISY_CV else ""
+    noisy = f"  NOISY (CV {cv:.1%} > {NOISY_CV:.0%})" if is_noisy(cv) else ""
     spread = f" ±{cv:.1%}" if cv is not None else ""
     return (
         f"{format_rate(record.get('samples_per_sec'))} samples/s{spread} over {len(windows)} windows, "

@@ -24,9 +24,9 @@ import pandas as pd
 
 from .errors import UserError
 from .results import JSON_KEYS, flat_view, read_results
-from .stats import NOISY_CV
+from .spec import BASELINE_VARIANT
+from .stats import NOISY_CV, is_noisy
 
-BASELINE_VARIANT = "sparse_dense_matmul"
 VIEWS = ("talk", "matrix", "pivot", "best", "ops")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 AXIS_COLUMNS = (
@@ -130,8 +130,7 @@ def rate_cell(row: pd.Series) -> str:
 
 
 def _noisy(row: pd.Series) -> bool:
-    cv = row.get("cv")
-    return cv is not None and not (isinstance(cv, float) and math.isnan(cv)) and cv > NOISY_CV
+    return is_noisy(row.get("cv"))
 
 
 def _noisy_note(frame: pd.DataFrame) -> list[str]:

@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from . import __version__
 from .cell import Cell
@@ -23,7 +23,7 @@ from .errors import UserError
 from .orchestrator import Orchestrator, Outcome
 from .progress import Progress
 from .results import ResultsWriter, read_results
-from .suite import Suite, load_suite, parse_suite, shipped_suites
+from .suite import Suite, load_suite, parse_suite
 
 
 @dataclass
@@ -56,19 +56,11 @@ def git_revision() -> dict[str, Any] | None:
         return None
 
 
-def suite_text(name_or_path: str) -> str:
-    """The suite's TOML, stored in the results header so --resume needs no suite file."""
-    shipped = shipped_suites()
-    if name_or_path in shipped:
-        return shipped[name_or_path].read_text()
-    return Path(name_or_path).read_text()
-
-
-def prepare(suite_arg: str, overrides: list[str]) -> tuple[Suite, list[Cell], str]:
+def prepare(suite_arg: str, overrides: list[str]) -> tuple[Suite, list[Cell]]:
     suite = load_suite(suite_arg)
     for assignment in overrides:
         suite.override(assignment)
-    return suite, suite.cells(), suite_text(suite_arg)
+    return suite, suite.cells()
 
 
 def default_output(suite: Suite) -> Path:
@@ -76,14 +68,14 @@ def default_output(suite: Suite) -> Path:
     return Path("results") / f"{suite.name}-{stamp}.jsonl"
 
 
-def run_header(suite: Suite, suite_arg: str, overrides: list[str], text: str, isolation: str, cells: int,
+def run_header(suite: Suite, suite_arg: str, overrides: list[str], isolation: str, cells: int,
                **extra: Any) -> dict[str, Any]:
     """The `run` part of a results file's header."""
     return {
         "suite": suite.name,
         "suite_arg": suite_arg,
         "suite_source": suite.source,
-        "suite_text": text,
+        "suite_text": suite.text,
         "description": suite.description,
         "overrides": list(overrides),
         "isolation": isolation,
@@ -122,31 +114,45 @@ def run(
     else:
         if suite_arg is None:
             raise UserError("run: give --suite NAME|PATH (or --resume RESULTS)")
-        suite, cells, text = prepare(suite_arg, overrides)
+        suite, cells = prepare(suite_arg, overrides)
         todo = cells
         path = Path(output) if output is not None else default_output(suite)
-        run_meta = run_header(suite, suite_arg, overrides, text, isolation or suite.isolation, len(cells))
+        run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells))
         writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
         already = 0
 
+    def require(record: dict[str, Any]) -> dict[str, Any]:
+        if require_gpu and record.get("status") == "skipped" and record.get("reason") == "no GPU":
+            return {**record, "status": "failed", "reason": "no GPU (--require-gpu)"}
+        return record
+
     summary = RunSummary(path=path, planned=len(todo), already_done=already)
-    progress = Progress(len(todo), quiet=quiet)
+    execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require)
+    return summary
+
+
+def execute(cells: list[Cell], writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
+            job_extra: dict[str, Any] | None = None,
+            adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record) -> list[tuple[Cell, dict]]:
+    """Run `cells` through workers, appending each (adjusted) record as it arrives; always
+    closes the writer. Returns (cell, record) pairs in the order they finished."""
+    progress = Progress(len(cells), quiet=quiet)
+    finished: list[tuple[Cell, dict[str, Any]]] = []
 
     def record(outcome: Outcome) -> None:
-        rec = outcome.record
-        if require_gpu and rec.get("status") == "skipped" and rec.get("reason") == "no GPU":
-            rec = {**rec, "status": "failed", "reason": "no GPU (--require-gpu)"}
+        rec = adjust(outcome.record)
         writer.append(rec)
         summary.counts[rec["status"]] += 1
+        finished.append((outcome.cell, rec))
         progress.finish(outcome.cell, rec)
 
-    orchestrator = Orchestrator(record, isolation=isolation or run_meta.get("isolation", suite.isolation), on_start=progress.start)
+    orchestrator = Orchestrator(record, isolation=isolation, on_start=progress.start, job_extra=job_extra)
     try:
-        orchestrator.run(todo)
+        orchestrator.run(cells)
     finally:
         progress.close()
         writer.close()
-    return summary
+    return finished
 
 
 def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | None, quiet: bool = False,
@@ -158,26 +164,12 @@ def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | Non
     """
     if steps < 1:
         raise UserError(f"--steps: must be >= 1, got {steps}")
-    suite, cells, text = prepare(suite_arg, overrides)
+    suite, cells = prepare(suite_arg, overrides)
     folder = Path(output) if output is not None else Path("results") / f"profile-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = folder / "results.jsonl"
-    run_meta = run_header(suite, suite_arg, overrides, text, isolation or suite.isolation, len(cells), profile_steps=steps)
+    run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), profile_steps=steps)
     writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
     summary = RunSummary(path=path, planned=len(cells))
-    progress = Progress(len(cells), quiet=quiet)
-    profiled: list[tuple[Cell, dict[str, Any]]] = []
-
-    def record(outcome: Outcome) -> None:
-        writer.append(outcome.record)
-        summary.counts[outcome.record["status"]] += 1
-        profiled.append((outcome.cell, outcome.record))
-        progress.finish(outcome.cell, outcome.record)
-
-    orchestrator = Orchestrator(record, isolation=run_meta["isolation"], on_start=progress.start,
-                                job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
-    try:
-        orchestrator.run(cells)
-    finally:
-        progress.close()
-        writer.close()
+    profiled = execute(cells, writer, summary, quiet, run_meta["isolation"],
+                       job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
     return folder, profiled, summary

@@ -21,6 +21,7 @@ VARIANTS = (
     "row_partitioned",
     "col_partitioned",
 )
+BASELINE_VARIANT = "sparse_dense_matmul"  # the dense-gradient baseline reports compare against
 PARTITIONED_VARIANTS = ("row_partitioned", "col_partitioned")
 PARTITION_STRATEGIES = ("mod", "div")
 OPTIMIZERS = ("sgd", "lazy_adam", "adam", "adagrad", "ftrl")

@@ -69,6 +69,11 @@ def percentiles(samples, qs=(50, 90, 99)) -> dict[str, float]:
 NOISY_CV = 0.05  # a throughput whose windows vary more than this is flagged as noisy
 
 
+def is_noisy(cv) -> bool:
+    """True for a known CV above NOISY_CV (None and NaN are not noisy: nothing to judge)."""
+    return cv is not None and not (isinstance(cv, float) and math.isnan(cv)) and cv > NOISY_CV
+
+
 def summarize_throughput(window_samples_per_sec) -> dict[str, float]:
     """Median, 95% bootstrap interval and CV of per-window throughputs."""
     low, high = bootstrap_median_interval(window_samples_per_sec)

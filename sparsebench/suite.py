@@ -78,6 +78,7 @@ class Suite:
     name: str
     description: str
     source: str  # the file it came from, for messages
+    text: str = ""  # the TOML itself, stored in results headers so --resume needs no file
     isolation: str = "cell"
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
@@ -278,6 +279,7 @@ def parse_suite(text: str, source: str, default_name: str) -> Suite:
         name=str(raw.get("name", default_name)),
         description=str(raw.get("description", "")),
         source=source,
+        text=text,
         isolation=raw.get("isolation", "cell"),
         data=raw.get("data", {}),
         model=raw.get("model", {}),
