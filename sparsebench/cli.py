@@ -35,7 +35,7 @@ def cli() -> None:
 @click.option("--dry-run", is_flag=True, help="List the cells and exit.")
 def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry_run):
     """Run a suite's cells, each in its own worker process, and record the results."""
-    from . import runner
+    from .execute import runner
 
     if dry_run:
         if suite_arg is None:
@@ -61,7 +61,7 @@ def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry
 @cli.command()
 def suites():
     """List the shipped suites with their cell counts."""
-    from .suite import load_suite, shipped_suites
+    from .plan.suite import load_suite, shipped_suites
 
     rows = []
     for name in sorted(shipped_suites()):
@@ -78,7 +78,7 @@ def suites():
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
 def env(as_json):
     """Print the environment fingerprint stored with every run."""
-    from .env import fingerprint
+    from .execute.env import fingerprint
 
     info = fingerprint()
     if as_json:
@@ -119,7 +119,7 @@ def env(as_json):
 @click.option("--plots", type=click.Path(path_type=Path), help="Also write PNG and SVG plots into this folder.")
 def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     """Tables, plots and an HTML page from one or more results files."""
-    from . import report as reporting
+    from .analyze import report as reporting
 
     loaded = reporting.load(list(paths))
     if conditions:
@@ -128,11 +128,11 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
         click.echo(f"warning: {warning}", err=True)
     written = []
     if plots is not None or fmt == "html":
-        from .plots import write_plots
+        from .analyze.plots import write_plots
 
         written = write_plots(loaded, plots) if plots is not None else []
     if fmt == "html":
-        from .html import render_html
+        from .analyze.html import render_html
 
         text = render_html(loaded, view, rows, cols, metric)
     else:
@@ -163,7 +163,7 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
               help="Also write CURRENT in github-action-benchmark's customBiggerIsBetter JSON.")
 def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_benchmark):
     """Gate on throughput: exit 1 if a cell of CURRENT regressed against BASELINE."""
-    from . import compare as comparing
+    from .analyze import compare as comparing
     from .results import read_results
 
     base, cur = read_results(baseline), read_results(current)
@@ -192,8 +192,8 @@ def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_be
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     """Profile each cell's training step op by op (TensorBoard profile, Chrome trace, op tables)."""
-    from . import profile as profiling
-    from . import runner
+    from .train import profiler as profiling
+    from .execute import runner
 
     folder, profiled, summary = runner.profile(suite_arg, list(overrides), steps, output, quiet, isolation)
     ok = [(cell, record) for cell, record in profiled if record.get("status") == "ok"]

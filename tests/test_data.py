@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from sparsebench.data import SyntheticData
-from sparsebench.spec import DataSpec
+from sparsebench.train.data import SyntheticData
+from sparsebench.plan.spec import DataSpec
 from sparsebench.stats import auc
 
 

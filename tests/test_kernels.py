@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparsebench import spec
+from sparsebench.plan import spec
 from sparsebench.errors import ConfigError
-from sparsebench.kernels import REGISTRY, build_kernel
+from sparsebench.train.kernels import REGISTRY, build_kernel
 
 NUM_FEATURES = 37  # not a multiple of any shard count below: uneven div shards
 OUT_DIM = 6

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparsebench import spec
+from sparsebench.plan import spec
 from sparsebench.errors import ConfigError
-from sparsebench.optimizers import REGISTRY, build_optimizer
+from sparsebench.train.optimizers import REGISTRY, build_optimizer
 
 ROWS, COLS = 10, 3
 TOUCHED = [1, 4, 4, 7]  # row 4 appears twice: its slices must be summed

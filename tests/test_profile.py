@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsebench import profile
+from sparsebench.train import profiler as profile
 
 pytestmark = pytest.mark.slow
 

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from sparsebench.orchestrator import Orchestrator
+from sparsebench.execute.orchestrator import Orchestrator
 from sparsebench.results import read_results
-from sparsebench.suite import load_suite
+from sparsebench.plan.suite import load_suite
 
 pytestmark = pytest.mark.slow
 

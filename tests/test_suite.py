@@ -3,7 +3,7 @@
 import pytest
 
 from sparsebench.errors import ConfigError, UserError
-from sparsebench.suite import load_suite, parse_suite, shipped_suites
+from sparsebench.plan.suite import load_suite, parse_suite, shipped_suites
 
 BASE = """
 name = "t"
@@ -115,7 +115,7 @@ def test_every_shipped_suite_expands(name):
 
 
 def test_smoke_covers_every_variant_and_optimizer():
-    from sparsebench import spec
+    from sparsebench.plan import spec
 
     cells = load_suite("smoke").cells()
     assert {c.model.variant for c in cells} == set(spec.VARIANTS)

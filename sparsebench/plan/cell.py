@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .spec import DataSpec, MeasureSpec, ModelSpec, from_dict
 
 ABBREVIATIONS = {

@@ -1,4 +1,4 @@
-"""The worker process: `python -m sparsebench.worker --jobs JOBS --out DIR`.
+"""The worker process: `python -m sparsebench.train.worker --jobs JOBS --out DIR`.
 
 It is the only place TensorFlow is imported. The orchestrator starts it with the cells'
 environment (OMP/MKL/oneDNN variables are read when TensorFlow loads), the worker sets
@@ -12,7 +12,7 @@ to a temporary name and renamed, so a reader never sees half a record). A cell t
 is recorded as `failed` with its error (`skipped` for a missing GPU) and the worker moves
 on to the next cell; a crash of the process itself is noticed by the orchestrator.
 
-`python -m sparsebench.worker --probe` prints TensorFlow's facts as one JSON line.
+`python -m sparsebench.train.worker --probe` prints TensorFlow's facts as one JSON line.
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from . import stats
-from .cell import Cell, Threads
-from .errors import NoGPUError
+from .. import stats
+from ..plan.cell import Cell, Threads
+from ..errors import NoGPUError
 
 _PROCESS_START = time.perf_counter()
 
@@ -51,7 +51,7 @@ def threads_in_effect() -> dict[str, Any]:
     """What TensorFlow and the environment report now; 0 means TF picks (all cores)."""
     import tensorflow as tf
 
-    from .env import cpu_count
+    from ..execute.env import cpu_count
 
     intra = tf.config.threading.get_intra_op_parallelism_threads()
     inter = tf.config.threading.get_inter_op_parallelism_threads()
@@ -181,7 +181,7 @@ def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[s
     """Warm up, then run `steps` steps under TensorFlow's profiler; write the op tables."""
     import tensorflow as tf
 
-    from . import profile
+    from . import profiler as profile
     from .hogwild import run_hogwild
 
     prepared = Prepared(cell)
@@ -236,7 +236,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     t0 = time.perf_counter()
     import tensorflow as tf  # noqa: F401 - imported here, after the environment is in place
 
-    from .env import tensorflow_info
+    from ..execute.env import tensorflow_info
 
     effect = configure_threads(cells[0].threads)
     startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
@@ -270,13 +270,13 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsebench.worker")
+    parser = argparse.ArgumentParser(prog="python -m sparsebench.train.worker")
     parser.add_argument("--jobs", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--probe", action="store_true", help="print TensorFlow's facts as JSON")
     args = parser.parse_args(argv)
     if args.probe:
-        from .env import tensorflow_info
+        from ..execute.env import tensorflow_info
 
         print(json.dumps(tensorflow_info()))
         return 0

@@ -2,7 +2,7 @@
 
 The parent never imports TensorFlow. For each group of cells (one cell per group by
 default; with isolation "env", consecutive cells whose process settings are equal) it
-starts `python -m sparsebench.worker` with an environment built from a whitelist of the
+starts `python -m sparsebench.train.worker` with an environment built from a whitelist of the
 parent's variables plus the cell's own (OMP/MKL/KMP, oneDNN, CUDA_VISIBLE_DEVICES), then
 watches the worker's result folder:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .cell import Cell
+from ..plan.cell import Cell
 
 # Passed through from the parent's environment (pyperf's approach): enough to find Python,
 # the package and the GPU driver, nothing that silently changes threading.
@@ -126,7 +126,7 @@ class Orchestrator:
             stderr_path = tmp_path / "worker.log"
             with open(stderr_path, "w") as log:
                 self._process = subprocess.Popen(
-                    [self.python, "-m", "sparsebench.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
+                    [self.python, "-m", "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
                     env=worker_environment(cells[0]),
                     stdin=subprocess.DEVNULL,
                     stdout=log,

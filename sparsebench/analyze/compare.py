@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UserError
-from .results import Results
-from .stats import bootstrap_ratio_interval, mann_whitney_min_p, mann_whitney_p
+from ..errors import UserError
+from ..results import Results
+from ..stats import bootstrap_ratio_interval, mann_whitney_min_p, mann_whitney_p
 
 FINGERPRINT_KEYS = (
     ("CPU model", lambda env: env.get("cpu", {}).get("model")),

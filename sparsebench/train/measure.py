@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from .hogwild import run_hogwild
-from .spec import MeasureSpec
+from ..plan.spec import MeasureSpec
 
 
 @dataclass

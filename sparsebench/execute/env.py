@@ -3,7 +3,7 @@
 A throughput figure means little without the machine behind it: compare warns when two
 runs' fingerprints differ. The CLI never imports TensorFlow, so TensorFlow's own facts
 (version, oneDNN/CUDA build info, visible GPUs) are read by a short-lived worker process
-(`python -m sparsebench.worker --probe`) and merged in.
+(`python -m sparsebench.train.worker --probe`) and merged in.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def probe_tensorflow(timeout_s: float = 120.0) -> dict[str, Any]:
     """`tensorflow_info()` from a fresh worker process (the caller stays TF-free)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "sparsebench.worker", "--probe"],
+            [sys.executable, "-m", "sparsebench.train.worker", "--probe"],
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -31,7 +31,7 @@ from typing import Any, Callable
 
 from . import spec
 from .cell import Cell, Threads
-from .errors import ConfigError, UserError
+from ..errors import ConfigError, UserError
 from .spec import DataSpec, MeasureSpec, ModelSpec
 
 
@@ -236,7 +236,7 @@ def shipped_suites() -> dict[str, Any]:
     try:
         folder = resources.files("sparsebench.suites")
     except ModuleNotFoundError:
-        folder = Path(__file__).resolve().parent.parent / "suites"
+        folder = Path(__file__).resolve().parent.parent.parent / "suites"
     return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
 
 

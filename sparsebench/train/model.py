@@ -22,7 +22,7 @@ import tensorflow as tf
 from .data import SparseBatch
 from .kernels import SparseKernel, build_kernel
 from .optimizers import Optimizer, build_optimizer
-from .spec import ModelSpec
+from ..plan.spec import ModelSpec
 
 NORM_EPSILON = 1e-5
 # Multiplier of the key hash that gives a (feature, bin) pair its new key.

@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import __version__
-from .cell import Cell
+from .. import __version__
+from ..plan.cell import Cell
 from .env import fingerprint
-from .errors import UserError
+from ..errors import UserError
 from .orchestrator import Orchestrator, Outcome
 from .progress import Progress
-from .results import ResultsWriter, read_results
-from .suite import Suite, load_suite, parse_suite
+from ..results import ResultsWriter, read_results
+from ..plan.suite import Suite, load_suite, parse_suite
 
 
 @dataclass
@@ -45,7 +45,7 @@ class RunSummary:
 
 def git_revision() -> dict[str, Any] | None:
     """The project's git revision, where sparsebench runs from a checkout."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if rev.returncode != 0:

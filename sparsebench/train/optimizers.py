@@ -31,7 +31,7 @@ from typing import Iterable
 
 import tensorflow as tf
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def dedupe(grad: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:

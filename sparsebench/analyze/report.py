@@ -22,10 +22,10 @@ from typing import Any
 
 import pandas as pd
 
-from .errors import UserError
-from .results import JSON_KEYS, flat_view, read_results
-from .spec import BASELINE_VARIANT
-from .stats import NOISY_CV, is_noisy
+from ..errors import UserError
+from ..results import JSON_KEYS, flat_view, read_results
+from ..plan.spec import BASELINE_VARIANT
+from ..stats import NOISY_CV, is_noisy
 
 VIEWS = ("talk", "matrix", "pivot", "best", "ops")
 FORMATS = ("table", "markdown", "csv", "json", "html")

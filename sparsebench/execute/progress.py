@@ -11,8 +11,8 @@ import sys
 import time
 from typing import TextIO
 
-from .cell import Cell
-from .stats import NOISY_CV, is_noisy
+from ..plan.cell import Cell
+from ..stats import NOISY_CV, is_noisy
 
 
 def format_rate(value: float | None) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 VARIANTS = (
     "sparse_dense_matmul",

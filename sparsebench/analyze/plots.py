@@ -14,8 +14,8 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from .errors import UserError  # noqa: E402
-from .spec import BASELINE_VARIANT  # noqa: E402
+from ..errors import UserError  # noqa: E402
+from ..plan.spec import BASELINE_VARIANT  # noqa: E402
 
 GROUP_AXES = ["variant", "shards", "partition_strategy", "optimizer", "device", "intra_op_threads",
               "inter_op_threads", "omp_num_threads", "onednn", "workers"]

@@ -25,7 +25,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 
 def _lookup_ids(sp: tf.SparseTensor) -> tf.SparseTensor:
