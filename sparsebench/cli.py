@@ -192,7 +192,7 @@ def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_be
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     """Profile each cell's training step op by op (TensorBoard profile, Chrome trace, op tables)."""
-    from .train import profiler as profiling
+    from .analyze import profile as profiling
     from .execute import runner
 
     folder, profiled, summary = runner.profile(suite_arg, list(overrides), steps, output, quiet, isolation)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsebench.train import profiler as profile
+from sparsebench.train import profiler
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +79,13 @@ def test_report_shows_the_op_tables_and_the_stacked_bars(profiled, tmp_path):
 
 
 def test_only_op_events_count():
-    assert profile.is_op_event("forward/MatMul:_MklMatMul")
-    assert not profile.is_op_event("ExecutorState::Process")
-    assert not profile.is_op_event("ParallelFor")
+    assert profiler.is_op_event("forward/MatMul:_MklMatMul")
+    assert not profiler.is_op_event("ExecutorState::Process")
+    assert not profiler.is_op_event("ParallelFor")
 
 
 def test_phase_of_names():
-    assert profile.phase_of("gradient_tape/forward/dense/MatMul") == "backward"
-    assert profile.phase_of("optimizer/ResourceScatterSub") == "optimizer"
-    assert profile.phase_of("forward/sparse_model/SparseTensorDenseMatMul") == "forward"
-    assert profile.phase_of("Identity") == "other"
+    assert profiler.phase_of("gradient_tape/forward/dense/MatMul") == "backward"
+    assert profiler.phase_of("optimizer/ResourceScatterSub") == "optimizer"
+    assert profiler.phase_of("forward/sparse_model/SparseTensorDenseMatMul") == "forward"
+    assert profiler.phase_of("Identity") == "other"

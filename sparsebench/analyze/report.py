@@ -23,8 +23,8 @@ from typing import Any
 import pandas as pd
 
 from ..errors import UserError
-from ..results import JSON_KEYS, flat_view, read_results
 from ..plan.spec import BASELINE_VARIANT
+from ..results import JSON_KEYS, flat_view, read_results
 from ..stats import NOISY_CV, is_noisy
 
 VIEWS = ("talk", "matrix", "pivot", "best", "ops")

@@ -17,13 +17,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..plan.cell import Cell
-from .env import fingerprint
 from ..errors import UserError
+from ..plan.cell import Cell
+from ..plan.suite import Suite, load_suite, parse_suite
+from ..results import ResultsWriter, read_results
+from .env import fingerprint
 from .orchestrator import Orchestrator, Outcome
 from .progress import Progress
-from ..results import ResultsWriter, read_results
-from ..plan.suite import Suite, load_suite, parse_suite
 
 
 @dataclass

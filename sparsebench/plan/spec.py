@@ -41,7 +41,7 @@ DEFAULT_LEARNING_RATES = {
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Synthetic production-like sparse data (DESIGN.md section 1)."""
+    """Synthetic production-like sparse data (see `sparsebench.train.data` for how it is drawn)."""
 
     feature_bits: int = 20
     mean_active: float = 100.0  # mean number of active features per example

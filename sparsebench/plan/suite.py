@@ -29,9 +29,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from ..errors import ConfigError, UserError
 from . import spec
 from .cell import Cell, Threads
-from ..errors import ConfigError, UserError
 from .spec import DataSpec, MeasureSpec, ModelSpec
 
 

@@ -4,7 +4,7 @@ Why synthetic: benchmarks must be repeatable anywhere without shipping data sets
 uniform random matrix would hide exactly the effects the study is about (hot keys shared
 by most examples, a long tail of rare keys, values spanning six orders of magnitude).
 
-What it generates (DESIGN.md section 1):
+What it generates:
 - key popularity follows a Zipf law over `2**feature_bits` hashed keys; ranks are mapped
   to keys by an odd multiplier so hot keys are spread over the table (and its shards);
 - the number of active keys per example is log-normal (mean `mean_active`, tail

@@ -1,7 +1,7 @@
 """Hogwild: N Python threads running the same train step on shared variables, no lock.
 
 Concurrent calls of one `tf.function` run in parallel because TensorFlow releases the
-GIL while ops execute (DESIGN.md section 3). Updates race by design (Niu et al., 2011);
+GIL while ops execute. Updates race by design (Niu et al., 2011);
 with sparse gradients two threads rarely touch the same rows. With one worker no thread
 is started, so the single-threaded baseline pays no threading overhead.
 """

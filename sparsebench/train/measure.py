@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from .hogwild import run_hogwild
 from ..plan.spec import MeasureSpec
+from .hogwild import run_hogwild
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""The complete model every cell trains (DESIGN.md section 1).
+"""The complete model every cell trains.
 
     raw batch -> [percentile discretizer] -> [online max-normalization + per-feature bias]
               -> sparse linear layer h = F(sp @ W + b)  (the kernel variant decides sp @ W)
@@ -19,10 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
+from ..plan.spec import ModelSpec
 from .data import SparseBatch
 from .kernels import SparseKernel, build_kernel
 from .optimizers import Optimizer, build_optimizer
-from ..plan.spec import ModelSpec
 
 NORM_EPSILON = 1e-5
 # Multiplier of the key hash that gives a (feature, bin) pair its new key.

@@ -2,7 +2,7 @@
 
 Why not Keras: Keras 3 `Adam` densifies `IndexedSlices` (every step touches the whole
 table) and is wrong when a gradient repeats a row id; tensorflow-addons' LazyAdam no
-longer imports (DESIGN.md section 3). The benchmark must know exactly what each
+longer imports. The benchmark must know exactly what each
 optimizer does with a sparse gradient, so we own the update rules:
 
 - `sgd`: dense `assign_sub`; sparse `scatter_sub` (repeated ids accumulate).

@@ -10,6 +10,9 @@ XPlane protobuf itself (it ships with TensorFlow; no xprof needed) and writes:
 - `trace.json`: every op event as a Chrome/Perfetto trace (open it at ui.perfetto.dev or
   chrome://tracing).
 
+It runs in the worker (reading XPlane needs TensorFlow's protobuf classes); the text
+tables the CLI prints from these summaries live in `sparsebench.analyze.profile`.
+
 Op time is the sum of op durations on TensorFlow's executor threads (`tf_Compute` lines;
 only `node:OpType` events, see `is_op_event`), so with 2 threads busy it can exceed wall
 time, and time between ops (scheduling, Python) is not in it: the shares are shares of op
@@ -167,47 +170,3 @@ def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float) -
     (logdir / "ops.json").write_text(json.dumps(summary, indent=2))
     (logdir / "trace.json").write_text(json.dumps(chrome_trace(events, cell_id)))
     return summary
-
-
-# -- TF-free: reading and printing what the workers wrote -------------------------------
-def load_summary(path: Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
-
-
-def by_op_type(summary: dict[str, Any]) -> dict[str, float]:
-    out: dict[str, float] = defaultdict(float)
-    for op in summary["ops"]:
-        out[op["op_type"]] += op["ms_per_step"]
-    return dict(out)
-
-
-def format_cell(summary: dict[str, Any], label: str, top: int = 10) -> str:
-    lines = [f"{label}: step {summary['step_wall_ms']:.1f} ms wall, {summary['op_ms_per_step']:.1f} ms of op time "
-             f"over {summary['steps']} profiled steps"]
-    phases = ", ".join(f"{p} {summary['phases_ms_per_step'][p]:.1f} ms" for p in PHASES)
-    lines.append(f"  by phase: {phases}")
-    lines.append(f"  {'op':<34} {'phase':<10} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
-    for op in summary["ops"][:top]:
-        lines.append(f"  {op['op_type']:<34} {op['phase']:<10} {op['ms_per_step']:>8.2f} "
-                     f"{op['share_pct']:>6.1f}% {op['calls_per_step']:>10.1f}")
-    return "\n".join(lines)
-
-
-def format_side_by_side(summaries: list[tuple[str, dict[str, Any]]], top: int = 15) -> str:
-    """The same op types across cells (ms per step), with the step-time difference."""
-    tables = [(label, by_op_type(s)) for label, s in summaries]
-    totals: dict[str, float] = defaultdict(float)
-    for _, table in tables:
-        for op, ms in table.items():
-            totals[op] = max(totals[op], ms)
-    ops = sorted(totals, key=totals.get, reverse=True)[:top]
-    width = max(12, *(len(label) for label, _ in tables))
-    lines = [f"{'op (ms per step)':<34} " + " ".join(f"{label:>{width}}" for label, _ in tables)]
-    for op in ops:
-        lines.append(f"{op:<34} " + " ".join(
-            f"{table[op]:>{width}.2f}" if op in table else f"{'-':>{width}}" for _, table in tables))
-    walls = [s["step_wall_ms"] for _, s in summaries]
-    lines.append(f"{'step wall time':<34} " + " ".join(f"{w:>{width}.1f}" for w in walls))
-    base = walls[0]
-    lines.append(f"{'vs first cell':<34} " + " ".join(f"{(w - base) / base * 100:>+{width - 1}.1f}%" for w in walls))
-    return "\n".join(lines)

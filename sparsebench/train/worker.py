@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from .. import stats
-from ..plan.cell import Cell, Threads
 from ..errors import NoGPUError
+from ..plan.cell import Cell, Threads
+from .tf_facts import tensorflow_info, threads_in_effect
 
 _PROCESS_START = time.perf_counter()
 
@@ -45,27 +46,6 @@ def configure_threads(threads: Threads) -> dict[str, Any]:
     if threads.inter_op_threads:
         tf.config.threading.set_inter_op_parallelism_threads(threads.inter_op_threads)
     return threads_in_effect()
-
-
-def threads_in_effect() -> dict[str, Any]:
-    """What TensorFlow and the environment report now; 0 means TF picks (all cores)."""
-    import tensorflow as tf
-
-    from ..execute.env import cpu_count
-
-    intra = tf.config.threading.get_intra_op_parallelism_threads()
-    inter = tf.config.threading.get_inter_op_parallelism_threads()
-    return {
-        "intra_op_threads": intra,
-        "inter_op_threads": inter,
-        "intra_op_threads_resolved": intra or cpu_count(),
-        "inter_op_threads_resolved": inter or cpu_count(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "mkl_num_threads": os.environ.get("MKL_NUM_THREADS"),
-        "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
-        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-        "cpu_count": cpu_count(),
-    }
 
 
 def peak_rss_mb() -> float:
@@ -236,8 +216,6 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     t0 = time.perf_counter()
     import tensorflow as tf  # noqa: F401 - imported here, after the environment is in place
 
-    from ..execute.env import tensorflow_info
-
     effect = configure_threads(cells[0].threads)
     startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
     startup["tf_import_s"] = time.perf_counter() - t0
@@ -276,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true", help="print TensorFlow's facts as JSON")
     args = parser.parse_args(argv)
     if args.probe:
-        from ..execute.env import tensorflow_info
-
         print(json.dumps(tensorflow_info()))
         return 0
     if args.jobs is None or args.out is None:

@@ -1,0 +1,70 @@
+"""Facts about the machine that need no TensorFlow: CPU, cores, memory and NVIDIA GPUs.
+
+Both sides use them: the parent stores them in every run's environment fingerprint, and
+the worker reports the cores it may use beside the thread counts in effect.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+_CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "fma", "sse4_2")
+
+
+def cpu_info() -> dict[str, Any]:
+    try:
+        import cpuinfo
+
+        info = cpuinfo.get_cpu_info()
+    except Exception as exc:  # noqa: BLE001 - the fingerprint must not fail a run
+        return {"model": platform.processor() or "unknown", "error": str(exc)}
+    flags = info.get("flags", [])
+    return {
+        "model": info.get("brand_raw") or "unknown",
+        "arch": info.get("arch_string_raw"),
+        "hz_advertised": info.get("hz_advertised_friendly"),
+        "flags": sorted(flags),
+        "key_flags": [f for f in _CPU_FLAGS_OF_INTEREST if f in flags],
+    }
+
+
+def memory_info() -> dict[str, Any]:
+    import psutil
+
+    return {"total_gb": round(psutil.virtual_memory().total / 2**30, 2)}
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    """GPUs as NVML sees them (empty where there is no driver)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVIDIA driver: no GPU
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(handle)
+            gpus.append(
+                {
+                    "index": i,
+                    "name": name.decode() if isinstance(name, bytes) else name,
+                    "driver": driver.decode() if isinstance(driver, bytes) else driver,
+                    "memory_total_mb": round(pynvml.nvmlDeviceGetMemoryInfo(handle).total / 2**20),
+                }
+            )
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
