@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from fixtures.make_fixtures import cell, environment, failed, ok, write_to
+
 from sparsebench import stats
 
 ROOT = Path(__file__).resolve().parent.parent

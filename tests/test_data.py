@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from sparsebench.train.data import SyntheticData
 from sparsebench.plan.spec import DataSpec
 from sparsebench.stats import auc
+from sparsebench.train.data import SyntheticData
 
 
 def test_same_seed_same_data_other_seed_other_data():

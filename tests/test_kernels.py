@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparsebench.plan import spec
 from sparsebench.errors import ConfigError
+from sparsebench.plan import spec
 from sparsebench.train.kernels import REGISTRY, build_kernel
 
 NUM_FEATURES = 37  # not a multiple of any shard count below: uneven div shards

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from sparsebench import stats
+from sparsebench.plan.spec import MeasureSpec
 from sparsebench.train.hogwild import run_hogwild
 from sparsebench.train.measure import measure
-from sparsebench.plan.spec import MeasureSpec
 
 
 class FakeClock:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from sparsebench.plan import spec
 from sparsebench.errors import ConfigError
+from sparsebench.plan import spec
 from sparsebench.train.optimizers import REGISTRY, build_optimizer
 
 ROWS, COLS = 10, 3

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from sparsebench.analyze import report
-from sparsebench.errors import UserError
 from sparsebench.analyze.html import render_html
 from sparsebench.analyze.plots import write_plots
+from sparsebench.errors import UserError
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TALK, TALK_GPU, THREADS = FIXTURES / "talk.jsonl", FIXTURES / "talk_gpu.jsonl", FIXTURES / "threads.jsonl"

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from sparsebench.execute.orchestrator import Orchestrator
-from sparsebench.results import read_results
 from sparsebench.plan.suite import load_suite
+from sparsebench.results import read_results
 
 pytestmark = pytest.mark.slow
 
