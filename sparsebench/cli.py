@@ -30,10 +30,12 @@ def cli() -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Results file (default results/<suite>-<time>.jsonl).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Run only the cells missing or failed in this results file.")
 @click.option("--isolation", type=click.Choice(["cell", "env"]), help="Override the suite's process isolation.")
+@click.option("--allow-env-change", is_flag=True,
+              help="With --resume: go on although this machine differs from the one that started the run.")
 @click.option("--require-gpu", is_flag=True, help="Record GPU cells on a machine without a GPU as failed, not skipped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failures and the summary.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit.")
-def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry_run):
+def run(suite_arg, overrides, output, resume, isolation, allow_env_change, require_gpu, quiet, dry_run):
     """Run a suite's cells, each in its own worker process, and record the results."""
     from .execute import runner
 
@@ -46,7 +48,8 @@ def run(suite_arg, overrides, output, resume, isolation, require_gpu, quiet, dry
         click.echo(f"{len(cells)} cells")
         return 0
     try:
-        summary = runner.run(suite_arg, list(overrides), output, resume, quiet, require_gpu, isolation)
+        summary = runner.run(suite_arg, list(overrides), output, resume, quiet, require_gpu, isolation,
+                             allow_env_change)
     except KeyboardInterrupt:
         target = resume or output
         hint = f" with --resume {target}" if target else " with --resume <the results file above>"

@@ -1,7 +1,8 @@
 """Facts about the machine that need no TensorFlow: CPU, cores, memory and NVIDIA GPUs.
 
-Both sides use them: the parent stores them in every run's environment fingerprint, and
-the worker reports the cores it may use beside the thread counts in effect.
+Both sides use them: the parent stores them in every run's environment fingerprint (and
+compares fingerprints before `compare` and `--resume`), and the worker reports the cores it
+may use beside the thread counts in effect.
 """
 
 from __future__ import annotations
@@ -68,3 +69,24 @@ def cpu_count() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
+
+
+# What makes two fingerprints measure different machines: (name, how to read it).
+FINGERPRINT_KEYS = (
+    ("CPU model", lambda env: env.get("cpu", {}).get("model")),
+    ("cores available", lambda env: env.get("cores_available")),
+    ("TensorFlow version", lambda env: (env.get("tensorflow") or {}).get("version")),
+    ("TF oneDNN build", lambda env: (env.get("tensorflow") or {}).get("onednn_built")),
+    ("GPUs", lambda env: ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"),
+    ("TF/XLA variables passed to workers", lambda env: env.get("worker_variables")),
+)
+
+
+def environment_differences(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
+    """One line per fingerprint fact that differs between two runs' environments."""
+    out = []
+    for name, get in FINGERPRINT_KEYS:
+        a, b = get(base), get(cur)
+        if a != b:
+            out.append(f"{name} differs: baseline {a!r}, current {b!r}")
+    return out

@@ -32,6 +32,7 @@ VERSION = 1
 JSON_KEYS = (
     "cell_id", "suite", "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device",
     "intra_op_threads", "inter_op_threads", "omp_num_threads", "mkl_num_threads", "onednn", "workers",
+    "learning_rate", "out_dim", "discretizer", "normalization", "kmp_blocktime",
     "status", "reason", "samples_per_sec", "samples_per_sec_low", "samples_per_sec_high", "windows", "cv",
     "step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "peak_rss_mb", "grad_type",
     "rows_touched", "gpu_util_pct", "gpu_mem_used_mb", "isolation",
@@ -44,14 +45,14 @@ class ResultsError(UserError):
     """A results file that cannot be read or written."""
 
 
-def _clean(value: Any) -> Any:
+def clean_json(value: Any) -> Any:
     """NaN/inf are not JSON: store them as null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: clean_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [clean_json(v) for v in value]
     return value
 
 
@@ -65,11 +66,13 @@ class ResultsWriter:
         parts of the header (the environment fingerprint) are computed.
         """
         self.path = Path(path)
+        self.warnings: list[str] = []
         try:
             if header is not None:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
                 self._fh = open(self.path, "x")
             else:
+                self._drop_torn_last_line()
                 self._fh = open(self.path, "a")
         except FileExistsError:
             raise ResultsError(f"{self.path}: already exists; choose another --output or use --resume") from None
@@ -78,16 +81,38 @@ class ResultsWriter:
         if header is not None:
             self._write({"schema": SCHEMA, "version": VERSION, **header()})
 
+    def _drop_torn_last_line(self) -> None:
+        """A process killed mid-write leaves a last line without its newline; appending
+        after it would glue the next record onto it and corrupt the file. Cut it off (it
+        was never readable: `read_results` ignores it)."""
+        with open(self.path, "rb+") as fh:
+            data = fh.read()
+            if not data or data.endswith(b"\n"):
+                return
+            keep = data.rfind(b"\n") + 1
+            fh.truncate(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.warnings.append(f"{self.path}: dropped an incomplete last line ({len(data) - keep} bytes) left by an "
+                             f"interrupted run")
+
     def _write(self, payload: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(_clean(payload), allow_nan=False) + "\n")
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(json.dumps(clean_json(payload), allow_nan=False) + "\n")
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as exc:
+            raise ResultsError(f"{self.path}: cannot append a record: {exc.strerror}; the records before it are "
+                               f"saved (complete the run with --resume once the disk is writable)") from None
 
     def append(self, record: dict[str, Any]) -> None:
         self._write(record)
 
     def close(self) -> None:
-        self._fh.close()
+        try:
+            self._fh.close()
+        except OSError:
+            pass  # the failed write already raised, with its message
 
     def __enter__(self) -> "ResultsWriter":
         return self

@@ -127,3 +127,22 @@ def test_github_benchmark_output(tmp_path):
 def test_mann_whitney_matches_scipy(a, b, p):
     assert stats.mann_whitney_p(a, b) == pytest.approx(p, rel=1e-9)
     assert stats.mann_whitney_min_p(5, 5) == pytest.approx(2 / 252)
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_a_cell_without_a_usable_median_is_not_compared_and_json_stays_json(tmp_path):
+    base = run_file(tmp_path, "base", [("embedding_lookup_sparse", [0.0] * 8), ("sparse_dense_matmul", TIGHT)])
+    cur = run_file(tmp_path, "cur", [("embedding_lookup_sparse", TIGHT), ("sparse_dense_matmul", TIGHT)])
+    done = cli("compare", str(base), str(cur), "--format", "json")
+    assert done.returncode == 0, done.stderr
+    payload = _strict_json(done.stdout)  # no NaN or Infinity anywhere
+    by_status = {c["cell_id"].split("-")[0]: c for c in payload["cells"]}
+    assert by_status["els"]["status"] == "not compared" and "no usable median" in by_status["els"]["note"]
+    assert by_status["sdm"]["status"] == "unchanged"
+    assert payload["summary"] == "1 cells compared, 0 regressed, 0 improved, 1 unchanged"

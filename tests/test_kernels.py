@@ -39,8 +39,11 @@ def dense_reference(sp, weights, upstream):
     return tf.matmul(dense_x, weights).numpy(), grad_w.numpy(), grad_values.numpy()
 
 
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "tf.function"])
 @pytest.mark.parametrize("variant,shards,strategy", CONFIGS)
-def test_variant_matches_dense_reference(variant, shards, strategy):
+def test_variant_matches_dense_reference(variant, shards, strategy, traced):
+    """Eagerly and in a traced function (where the worker times it: TensorFlow takes some
+    paths only eagerly), forward and gradients match the dense reference."""
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(NUM_FEATURES, OUT_DIM)).astype(np.float32)
     upstream = rng.normal(size=(5, OUT_DIM)).astype(np.float32)
@@ -52,25 +55,30 @@ def test_variant_matches_dense_reference(variant, shards, strategy):
     kernel.assign_full(weights)
     np.testing.assert_array_equal(kernel.assemble(kernel.tables).numpy(), weights)
     values = tf.Variable(sp.values)
-    with tf.GradientTape() as tape:
-        out = kernel(tf.SparseTensor(sp.indices, values, sp.dense_shape))
-        loss = tf.reduce_sum(out * upstream)
-    *grad_tables, grad_values = tape.gradient(loss, [*kernel.tables, values])
+
+    def forward_and_gradients(indices, dense_shape):
+        with tf.GradientTape() as tape:
+            out = kernel(tf.SparseTensor(indices, values, dense_shape))
+            loss = tf.reduce_sum(out * upstream)
+        grads = tape.gradient(loss, [*kernel.tables, values])
+        return out, [tf.convert_to_tensor(g) for g in grads]
+
+    if traced:
+        forward_and_gradients = tf.function(forward_and_gradients, input_signature=[
+            tf.TensorSpec([None, 2], tf.int64), tf.TensorSpec([2], tf.int64)])
+    out, (*grad_tables, grad_values) = forward_and_gradients(sp.indices, sp.dense_shape)
 
     assert out.shape == (5, OUT_DIM), "empty trailing rows must be kept"
     np.testing.assert_allclose(out.numpy(), want_out, rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(out.numpy()[[1, 4]], 0.0)
-    got_grad_w = kernel.assemble([tf.convert_to_tensor(g) for g in grad_tables]).numpy()
+    got_grad_w = kernel.assemble(grad_tables).numpy()
     np.testing.assert_allclose(got_grad_w, want_grad_w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(grad_values.numpy(), want_grad_values, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "variant,want", [("sparse_dense_matmul", tf.Tensor), ("embedding_lookup_sparse", tf.IndexedSlices),
-                     ("ragged_embedding_lookup", tf.IndexedSlices),
-                     ("row_partitioned", tf.IndexedSlices), ("col_partitioned", tf.IndexedSlices)]
-)
-def test_gradient_type(variant, want):
+@pytest.mark.parametrize("variant", spec.VARIANTS)
+def test_gradient_type(variant):
+    want = tf.Tensor if variant == spec.BASELINE_VARIANT else tf.IndexedSlices
     kernel = build_kernel(variant, NUM_FEATURES, OUT_DIM, 2 if "partitioned" in variant else 1)
     with tf.GradientTape() as tape:
         loss = tf.reduce_sum(kernel(make_batch()))

@@ -1,5 +1,7 @@
 """The complete model: normalization, discretizer, training quality, devices, Hogwild."""
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -108,10 +110,18 @@ def test_training_learns_the_planted_signal(small_data, optimizer, min_auc):
     assert after > min_auc, f"held-out AUC {after:.3f} (before training {before:.3f})"
 
 
-@pytest.mark.parametrize("variant,shards", [("sparse_dense_matmul", 1), ("embedding_lookup_sparse", 1),
-                                            ("row_partitioned", 3), ("col_partitioned", 2)])
+COMPLETE_MODEL_VARIANTS = [("embedding_lookup_sparse", 1), ("embedding_lookup_sparse_fast", 1),
+                           ("ragged_embedding_lookup", 1), ("row_partitioned", 3), ("col_partitioned", 2)]
+
+
+def test_every_variant_is_checked_in_the_complete_model():
+    assert {v for v, _ in COMPLETE_MODEL_VARIANTS} | {specs.BASELINE_VARIANT} == set(specs.VARIANTS)
+
+
+@pytest.mark.parametrize("variant,shards", COMPLETE_MODEL_VARIANTS)
 def test_variants_train_identically_inside_the_complete_model(small_data, variant, shards):
-    """Same data, same seed: a few SGD steps give the same loss and the same table."""
+    """Same data, same seed: a few SGD steps of the traced train step give the same loss and
+    the same table as the dense-gradient baseline (a different op path, a dense update)."""
     batches = tensors(small_data, 64, 5)
 
     def run(variant, shards):
@@ -119,18 +129,26 @@ def test_variants_train_identically_inside_the_complete_model(small_data, varian
         losses = [float(trainer.train_step(*b)) for b in batches]
         return losses, trainer.model.kernel.assemble(trainer.model.kernel.tables).numpy()
 
-    ref_losses, ref_table = run("embedding_lookup_sparse", 1)
+    ref_losses, ref_table = run(specs.BASELINE_VARIANT, 1)
     losses, table = run(variant, shards)
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-4)
     np.testing.assert_allclose(table, ref_table, rtol=1e-3, atol=1e-6)
     assert np.abs(table).max() > 0
 
 
-@pytest.mark.parametrize("variant,shards,grad_type,all_rows", [
-    ("sparse_dense_matmul", 1, "dense", True), ("embedding_lookup_sparse", 1, "IndexedSlices", False),
-    ("col_partitioned", 2, "IndexedSlices", False)])
-def test_gradient_type_and_rows_touched_are_recorded(small_data, variant, shards, grad_type, all_rows):
-    trainer = build_trainer(ModelSpec(out_dim=4, variant=variant, shards=shards), SMALL.num_features, "/CPU:0")
+@pytest.mark.parametrize("variant,shards,optimizer,grad_type,all_rows", [
+    ("sparse_dense_matmul", 1, "sgd", "dense", True),
+    ("embedding_lookup_sparse", 1, "sgd", "IndexedSlices", False),
+    ("embedding_lookup_sparse_fast", 1, "sgd", "IndexedSlices", False),
+    ("ragged_embedding_lookup", 1, "sgd", "IndexedSlices", False),
+    ("row_partitioned", 2, "sgd", "IndexedSlices", False),
+    ("col_partitioned", 2, "sgd", "IndexedSlices", False),
+    ("embedding_lookup_sparse", 1, "lazy_adam", "IndexedSlices", False),
+    ("embedding_lookup_sparse", 1, "adam", "IndexedSlices", True),  # dense Adam writes every row
+])
+def test_gradient_type_and_rows_touched_are_recorded(small_data, variant, shards, optimizer, grad_type, all_rows):
+    trainer = build_trainer(ModelSpec(out_dim=4, variant=variant, shards=shards, optimizer=optimizer),
+                            SMALL.num_features, "/CPU:0")
     sp, labels = tensors(small_data, 32, 1)[0]
     trainer.train_step(sp, labels)
     assert set(trainer.grad_types.values()) == {grad_type}
@@ -138,6 +156,35 @@ def test_gradient_type_and_rows_touched_are_recorded(small_data, variant, shards
     rows = int(trainer.gradient_stats(sp, labels))
     unique_keys = len(np.unique(sp.indices.numpy()[:, 1]))
     assert rows == (SMALL.num_features if all_rows else unique_keys)
+
+
+def traced_op_types(trainer) -> Counter:
+    """The op types of the train step's graph: what the worker times."""
+    return Counter(op.type for op in trainer.train_step.get_concrete_function().graph.get_operations())
+
+
+def test_the_fast_lookup_is_a_different_graph_where_it_is_measured():
+    plain, fast = (traced_op_types(build_trainer(ModelSpec(out_dim=4, variant=v), SMALL.num_features, "/CPU:0"))
+                   for v in ("embedding_lookup_sparse", "embedding_lookup_sparse_fast"))
+    assert plain["Unique"] >= 1 and fast["Unique"] == 0
+    assert fast["SegmentSum"] >= 1
+
+
+def test_tensorflows_fast_lookup_flag_changes_nothing_in_a_traced_function():
+    """Why embedding_lookup_sparse_fast builds its own ops: with a variable table, TF's
+    allow_fast_lookup=True gives the very graph of the plain lookup. If a TensorFlow
+    release changes that, this test says so."""
+    table = tf.Variable(tf.zeros([SMALL.num_features, 4]))
+
+    def graph(allow_fast_lookup):
+        @tf.function(input_signature=[tf.SparseTensorSpec([None, SMALL.num_features], tf.float32)])
+        def lookup(sp):
+            ids = tf.SparseTensor(sp.indices, sp.indices[:, 1], sp.dense_shape)
+            return tf.nn.embedding_lookup_sparse(table, ids, sp, combiner="sum", allow_fast_lookup=allow_fast_lookup)
+
+        return Counter(op.type for op in lookup.get_concrete_function().graph.get_operations())
+
+    assert graph(True) == graph(False)
 
 
 def test_hogwild_threads_share_the_variables(small_data):

@@ -24,8 +24,8 @@ TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args, check=None, **kwargs):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def cli(*args, check=None, env=None, **kwargs):
+    env = env or {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env, **kwargs)
     if check is not None:
         assert done.returncode == check, done.stdout + done.stderr
@@ -137,15 +137,28 @@ def test_ctrl_c_keeps_finished_records_and_resume_completes_the_rest(tmp_path):
 
 
 def test_thread_settings_asked_for_are_in_effect(tmp_path):
+    """What TensorFlow reports is only what it was told; the threads the kernel counts are
+    an independent check: the inter-op pool's threads are named tf_Compute."""
     out = tmp_path / "r.jsonl"
-    cli("run", "--suite", str(TINY), "--output", str(out), "--set", "variant=embedding_lookup_sparse",
-        "--set", "intra_op_threads=1", "--set", "inter_op_threads=2", "--set", "omp_num_threads=1",
-        "--set", "onednn=false", check=0)
-    (record,) = read_results(out).records
-    effect = record["threads_in_effect"]
-    assert effect["intra_op_threads"] == 1 and effect["inter_op_threads"] == 2
-    assert effect["omp_num_threads"] == "1" and effect["tf_enable_onednn_opts"] == "0"
-    assert record["tensorflow"]["onednn_env"] == "0"
+    env = {"TF_NUM_INTRAOP_THREADS": "1", "OMP_NUM_THREADS": "3"}  # a user's shell: must not leak into cells
+    done = cli("run", "--suite", str(TINY), "--output", str(out), "--set", "variant=embedding_lookup_sparse",
+               "--set", "intra_op_threads=1,2", "--set", "inter_op_threads=1,2", "--set", "omp_num_threads=1",
+               "--set", "onednn=false", check=0, env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert "TF_NUM_INTRAOP_THREADS=1 in your environment is ignored" in done.stderr
+    assert "OMP_NUM_THREADS=3 in your environment is ignored" in done.stderr
+    results = read_results(out)
+    assert results.header["environment"]["ignored_variables"] == env
+    by_threads = {}
+    for record in results.records:
+        effect = record["threads_in_effect"]
+        want_intra, want_inter = record["axes"]["intra_op_threads"], record["axes"]["inter_op_threads"]
+        assert effect["intra_op_threads"] == want_intra and effect["inter_op_threads"] == want_inter
+        assert effect["omp_num_threads"] == "1" and effect["tf_enable_onednn_opts"] == "0"
+        assert record["tensorflow"]["onednn_env"] == "0"
+        assert effect["os_threads"]["tf_Compute"] == want_inter
+        by_threads[(want_intra, want_inter)] = effect["os_threads"]["total"] - effect["os_threads"]["tf_Compute"]
+    # The intra-op pool grows with intra_op_threads, whatever the inter-op setting.
+    assert by_threads[(2, 1)] > by_threads[(1, 1)] and by_threads[(2, 2)] > by_threads[(1, 2)]
 
 
 def test_gpu_cell_without_gpu_is_skipped_or_fails_with_require_gpu(tmp_path):
@@ -202,3 +215,82 @@ def test_corrupt_results_file_names_the_line(tmp_path):
     out.write_text("\n".join(lines) + '\n{"cell_id": "x", "sta')
     done = cli("report", str(out), check=0)
     assert "incomplete last line" in done.stderr
+
+
+# -- --resume keeps the run what it was (issue 10.2, 10.8) --------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """A finished two-cell run of the tiny suite, copied by each test that changes it."""
+    out = tmp_path_factory.mktemp("run") / "done.jsonl"
+    cli("run", "--suite", str(TINY), "--output", str(out), "--quiet", check=0)
+    return out
+
+
+def _copy(source, tmp_path, keep_records=None, header=None):
+    lines = source.read_text().splitlines()
+    head = json.loads(lines[0])
+    if header is not None:
+        head = header(head)
+    records = lines[1:] if keep_records is None else lines[1:1 + keep_records]
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join([json.dumps(head), *records]) + "\n")
+    return path
+
+
+def test_resume_after_a_torn_last_line_leaves_a_readable_file(finished_run, tmp_path):
+    path = _copy(finished_run, tmp_path)
+    text = path.read_text().rstrip("\n")
+    path.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2])  # the last record cut in half
+    done = cli("run", "--resume", str(path), check=0)
+    assert "dropped an incomplete last line" in done.stderr
+    assert "1 cells run (1 already done): 1 ok" in done.stdout
+    results = read_results(path)
+    assert results.warnings == [] and len(results.records) == 2
+    cli("report", str(path), check=0)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--set", "batch_size=64"], "--set cannot change a resumed run"),
+    (["--output", "other.jsonl"], "the run is completed in that file; drop --output"),
+])
+def test_resume_refuses_options_it_would_ignore(finished_run, tmp_path, args, message):
+    path = _copy(finished_run, tmp_path, keep_records=1)
+    done = cli("run", "--resume", str(path), *args, check=2)
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_resume_of_a_file_without_a_suite_is_one_line(finished_run, tmp_path):
+    def strip(head):
+        del head["run"]["suite_text"]
+        return head
+
+    path = _copy(finished_run, tmp_path, header=strip)
+    done = cli("run", "--resume", str(path), check=2)
+    assert "its header holds no suite to resume" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_resume_on_another_machine_is_refused_unless_allowed(finished_run, tmp_path):
+    def elsewhere(head):
+        head["environment"]["cpu"]["model"] = "Some Other CPU"
+        return head
+
+    path = _copy(finished_run, tmp_path, keep_records=1, header=elsewhere)
+    done = cli("run", "--resume", str(path), check=2)
+    assert "this machine is not the one that started the run (CPU model differs" in done.stderr
+    done = cli("run", "--resume", str(path), "--allow-env-change", check=0)
+    resumed = read_results(path).records[-1]
+    assert resumed["status"] == "ok"
+    assert resumed["environment_changed_on_resume"][0].startswith("CPU model differs")
+
+
+def test_resume_with_require_gpu_reruns_cells_skipped_for_want_of_a_gpu(tmp_path):
+    import tensorflow as tf
+
+    if tf.config.list_physical_devices("GPU"):
+        pytest.skip("this machine has a GPU")
+    out = tmp_path / "r.jsonl"
+    cli("run", "--suite", str(TINY), "--set", "variant=embedding_lookup_sparse", "--set", "device=gpu",
+        "--output", str(out), check=0)
+    done = cli("run", "--resume", str(out), "--require-gpu", check=1)
+    assert "1 cells run: 1 failed" in done.stdout and "no GPU (--require-gpu)" in done.stdout

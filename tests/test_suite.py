@@ -121,3 +121,91 @@ def test_smoke_covers_every_variant_and_optimizer():
     assert {c.model.variant for c in cells} == set(spec.VARIANTS)
     assert {c.model.optimizer for c in cells} == set(spec.OPTIMIZERS)
     assert all(c.measure.windows >= 3 for c in cells)
+
+
+# -- every knob is set in one place (issue 10.1) ------------------------------------------
+MODEL_ONLY = """
+[data]
+feature_bits = 10
+[model]
+optimizer = "adam"
+variant = "sparse_dense_matmul"
+[matrix]
+batch_size = [64]
+"""
+
+
+def test_model_section_choices_are_not_overridden_by_default_axes():
+    (cell,) = parse_suite(MODEL_ONLY, "m.toml", "m").cells()
+    assert (cell.model.variant, cell.model.optimizer) == ("sparse_dense_matmul", "adam")
+    assert cell.label == "sdm-b64-adam-cpu"
+
+
+@pytest.mark.parametrize("assignment", ["model.optimizer=ftrl", "optimizer=ftrl"])
+def test_set_replaces_a_model_knob_wherever_the_suite_set_it(assignment):
+    suite = parse_suite(MODEL_ONLY, "m.toml", "m")
+    suite.override(assignment)
+    (cell,) = suite.cells()
+    assert (cell.model.variant, cell.model.optimizer) == ("sparse_dense_matmul", "ftrl")
+    assert "optimizer" not in suite.model  # one place: the override moved it to the matrix
+
+
+def test_set_of_an_axis_list_through_its_section_name():
+    suite = parse_suite(MODEL_ONLY, "m.toml", "m")
+    suite.override("model.optimizer=sgd,lazy_adam")
+    assert sorted(c.model.optimizer for c in suite.cells()) == ["lazy_adam", "sgd"]
+
+
+def test_partitioned_variant_and_shards_from_the_model_section():
+    text = MODEL_ONLY.replace('optimizer = "adam"\n', "shards = 4\n").replace("sparse_dense_matmul", "row_partitioned")
+    (cell,) = parse_suite(text, "r.toml", "r").cells()
+    assert (cell.model.variant, cell.model.shards) == ("row_partitioned", 4)
+
+
+def test_a_knob_set_in_two_places_is_an_error_naming_both():
+    text = MODEL_ONLY.replace("batch_size = [64]", 'batch_size = [64]\noptimizer = ["sgd"]')
+    with pytest.raises(ConfigError, match=r"^m\.toml: model\.optimizer: also set as matrix\.optimizer"):
+        parse_suite(text, "m.toml", "m")
+
+
+def test_unpartitioned_model_with_shards_is_an_error_naming_the_key():
+    text = MODEL_ONLY.replace('optimizer = "adam"\n', "shards = 4\n")
+    with pytest.raises(ConfigError, match=r"^m\.toml: model\.shards: variant 'sparse_dense_matmul' is not partitioned"):
+        parse_suite(text, "m.toml", "m")
+
+
+def test_a_shards_axis_collapses_for_unpartitioned_variants_instead_of_dropping_them():
+    cells = parse('variant = ["embedding_lookup_sparse", "row_partitioned"]\nshards = [4]').cells()
+    assert sorted(c.label for c in cells) == ["els-b256-sgd-cpu", "row-mod4-b256-sgd-cpu"]
+
+
+def test_exclude_matches_values_set_in_the_model_section():
+    suite = parse_suite(MODEL_ONLY.replace("[64]", "[64, 128]") + '[[exclude]]\noptimizer = "adam"\nbatch_size = 128\n',
+                        "m.toml", "m")
+    assert [c.batch_size for c in suite.cells()] == [64]
+
+
+def test_axis_values_cover_every_axis():
+    from sparsebench.plan.suite import AXES
+
+    (cell,) = parse_suite(MODEL_ONLY, "m.toml", "m").cells()
+    assert set(cell.axis_values()) == set(AXES)
+
+
+def test_labels_show_every_setting_that_tells_cells_apart():
+    suite = parse('learning_rate = [0.01, 0.05]\nout_dim = [8]\ndiscretizer = [true]\nnormalization = [false]\n'
+                  'kmp_blocktime = [0]')
+    labels = sorted(c.label for c in suite.cells())
+    assert labels == ["els-b256-sgd-lr0.01-cpu-out8-disc-nonorm-kmp0", "els-b256-sgd-lr0.05-cpu-out8-disc-nonorm-kmp0"]
+
+
+# -- a window's length can be given in steps alone (issue 10.6) ---------------------------
+def test_steps_per_window_alone_is_not_cut_by_a_default_time_limit():
+    suite = parse('batch_size = [64]\n[measure]\nsteps_per_window = 50\n')
+    (cell,) = suite.cells()
+    assert cell.measure.window_limits() == (50, None)
+    suite.override("seconds_per_window=1.5")
+    assert suite.cells()[0].measure.window_limits() == (50, 1.5)
+    suite.override("seconds_per_window=none")
+    assert suite.cells()[0].measure.window_limits() == (50, None)
+    assert parse('batch_size = [64]').cells()[0].measure.window_limits() == (None, 2.0)

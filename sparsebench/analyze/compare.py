@@ -18,16 +18,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import UserError
-from ..results import Results
+from ..machine import environment_differences
+from ..results import Results, clean_json
 from ..stats import bootstrap_ratio_interval, mann_whitney_min_p, mann_whitney_p
-
-FINGERPRINT_KEYS = (
-    ("CPU model", lambda env: env.get("cpu", {}).get("model")),
-    ("cores available", lambda env: env.get("cores_available")),
-    ("TensorFlow version", lambda env: (env.get("tensorflow") or {}).get("version")),
-    ("TF oneDNN build", lambda env: (env.get("tensorflow") or {}).get("onednn_built")),
-    ("GPUs", lambda env: ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"),
-)
 
 
 @dataclass
@@ -68,15 +61,6 @@ class DifferenceReport:
     @property
     def exit_code(self) -> int:
         return 1 if self.count("regressed") else 0
-
-
-def environment_differences(base: dict[str, Any], cur: dict[str, Any]) -> list[str]:
-    out = []
-    for name, get in FINGERPRINT_KEYS:
-        a, b = get(base), get(cur)
-        if a != b:
-            out.append(f"{name} differs: baseline {a!r}, current {b!r}")
-    return out
 
 
 def _threads(record: dict[str, Any]) -> tuple | None:
@@ -128,7 +112,9 @@ def _compare_cell(cid: str, base: dict, cur: dict, max_regression: float, alpha:
     b = np.asarray(cur.get("windows") or [], dtype=float)
     if len(a) == 0 or len(b) == 0:
         return CellDifference(cid, "not compared", note="no windows stored")
-    ratio = float(np.median(b) / np.median(a))
+    ratio = float(np.median(b) / np.median(a)) if np.median(a) > 0 else float("nan")
+    if not math.isfinite(ratio):
+        return CellDifference(cid, "not compared", note="no usable median (zero, NaN or infinite windows)")
     low, high = bootstrap_ratio_interval(a, b)
     p = mann_whitney_p(a, b)
     status = "unchanged"
@@ -213,7 +199,7 @@ def render_json(report: DifferenceReport) -> str:
         "improved": report.count("improved"),
         "unchanged": report.count("unchanged"),
     }
-    return json.dumps(payload, indent=2, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v)
+    return json.dumps(clean_json(payload), indent=2, allow_nan=False)
 
 
 def github_benchmark(current: Results) -> list[dict[str, Any]]:

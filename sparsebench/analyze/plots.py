@@ -16,9 +16,9 @@ import pandas as pd  # noqa: E402
 
 from ..errors import UserError  # noqa: E402
 from ..plan.spec import BASELINE_VARIANT  # noqa: E402
+from .report import AXIS_COLUMNS, VARIANT_AXES  # noqa: E402
 
-GROUP_AXES = ["variant", "shards", "partition_strategy", "optimizer", "device", "intra_op_threads",
-              "inter_op_threads", "omp_num_threads", "onednn", "workers"]
+GROUP_AXES = [a for a in AXIS_COLUMNS if a != "batch_size"]
 
 
 def _ok(frame: pd.DataFrame) -> pd.DataFrame:
@@ -108,8 +108,7 @@ def _finish(ax, fig, title: str) -> None:
 
 
 def _speedup_plot(frame: pd.DataFrame, title: str):
-    keys = [a for a in ["batch_size", "optimizer", "device", "intra_op_threads", "inter_op_threads",
-                        "omp_num_threads", "onednn", "workers", "run"] if a in frame]
+    keys = [a for a in [*AXIS_COLUMNS, "run"] if a not in VARIANT_AXES]
     baselines = frame[frame["variant"] == BASELINE_VARIANT].set_index(keys)["samples_per_sec"]
     others = frame[frame["variant"] != BASELINE_VARIANT].copy()
     others["speedup"] = [

@@ -23,6 +23,8 @@ def format_cell(summary: dict[str, Any], label: str, top: int = 10) -> str:
              f"over {summary['steps']} profiled steps"]
     phases = ", ".join(f"{p} {ms:.1f} ms" for p, ms in summary["phases_ms_per_step"].items())
     lines.append(f"  by phase: {phases}")
+    if summary.get("note"):
+        lines.append(f"  note: {summary['note']}")
     lines.append(f"  {'op':<34} {'phase':<10} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
     for op in summary["ops"][:top]:
         lines.append(f"  {op['op_type']:<34} {op['phase']:<10} {op['ms_per_step']:>8.2f} "

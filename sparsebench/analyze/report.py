@@ -31,8 +31,10 @@ VIEWS = ("talk", "matrix", "pivot", "best", "ops")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 AXIS_COLUMNS = (
     "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
-    "inter_op_threads", "omp_num_threads", "mkl_num_threads", "onednn", "workers",
+    "inter_op_threads", "omp_num_threads", "mkl_num_threads", "kmp_blocktime", "onednn", "workers",
+    "learning_rate", "out_dim", "discretizer", "normalization",
 )
+VARIANT_AXES = ("variant", "shards", "partition_strategy")  # how sp @ W is computed
 NOISY_MARK = "*"
 
 
@@ -173,13 +175,25 @@ def view_talk(frame: pd.DataFrame) -> View:
     notes, out_rows, numeric_rows = [], [], []
     optimized_variants: set[str] = set()
     multi = _multi_run(frame)
-    keys = [(run, batch) for run in dict.fromkeys(frame["run"])
+    # Baseline and optimized are compared only between cells that agree on everything but
+    # the variant: any other axis that varies (optimizer, threads, ...) gets its own rows.
+    split_by = [a for a in AXIS_COLUMNS if a not in (*VARIANT_AXES, "batch_size", "device")
+                and frame[a].astype(str).nunique() > 1]
+    keys = [(run, settings, batch)
+            for run in dict.fromkeys(frame["run"])
+            for settings in dict.fromkeys(tuple(r) for r in frame[frame["run"] == run][split_by].itertuples(index=False))
             for batch in sorted(frame[frame["run"] == run]["batch_size"].unique())]
     all_frame = frame
-    for run, batch in keys:
+    for run, settings, batch in keys:
         frame = all_frame[all_frame["run"] == run]
+        for axis, value in zip(split_by, settings):
+            frame = frame[frame[axis].astype(str) == str(value)]
+        if frame.empty or batch not in set(frame["batch_size"]):
+            continue
         row: dict[str, Any] = {"run": run, "machine": frame["machine"].iloc[0]} if multi else {}
         nums: dict[str, Any] = {"run": run} if multi else {}
+        row.update({axis: value for axis, value in zip(split_by, settings)})
+        nums.update({axis: value for axis, value in zip(split_by, settings)})
         row["batch size"] = int(batch)
         nums["batch_size"] = int(batch)
         best_rates: dict[str, float | None] = {}

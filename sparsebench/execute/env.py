@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from ..machine import cpu_count, cpu_info, gpu_info, memory_info
+from .orchestrator import inherited_variables
 
 
 def probe_tensorflow(timeout_s: float = 120.0) -> dict[str, Any]:
@@ -51,6 +52,7 @@ def fingerprint(with_tensorflow: bool = True) -> dict[str, Any]:
         "memory": memory_info(),
         "gpus": gpu_info(),
     }
+    result["worker_variables"], result["ignored_variables"] = inherited_variables()
     if with_tensorflow:
         result["tensorflow"] = probe_tensorflow()
     return result

@@ -38,17 +38,33 @@ ENV_WHITELIST = (
     "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES", "SYSTEMROOT",
 )
 ENV_PREFIXES = ("LC_", "NVIDIA_", "XLA_", "TF_", "OPENBLAS_", "SPARSEBENCH_")
+# Prefixes of variables that change what TensorFlow does: passed on, and recorded in the
+# run's fingerprint so that two runs made under different ones are told apart.
+FRAMEWORK_PREFIXES = ("TF_", "XLA_", "OPENBLAS_")
+# Settings a cell owns (its threads and oneDNN axes): the parent's values never reach a
+# worker, or a cell left at "TensorFlow's default" would silently run with them.
+CELL_OWNED = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",
+              "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 
 POLL_S = 0.05
+EXIT_GRACE_S = 30.0  # a worker that finished its cells but does not exit is killed after this
 
 
 def worker_environment(cell: Cell, parent: dict[str, str] | None = None) -> dict[str, str]:
     parent = os.environ if parent is None else parent
-    env = {k: v for k, v in parent.items() if k in ENV_WHITELIST or k.startswith(ENV_PREFIXES)}
-    env.pop("TF_ENABLE_ONEDNN_OPTS", None)  # only the cell decides
+    env = {k: v for k, v in parent.items()
+           if (k in ENV_WHITELIST or k.startswith(ENV_PREFIXES)) and k not in CELL_OWNED}
     env.update(cell.environment())
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+def inherited_variables(parent: dict[str, str] | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """(framework variables every worker inherits, cell-owned variables that are dropped)."""
+    parent = os.environ if parent is None else parent
+    passed = {k: v for k, v in sorted(parent.items()) if k.startswith(FRAMEWORK_PREFIXES) and k not in CELL_OWNED}
+    dropped = {k: v for k, v in sorted(parent.items()) if k in CELL_OWNED}
+    return passed, dropped
 
 
 def groups_of(cells: list[Cell], isolation: str) -> list[list[Cell]]:
@@ -148,7 +164,10 @@ class Orchestrator:
                 self.record(Outcome(cells[index], make_record(cells[index], json.loads(result_file.read_text()))))
                 index += 1
                 if index == len(cells):
-                    self._process.wait()
+                    try:
+                        self._process.wait(timeout=EXIT_GRACE_S)
+                    except subprocess.TimeoutExpired:
+                        pass  # every record is saved; `finally` kills the straggler
                     return []
                 self.on_start(cells[index])
                 clock_start = time.monotonic()

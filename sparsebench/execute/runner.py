@@ -18,11 +18,12 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import UserError
+from ..machine import environment_differences
 from ..plan.cell import Cell
 from ..plan.suite import Suite, load_suite, parse_suite
 from ..results import ResultsWriter, read_results
 from .env import fingerprint
-from .orchestrator import Orchestrator, Outcome
+from .orchestrator import Orchestrator, Outcome, inherited_variables
 from .progress import Progress
 
 
@@ -96,21 +97,15 @@ def run(
     quiet: bool = False,
     require_gpu: bool = False,
     isolation: str | None = None,
+    allow_env_change: bool = False,
 ) -> RunSummary:
+    adjustments: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
     if resume is not None:
-        previous = read_results(resume)
-        run_meta = previous.header.get("run", {})
-        if suite_arg is not None and suite_arg not in (run_meta.get("suite"), run_meta.get("suite_arg")):
-            raise UserError(f"--resume {resume}: that file holds suite {run_meta.get('suite')!r}, not {suite_arg!r}")
-        suite = parse_suite(run_meta["suite_text"], run_meta.get("suite_source", str(resume)), run_meta["suite"])
-        for assignment in run_meta.get("overrides", []):
-            suite.override(assignment)
-        cells = suite.cells()
-        done = previous.done_ids()
-        todo = [c for c in cells if c.cell_id not in done]
+        suite, cells, todo, run_meta, writer, note = reopen(resume, suite_arg, overrides, output, require_gpu,
+                                                             allow_env_change)
         path = Path(resume)
-        writer = ResultsWriter(path)
-        already = len(cells) - len(todo)
+        if note:
+            adjustments.append(lambda record: {**record, **note})
     else:
         if suite_arg is None:
             raise UserError("run: give --suite NAME|PATH (or --resume RESULTS)")
@@ -119,16 +114,54 @@ def run(
         path = Path(output) if output is not None else default_output(suite)
         run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells))
         writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
-        already = 0
 
     def require(record: dict[str, Any]) -> dict[str, Any]:
         if require_gpu and record.get("status") == "skipped" and record.get("reason") == "no GPU":
-            return {**record, "status": "failed", "reason": "no GPU (--require-gpu)"}
+            record = {**record, "status": "failed", "reason": "no GPU (--require-gpu)"}
+        for adjust in adjustments:
+            record = adjust(record)
         return record
 
-    summary = RunSummary(path=path, planned=len(todo), already_done=already)
+    summary = RunSummary(path=path, planned=len(todo), already_done=len(cells) - len(todo))
     execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require)
     return summary
+
+
+def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path | None, require_gpu: bool,
+           allow_env_change: bool) -> tuple[Suite, list[Cell], list[Cell], dict[str, Any], ResultsWriter, dict]:
+    """`--resume`: the run's suite and settings from the file's header, the cells still to
+    run, and the file reopened for appending. Refuses whatever would silently change the
+    run: new --set or --output, another suite, another machine (unless allowed: then every
+    record written now says what changed)."""
+    if overrides:
+        raise UserError(f"--resume {path}: --set cannot change a resumed run (its cells come from the file's "
+                        f"header); start a new run instead")
+    if output is not None:
+        raise UserError(f"--resume {path}: the run is completed in that file; drop --output")
+    previous = read_results(path)
+    run_meta = previous.header.get("run", {})
+    if "suite_text" not in run_meta or "suite" not in run_meta:
+        raise UserError(f"--resume {path}: its header holds no suite to resume (a profile, or another tool's "
+                        f"file); run the suite again")
+    if suite_arg is not None and suite_arg not in (run_meta.get("suite"), run_meta.get("suite_arg")):
+        raise UserError(f"--resume {path}: that file holds suite {run_meta.get('suite')!r}, not {suite_arg!r}")
+    differences = environment_differences(previous.environment, fingerprint())
+    if differences and not allow_env_change:
+        raise UserError(f"--resume {path}: this machine is not the one that started the run ("
+                        f"{'; '.join(differences)}); resume it there, or pass --allow-env-change")
+    suite = parse_suite(run_meta["suite_text"], run_meta.get("suite_source", str(path)), run_meta["suite"])
+    for assignment in run_meta.get("overrides", []):
+        suite.override(assignment)
+    cells = suite.cells()
+    done = previous.done_ids()
+    if require_gpu:  # a cell skipped for want of a GPU is not done when a GPU is required
+        done -= {r["cell_id"] for r in previous.latest() if r.get("status") == "skipped" and r.get("reason") == "no GPU"}
+    todo = [c for c in cells if c.cell_id not in done]
+    writer = ResultsWriter(path)
+    for warning in writer.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    note = {"environment_changed_on_resume": differences} if differences else {}
+    return suite, cells, todo, run_meta, writer, note
 
 
 def execute(cells: list[Cell], writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
@@ -136,6 +169,11 @@ def execute(cells: list[Cell], writer: ResultsWriter, summary: RunSummary, quiet
             adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record) -> list[tuple[Cell, dict]]:
     """Run `cells` through workers, appending each (adjusted) record as it arrives; always
     closes the writer. Returns (cell, record) pairs in the order they finished."""
+    _, dropped = inherited_variables()
+    for name, value in dropped.items():
+        print(f"warning: {name}={value} in your environment is ignored: each cell sets its own threads and "
+              f"oneDNN (axes intra_op_threads, inter_op_threads, omp_num_threads, mkl_num_threads, "
+              f"kmp_blocktime, onednn)", file=sys.stderr)
     progress = Progress(len(cells), quiet=quiet)
     finished: list[tuple[Cell, dict[str, Any]]] = []
 

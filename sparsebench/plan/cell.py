@@ -94,13 +94,24 @@ class Cell:
             parts.append(f"{m.partition_strategy}{m.shards}")
         elif m.variant == "col_partitioned":
             parts.append(f"x{m.shards}")
-        parts += [f"b{self.batch_size}", m.optimizer, m.device]
+        parts += [f"b{self.batch_size}", m.optimizer]
+        if m.learning_rate is not None:
+            parts.append(f"lr{m.learning_rate:g}")
+        parts.append(m.device)
+        if m.out_dim != ModelSpec.out_dim:
+            parts.append(f"out{m.out_dim}")
+        if m.discretizer:
+            parts.append("disc")
+        if not m.normalization:
+            parts.append("nonorm")
         if t.intra_op_threads or t.inter_op_threads:
             parts.append(f"t{t.intra_op_threads}x{t.inter_op_threads}")
         if t.omp_num_threads is not None:
             parts.append(f"omp{t.omp_num_threads}")
         if t.mkl_num_threads is not None:
             parts.append(f"mkl{t.mkl_num_threads}")
+        if t.kmp_blocktime is not None:
+            parts.append(f"kmp{t.kmp_blocktime}")
         if t.onednn is not None:
             parts.append("onednn" if t.onednn else "noonednn")
         if self.workers > 1:
@@ -148,6 +159,17 @@ class Cell:
             measure=from_dict(MeasureSpec, data.get("measure", {})),
         )
 
+    def axis_values(self) -> dict[str, Any]:
+        """Every matrix axis's effective value in this cell, wherever it was set (what
+        `[[exclude]]` patterns match)."""
+        m = self.model
+        return {
+            "batch_size": self.batch_size, "workers": self.workers, "variant": m.variant, "shards": m.shards,
+            "partition_strategy": m.partition_strategy, "optimizer": m.optimizer, "device": m.device,
+            "learning_rate": m.effective_learning_rate, "discretizer": m.discretizer,
+            "normalization": m.normalization, "out_dim": m.out_dim, **asdict(self.threads),
+        }
+
     def axes(self) -> dict[str, Any]:
         """The flat view report and compare use (stable key names)."""
         m, t = self.model, self.threads
@@ -164,8 +186,11 @@ class Cell:
             "inter_op_threads": t.inter_op_threads,
             "omp_num_threads": t.omp_num_threads,
             "mkl_num_threads": t.mkl_num_threads,
+            "kmp_blocktime": t.kmp_blocktime,
             "onednn": t.onednn,
             "workers": self.workers,
+            "learning_rate": m.effective_learning_rate,
+            "out_dim": m.out_dim,
             "discretizer": m.discretizer,
             "normalization": m.normalization,
         }

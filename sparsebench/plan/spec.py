@@ -167,6 +167,9 @@ def _check_type(name: str, spec_field: dataclasses.Field, value: Any) -> None:
 
 
 
+DEFAULT_SECONDS_PER_WINDOW = 2.0
+
+
 @dataclass(frozen=True)
 class MeasureSpec:
     """How a cell is timed. Not part of a cell's identity: the same configuration measured
@@ -174,8 +177,10 @@ class MeasureSpec:
 
     warmup_steps: int = 10
     windows: int = 5
+    # A window ends after `steps_per_window` steps or `seconds_per_window` seconds,
+    # whichever comes first; with neither set it lasts DEFAULT_SECONDS_PER_WINDOW.
     steps_per_window: int | None = None
-    seconds_per_window: float | None = 2.0
+    seconds_per_window: float | None = None
     batch_pool: int = 32  # distinct batches generated ahead and cycled through
     eval_examples: int = 4096  # held-out examples for AUC and eval loss
     diagnostic_steps: int = 3  # steps whose gradient type / rows touched are recorded
@@ -184,11 +189,6 @@ class MeasureSpec:
     def validate(self) -> None:
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.windows >= 1, "windows", "must be >= 1")
-        _require(
-            self.steps_per_window is not None or self.seconds_per_window is not None,
-            "steps_per_window",
-            "give steps_per_window or seconds_per_window",
-        )
         _require(self.steps_per_window is None or self.steps_per_window >= 1, "steps_per_window", "must be >= 1")
         _require(
             self.seconds_per_window is None or self.seconds_per_window > 0, "seconds_per_window", "must be positive"
@@ -197,3 +197,9 @@ class MeasureSpec:
         _require(self.eval_examples >= 2, "eval_examples", "must be >= 2")
         _require(self.diagnostic_steps >= 0, "diagnostic_steps", "must be >= 0")
         _require(self.timeout_s > 0, "timeout_s", "must be positive")
+
+    def window_limits(self) -> tuple[int | None, float | None]:
+        """(steps, seconds) that end a window; only the ones the suite set, or the default time."""
+        if self.steps_per_window is None and self.seconds_per_window is None:
+            return None, DEFAULT_SECONDS_PER_WINDOW
+        return self.steps_per_window, self.seconds_per_window

@@ -13,9 +13,17 @@ A suite is data, never code. Layout:
     [[exclude]] axis = value|[values], ...   drop cells matching every listed axis
     [[include]] axis = value|[values], ...   add cells (unlisted axes take the matrix's values)
 
-Combinations that cannot exist are dropped silently rather than making every suite list
-them: `shards` > 1 for a variant that is not partitioned, and `partition_strategy` for
-any variant but `row_partitioned` (collapsed to one cell).
+Every knob is set in one place. A model knob that is also an axis (`variant`,
+`optimizer`, `shards`, `learning_rate`, ...) may be a single value in `[model]` or a list
+in `[matrix]`, never both (an error names both keys). An axis set nowhere takes the
+spec's default (`ModelSpec`, `Threads`; `batch_size` defaults to 256). `--set` replaces a
+knob wherever the suite set it (`--set optimizer=ftrl` and `--set model.optimizer=ftrl`
+are the same), and `--set seconds_per_window=none` unsets a setting that accepts none.
+
+Settings that do not apply to a variant collapse rather than making every suite list
+them: `shards` for a variant that is not partitioned becomes 1, and `partition_strategy`
+for any variant but `row_partitioned` becomes `mod`; the duplicates this makes are dropped.
+`[[exclude]]` patterns match the cells' effective values, wherever those were set.
 
 Every error names the file and the key: `suites/x.toml: matrix.variant: unknown variant 'y'`.
 """
@@ -67,7 +75,7 @@ AXES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "kmp_blocktime": ("threads", _non_negative_int, "an integer >= 0"),
     "onednn": ("threads", lambda v: isinstance(v, bool), "true or false"),
 }
-DEFAULT_AXES = {"batch_size": [256], "variant": ["embedding_lookup_sparse"], "optimizer": ["sgd"], "device": ["cpu"]}
+DEFAULT_BATCH_SIZE = 256  # the one axis with no home in a spec
 SECTIONS = {"data": DataSpec, "model": ModelSpec, "measure": MeasureSpec}
 TOP_KEYS = {"name", "description", "isolation", "data", "model", "measure", "matrix", "exclude", "include"}
 ISOLATIONS = ("cell", "env")
@@ -92,18 +100,16 @@ class Suite:
 
     # -- expansion ---------------------------------------------------------------
     def cells(self) -> list[Cell]:
-        """The matrix expanded, excludes applied, includes added, impossible cells dropped."""
-        base = {**DEFAULT_AXES, **self.matrix}
-        combos = [c for c in _product(base) if not any(_matches(c, ex) for ex in self.exclude)]
+        """The matrix expanded, excludes applied, includes added, settings that do not
+        apply to a variant collapsed, duplicates dropped."""
+        combos = _product(self.matrix)
         for extra in self.include:
-            combos += _product({**base, **extra})
+            combos += _product({**self.matrix, **extra})
         cells, seen = [], set()
         for combo in combos:
-            if combo.get("shards", 1) > 1 and combo["variant"] not in spec.PARTITIONED_VARIANTS:
-                continue
-            if combo["variant"] != "row_partitioned" and "partition_strategy" in combo:
-                combo = {**combo, "partition_strategy": "mod"}
             cell = self._build(combo)
+            if any(_matches(cell.axis_values(), ex) for ex in self.exclude):
+                continue
             if cell.cell_id not in seen:
                 seen.add(cell.cell_id)
                 cells.append(cell)
@@ -113,11 +119,16 @@ class Suite:
 
     def _build(self, combo: dict[str, Any]) -> Cell:
         model_kw = {**self.model, **{k: v for k, v in combo.items() if AXES[k][0] == "model"}}
+        variant = model_kw.get("variant", ModelSpec.variant)
+        if variant not in spec.PARTITIONED_VARIANTS and ("shards" in combo or "variant" in combo):
+            model_kw["shards"] = 1  # shards crossing a variant that has none
+        if variant != "row_partitioned" and "partition_strategy" in model_kw:
+            model_kw["partition_strategy"] = ModelSpec.partition_strategy
         thread_kw = {k: v for k, v in combo.items() if AXES[k][0] == "threads"}
         try:
             cell = Cell(
                 suite=self.name,
-                batch_size=combo["batch_size"],
+                batch_size=combo.get("batch_size", DEFAULT_BATCH_SIZE),
                 workers=combo.get("workers", 1),
                 model=spec.from_dict(ModelSpec, model_kw),
                 data=spec.from_dict(DataSpec, self.data),
@@ -131,15 +142,20 @@ class Suite:
 
     # -- overrides ---------------------------------------------------------------
     def override(self, assignment: str) -> None:
-        """Apply `--set KEY=V1,V2`: an axis gets a list, a setting a single value."""
+        """Apply `--set KEY=V1,V2`: an axis gets a list, a setting a single value. An axis
+        that the suite set in `[model]` moves to the matrix, so it stays set in one place."""
         key, sep, raw = assignment.partition("=")
         key = key.strip()
         if not sep or not key:
             raise UserError(f"--set {assignment}: expected KEY=VALUE[,VALUE...]")
         values = [_parse_scalar(v.strip()) for v in raw.split(",")]
-        if key in AXES:
-            self.matrix[key] = values
-            self._check_axis(f"--set {key}", key, values)
+        section_key = key.split(".", 1)
+        axis = section_key[1] if len(section_key) == 2 and section_key[0] in SECTIONS else key
+        if axis in AXES and (axis == key or AXES[axis][0] == section_key[0]):
+            self._check_axis(f"--set {key}", axis, values)
+            self.matrix[axis] = values
+            if AXES[axis][0] in SECTIONS:
+                getattr(self, AXES[axis][0]).pop(axis, None)
             return
         section, name = self._setting_of(key, assignment)
         self._check_setting(f"--set {key}", section, name, values[0] if len(values) == 1 else values)
@@ -191,6 +207,9 @@ class Suite:
             if axis not in AXES:
                 raise self.error(f"matrix.{axis}", f"unknown axis; known: {', '.join(AXES)}")
             self._check_axis(f"{self.source}: matrix.{axis}", axis, values)
+            home = AXES[axis][0]
+            if home in SECTIONS and axis in getattr(self, home):
+                raise self.error(f"{home}.{axis}", f"also set as matrix.{axis}; set it in one place")
         for kind in ("exclude", "include"):
             for i, entry in enumerate(getattr(self, kind)):
                 for axis, values in entry.items():
@@ -214,6 +233,8 @@ def _matches(combo: dict[str, Any], pattern: dict[str, list]) -> bool:
 
 def _parse_scalar(text: str) -> Any:
     lowered = text.lower()
+    if lowered in ("none", "null"):
+        return None  # unsets a setting that accepts none (seconds_per_window, learning_rate)
     if lowered in ("true", "on", "yes"):
         return True
     if lowered in ("false", "off", "no"):

@@ -23,6 +23,11 @@ class GpuSampler:
         self._nvml = None
 
     def __enter__(self) -> "GpuSampler":
+        self.start()
+        return self
+
+    def start(self) -> None:
+        """Begin sampling (the worker calls it when the timed windows start, after warm-up)."""
         try:
             import pynvml
 
@@ -31,10 +36,9 @@ class GpuSampler:
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(self.index)
         except Exception as exc:  # noqa: BLE001 - no driver, no GPU: nothing to sample
             self.error = f"NVML unavailable: {exc}"
-            return self
+            return
         self._thread = threading.Thread(target=self._run, name="gpu-sampler", daemon=True)
         self._thread.start()
-        return self
 
     def _run(self) -> None:
         nvml = self._nvml
@@ -48,6 +52,9 @@ class GpuSampler:
             self._stop.wait(self.interval_s)
 
     def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()

@@ -8,7 +8,8 @@ ops they run and in the gradient type they give W:
 
 - `sparse_dense_matmul`: `tf.sparse.sparse_dense_matmul`; dense gradient (the baseline).
 - `embedding_lookup_sparse`: `tf.nn.embedding_lookup_sparse(combiner="sum")`; IndexedSlices.
-- `embedding_lookup_sparse_fast`: the same with `allow_fast_lookup=True` (TF >= 2.13).
+- `embedding_lookup_sparse_fast`: the ops of TF's `allow_fast_lookup=True` path (no `Unique`),
+  written out because TF never takes that path for a variable inside `tf.function`.
 - `ragged_embedding_lookup`: ragged ids -> `tf.nn.embedding_lookup` -> weighted row sums.
 - `row_partitioned`: W split along rows into `shards` variables by the `mod` or `div`
   strategy; each shard gathers the ids that fall in it and the partial outputs are summed.
@@ -89,19 +90,34 @@ class SparseDenseMatmul(SparseKernel):
 
 
 class EmbeddingLookupSparse(SparseKernel):
+    """`tf.nn.embedding_lookup_sparse` as TensorFlow runs it for a variable: `Unique` on
+    the ids, a gather of the unique rows, a gather back to every entry, weights, `SegmentSum`."""
+
     variant = "embedding_lookup_sparse"
-    fast = False
 
     def __call__(self, sp):
-        out = tf.nn.embedding_lookup_sparse(
-            self.tables[0], _lookup_ids(sp), sp, combiner="sum", allow_fast_lookup=self.fast
-        )
+        out = tf.nn.embedding_lookup_sparse(self.tables[0], _lookup_ids(sp), sp, combiner="sum")
         return _pad_rows(out, sp.dense_shape[0])
 
 
-class EmbeddingLookupSparseFast(EmbeddingLookupSparse):
+class EmbeddingLookupSparseFast(SparseKernel):
+    """The computation of `embedding_lookup_sparse(..., allow_fast_lookup=True)`, built
+    from its ops: gather every entry's row straight from the table (no `Unique`, so a key
+    repeated in a batch is read once per entry), scale by the value, `SegmentSum` by
+    example (rows arrive sorted: the batch is in canonical order).
+
+    Why written out: TensorFlow takes that fast path only when the table is a plain tensor
+    on the same device string as the ids. A `tf.Variable` is a CompositeTensor, which the
+    check excludes, and inside `tf.function` the device strings differ, so passing
+    `allow_fast_lookup=True` builds exactly the graph of the plain lookup (tests compare
+    the traced graphs). The gradient for W is `IndexedSlices` with one slice per entry.
+    """
+
     variant = "embedding_lookup_sparse_fast"
-    fast = True
+
+    def __call__(self, sp):
+        gathered = tf.gather(self.tables[0], sp.indices[:, 1]) * tf.expand_dims(sp.values, 1)
+        return _pad_rows(tf.math.segment_sum(gathered, sp.indices[:, 0]), sp.dense_shape[0])
 
 
 class RaggedEmbeddingLookup(SparseKernel):

@@ -33,8 +33,10 @@ def measure(
     workers: int = 1,
     sync: Callable = lambda result: result,
     clock: Callable[[], float] = time.perf_counter,
+    on_windows_start: Callable[[], None] = lambda: None,
 ) -> Measurement:
     """Warm up (first calls trace the graph), then time `settings.windows` windows.
+    `on_windows_start` runs between the two (e.g. to start a GPU sampler after warm-up).
 
     A window's throughput is (steps done by all workers x batch size) / wall seconds.
     Warm-up steps run with the same number of workers so every thread's first call
@@ -48,10 +50,12 @@ def measure(
                            sync=sync, clock=clock)
         result.warmup_seconds = clock() - start
         offset += warm.steps
+    steps_per_window, seconds_per_window = settings.window_limits()
+    on_windows_start()
     for _ in range(settings.windows):
         start = clock()
-        run = run_hogwild(step, batches, workers, steps_per_worker=settings.steps_per_window,
-                          seconds=settings.seconds_per_window, offset=offset, sync=sync, clock=clock)
+        run = run_hogwild(step, batches, workers, steps_per_worker=steps_per_window,
+                          seconds=seconds_per_window, offset=offset, sync=sync, clock=clock)
         elapsed = clock() - start
         offset += run.steps
         result.window_seconds.append(elapsed)

@@ -240,7 +240,8 @@ class Trainer:
         return loss
 
     def _gradient_stats(self, sp, labels):
-        """Logical rows of the sparse table a step's update touches (all for a dense gradient).
+        """Logical rows of the sparse table a step's update writes, as the optimizer applies
+        it (all of them for a dense gradient or a dense optimizer such as `adam`).
 
         Kept out of the train step so the Unique op it needs is not timed. Note: it also
         advances the normalization maxima like a train step would.
@@ -249,10 +250,7 @@ class Trainer:
         touched = []
         for grad, var in zip(grads, variables):
             if self.model.is_sparse_table(var):
-                if isinstance(grad, tf.IndexedSlices):
-                    touched.append(tf.size(tf.unique(grad.indices).y, out_type=tf.int64))
-                else:
-                    touched.append(tf.constant(var.shape[0], tf.int64))
+                touched.append(self.optimizer.rows_touched(grad, var))
         # Column shards each hold a slice of the same logical rows: count those once.
         return touched[0] if self.model.kernel.shards_share_rows else tf.add_n(touched)
 

@@ -45,6 +45,7 @@ class Optimizer:
     """Base: dispatches each gradient to its dense or sparse rule."""
 
     name = ""
+    densifies = False  # True: sparse gradients are applied as dense ones (every row written)
 
     def __init__(self, learning_rate: float):
         self.learning_rate = float(learning_rate)
@@ -83,6 +84,13 @@ class Optimizer:
     def _apply_sparse(self, grad, var, slots):
         raise NotImplementedError
 
+    def rows_touched(self, grad, var: tf.Variable) -> tf.Tensor:
+        """How many rows of `var` this optimizer's update of `grad` writes: the distinct
+        ids of a sparse gradient, every row of a dense one or of a densifying optimizer."""
+        if isinstance(grad, tf.IndexedSlices) and not self.densifies:
+            return tf.size(tf.unique(grad.indices).y, out_type=tf.int64)
+        return tf.constant(var.shape[0], tf.int64)
+
 
 class SGD(Optimizer):
     name = "sgd"
@@ -100,6 +108,7 @@ class Adam(Optimizer):
     """Dense Adam: sparse gradients are densified first."""
 
     name = "adam"
+    densifies = True  # moments decay on every row, whatever the gradient
 
     def __init__(self, learning_rate, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
         super().__init__(learning_rate)
@@ -135,6 +144,7 @@ class LazyAdam(Adam):
     """Adam that touches only the rows present in an IndexedSlices gradient."""
 
     name = "lazy_adam"
+    densifies = False
 
     def _apply_sparse(self, grad, var, slots):
         ids, g = dedupe(grad)

@@ -33,6 +33,11 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("forward", "backward", "optimizer", "other")
+# Op events are read from TensorFlow's executor threads on the host. On a GPU cell they
+# are the time to launch each kernel, not its time on the GPU (the device's own lines in
+# the trace are not parsed yet, and no GPU has checked this code), so say so.
+GPU_HOST_TIME_NOTE = ("GPU cell: op times are host-side (kernel launch) time on TensorFlow's executor threads, "
+                      "not GPU kernel time; open the TensorBoard profile for device time")
 OP_CATEGORIES = {
     # op type -> category, for the stacked bars; anything else is "other"
     "SparseTensorDenseMatMul": "sparse matmul",
@@ -146,7 +151,7 @@ def chrome_trace(events: list[dict[str, Any]], cell_id: str) -> dict[str, Any]:
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
 
 
-def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float) -> dict[str, Any]:
+def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float, note: str | None = None) -> dict[str, Any]:
     """Parse the profile under `logdir` and write ops.csv, ops.json and trace.json there."""
     logdir = Path(logdir)
     events = read_events(find_xplane(logdir))
@@ -166,6 +171,7 @@ def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float) -
         "op_ms_per_step": sum(r.ms_per_step for r in rows),
         "phases_ms_per_step": {p: by_phase.get(p, 0.0) for p in PHASES},
         "ops": [asdict(r) for r in rows],
+        "note": note,
     }
     (logdir / "ops.json").write_text(json.dumps(summary, indent=2))
     (logdir / "trace.json").write_text(json.dumps(chrome_trace(events, cell_id)))

@@ -49,4 +49,20 @@ def threads_in_effect() -> dict[str, Any]:
         "kmp_blocktime": os.environ.get("KMP_BLOCKTIME"),
         "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
         "cpu_count": cpu_count(),
+        "os_threads": os_threads(),
     }
+
+
+def os_threads() -> dict[str, int] | None:
+    """This process's threads by name, as the kernel sees them (Linux): an observation
+    independent of what TensorFlow was told. TensorFlow names its inter-op pool's threads
+    `tf_Compute`; the intra-op pool's threads carry the process's name."""
+    names: dict[str, int] = {}
+    try:
+        for task in os.scandir("/proc/self/task"):
+            with open(os.path.join(task.path, "comm")) as fh:
+                name = fh.read().strip()
+            names[name] = names.get(name, 0) + 1
+    except OSError:
+        return None
+    return {"total": sum(names.values()), **dict(sorted(names.items()))}

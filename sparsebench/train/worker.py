@@ -100,8 +100,6 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     losses: list[float] = []
     sampler = GpuSampler() if cell.model.device == "gpu" else None
     t0 = time.perf_counter()
-    if sampler is not None:
-        sampler.__enter__()
     try:
         measurement = measure(
             trainer.train_step,
@@ -110,10 +108,11 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
             cell.measure,
             workers=cell.workers,
             sync=lambda loss: losses.append(float(loss)),
+            on_windows_start=sampler.start if sampler is not None else lambda: None,
         )
     finally:
         if sampler is not None:
-            sampler.__exit__(None, None, None)
+            sampler.stop()
     phases["warmup_s"] = measurement.warmup_seconds
     phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
 
@@ -178,7 +177,8 @@ def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[s
     finally:
         elapsed = time.perf_counter() - start
         tf.profiler.experimental.stop()
-    summary = profile.write_outputs(logdir, cell.cell_id, run.steps, 1000.0 * elapsed / run.steps * cell.workers)
+    summary = profile.write_outputs(logdir, cell.cell_id, run.steps, 1000.0 * elapsed / run.steps * cell.workers,
+                                    note=profile.GPU_HOST_TIME_NOTE if cell.model.device == "gpu" else None)
     record = {
         "status": "ok",
         "reason": None,

@@ -1,0 +1,71 @@
+"""The results file: a torn last line is cut before appending, a failed append is one
+clear error, and fingerprints are compared fact by fact."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from sparsebench.machine import environment_differences
+from sparsebench.results import ResultsError, ResultsWriter, read_results
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def torn_copy(tmp_path) -> tuple[Path, int]:
+    """A fixture results file whose last line was cut in half (a kill -9 mid-write)."""
+    path = tmp_path / "r.jsonl"
+    shutil.copy(FIXTURES / "talk.jsonl", path)
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][: len(lines[-1]) // 2])
+    return path, len(lines) - 2  # records still complete
+
+
+def test_appending_after_a_torn_last_line_keeps_the_file_readable(tmp_path):
+    path, complete = torn_copy(tmp_path)
+    assert "incomplete last line" in read_results(path).warnings[0]
+    writer = ResultsWriter(path)
+    assert "dropped an incomplete last line" in writer.warnings[0]
+    writer.append({"cell_id": "new-cell", "status": "ok"})
+    writer.close()
+    results = read_results(path)
+    assert results.warnings == []
+    assert len(results.records) == complete + 1 and results.records[-1]["cell_id"] == "new-cell"
+
+
+def test_appending_to_an_intact_file_changes_nothing_before_it(tmp_path):
+    path = tmp_path / "r.jsonl"
+    shutil.copy(FIXTURES / "talk.jsonl", path)
+    before = path.read_bytes()
+    with ResultsWriter(path) as writer:
+        assert writer.warnings == []
+        writer.append({"cell_id": "x", "status": "ok"})
+    assert path.read_bytes().startswith(before)
+
+
+def test_a_failed_append_is_one_clear_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    writer = ResultsWriter(path, lambda: {"run": {}})
+    writer._fh.close()
+    writer._fh = open("/dev/full", "w")  # every flush fails with ENOSPC
+    with pytest.raises(ResultsError, match=r"r\.jsonl: cannot append a record: No space left on device; .*--resume"):
+        writer.append({"cell_id": "x", "status": "ok"})
+    writer.close()  # does not raise a second time
+
+
+def test_nan_is_stored_as_null():
+    from sparsebench.results import clean_json
+
+    text = json.dumps(clean_json({"a": float("nan"), "b": [1.0, float("inf")], "c": (2.0,)}), allow_nan=False)
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": [2.0]}
+
+
+def test_environment_differences_name_each_fact():
+    base = {"cpu": {"model": "A"}, "cores_available": 2, "tensorflow": {"version": "2.21.0"}, "gpus": [],
+            "worker_variables": {}}
+    assert environment_differences(base, base) == []
+    other = {**base, "cpu": {"model": "B"}, "worker_variables": {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2"}}
+    diffs = environment_differences(base, other)
+    assert len(diffs) == 2
+    assert diffs[0].startswith("CPU model differs") and "TF_XLA_FLAGS" in diffs[1]
