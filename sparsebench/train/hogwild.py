@@ -1,9 +1,14 @@
 """Hogwild: N Python threads running the same train step on shared variables, no lock.
 
 Concurrent calls of one `tf.function` run in parallel because TensorFlow releases the
-GIL while ops execute. Updates race by design (Niu et al., 2011);
-with sparse gradients two threads rarely touch the same rows. With one worker no thread
-is started, so the single-threaded baseline pays no threading overhead.
+GIL while ops execute. "No lock" is true of our code; TensorFlow's kernels still take the
+variable's mutex, but for float tables in shared mode: `ResourceGather`,
+`ResourceScatterSub/Max/Update` and the `ResourceApply*` / `ResourceSparseApply*` updates
+(with `use_locking=False`, as here) take a shared lock, so two threads updating the same
+table do run at the same time and their row updates may interleave (Niu et al., 2011:
+with sparse gradients two threads rarely touch the same rows); `examples/hogwild_locks.py`
+measures it. With one worker no thread is started, so the single-threaded baseline pays
+no threading overhead.
 """
 
 from __future__ import annotations
