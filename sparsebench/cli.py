@@ -29,16 +29,19 @@ def cli() -> None:
               help="Override a matrix axis (batch_size=256,1024) or a setting (windows=3). Repeatable.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Results file (default results/<suite>-<time>.jsonl).")
 @click.option("--resume", type=click.Path(path_type=Path), help="Run only the cells missing or failed in this results file.")
+@click.option("--processes", type=click.IntRange(min=1), metavar="N",
+              help="Measure each cell in N fresh worker processes, in rounds (same as --set processes=N).")
 @click.option("--isolation", type=click.Choice(["cell", "env"]), help="Override the suite's process isolation.")
 @click.option("--allow-env-change", is_flag=True,
               help="With --resume: go on although this machine differs from the one that started the run.")
 @click.option("--require-gpu", is_flag=True, help="Record GPU cells on a machine without a GPU as failed, not skipped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failures and the summary.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit.")
-def run(suite_arg, overrides, output, resume, isolation, allow_env_change, require_gpu, quiet, dry_run):
+def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_change, require_gpu, quiet, dry_run):
     """Run a suite's cells, each in its own worker process, and record the results."""
     from .execute import runner
 
+    overrides = list(overrides) + ([f"processes={processes}"] if processes is not None else [])
     if dry_run:
         if suite_arg is None:
             raise UserError("run --dry-run: give --suite")
@@ -154,35 +157,96 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     return 0
 
 
+def gate_options(alpha: float, regression_help: str):
+    """The options `compare` and `ab` share: how a verdict is reached and how it is shown."""
+    def wrap(command):
+        for option in reversed([
+            click.option("--max-regression", default=10.0, show_default=True, metavar="PCT", help=regression_help),
+            click.option("--alpha", default=alpha, show_default=True, help="Significance level of the test."),
+            click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+                         show_default=True),
+            click.option("--github-benchmark", type=click.Path(path_type=Path),
+                         help="Also write the current (B) side in github-action-benchmark's customBiggerIsBetter "
+                              "JSON."),
+        ]):
+            command = option(command)
+        return command
+    return wrap
+
+
+def _emit(report, fmt: str, github_benchmark: Path | None, current) -> int:
+    from .analyze.difference import RENDERERS
+    from .analyze.difference import github_benchmark as benchmark_json
+
+    click.echo(RENDERERS[fmt](report))
+    if github_benchmark is not None:
+        try:
+            github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
+        except OSError as exc:
+            raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
+    return report.exit_code
+
+
 @cli.command()
 @click.argument("baseline", type=click.Path(path_type=Path))
 @click.argument("current", type=click.Path(path_type=Path))
-@click.option("--max-regression", default=10.0, show_default=True, metavar="PCT",
-              help="Slowdown (percent of the baseline median) a cell must exceed to regress.")
-@click.option("--alpha", default=0.01, show_default=True, help="Significance level of the Mann-Whitney U test.")
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table", show_default=True)
+@gate_options(0.01, "Slowdown (percent of the baseline median) a cell must exceed to regress.")
+@click.option("--noise-floor", default=None, type=float, metavar="PCT",
+              help="Change beyond the shared shift a cell measured in one process must exceed (its run-to-run "
+                   "noise is unknown). Default 40.")
+@click.option("--max-shift", default=None, type=float, metavar="PCT",
+              help="Change shared by all cells that counts as a regression of the whole run. Default 20.")
 @click.option("--strict-env", is_flag=True, help="Refuse to compare runs whose environment fingerprints differ.")
-@click.option("--github-benchmark", type=click.Path(path_type=Path),
-              help="Also write CURRENT in github-action-benchmark's customBiggerIsBetter JSON.")
-def compare(baseline, current, max_regression, alpha, fmt, strict_env, github_benchmark):
-    """Gate on throughput: exit 1 if a cell of CURRENT regressed against BASELINE."""
+def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noise_floor, max_shift, strict_env):
+    """Gate on throughput: exit 1 if a cell of CURRENT regressed against BASELINE (two stored runs)."""
     from .analyze import compare as comparing
     from .results import read_results
 
     base, cur = read_results(baseline), read_results(current)
     for warning in base.warnings + cur.warnings:
         click.echo(f"warning: {warning}", err=True)
-    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha)
+    floor = comparing.STORED_NOISE_FLOOR if noise_floor is None else noise_floor / 100.0
+    shift = comparing.STORED_MAX_SHIFT if max_shift is None else max_shift / 100.0
+    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha, floor, shift)
     if strict_env and report.environment_warnings:
         raise UserError("--strict-env: " + "; ".join(report.environment_warnings))
-    renderer = {"table": comparing.render_table, "markdown": comparing.render_markdown, "json": comparing.render_json}[fmt]
-    click.echo(renderer(report))
-    if github_benchmark is not None:
-        try:
-            github_benchmark.write_text(json.dumps(comparing.github_benchmark(cur), indent=2))
-        except OSError as exc:
-            raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
-    return report.exit_code
+    return _emit(report, fmt, github_benchmark, cur)
+
+
+@cli.command()
+@click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override for both sides.")
+@click.option("--a-set", "a_overrides", multiple=True, metavar="KEY=V", help="Override for side A only.")
+@click.option("--b-set", "b_overrides", multiple=True, metavar="KEY=V", help="Override for side B only.")
+@click.option("--a-python", metavar="PATH", help="Interpreter of side A (default: this one).")
+@click.option("--b-python", metavar="PATH", help="Interpreter of side B (default: this one).")
+@click.option("--rounds", default=4, show_default=True, type=click.IntRange(min=2),
+              help="Rounds, each measuring every cell on both sides (A B, B A, A B, ...).")
+@click.option("--test", "test", type=click.Choice(["t", "wilcoxon"]), default="t", show_default=True,
+              help="Paired test over the rounds, on the log ratios B/A.")
+@gate_options(0.05, "Slowdown of B (percent of A) a cell must exceed to regress.")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
+def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, max_regression, alpha, fmt,
+       github_benchmark, output):
+    """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A."""
+    from .analyze.paired import paired_report
+    from .execute import ab as ab_runner
+    from .results import read_results
+
+    a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
+    b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
+    folder = output or ab_runner.default_folder(suite_arg)
+    try:
+        run = ab_runner.run_ab(suite_arg, list(overrides), a, b, rounds, folder)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the finished rounds' files are in {folder}", err=True)
+        return 130
+    side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
+    report = paired_report(side_a, side_b, max_regression / 100.0, alpha, test, aa=ab_runner.identical(a, b))
+    report.notes.append(f"{rounds} rounds in {run.seconds / 60:.1f} min, order {' '.join(run.order)}; "
+                        f"A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and {run.results['B']}")
+    return _emit(report, fmt, github_benchmark, side_b)
 
 
 @cli.command()

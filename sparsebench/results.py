@@ -6,11 +6,16 @@ fsynced as the cell finishes, so a crash, a `kill -9` or Ctrl-C loses at most th
 was running. A half-written last line (the process died mid-write) is ignored with a
 warning; a damaged line elsewhere is an error naming the file and line.
 
-A cell may have several records in one file (a failed cell re-run by `--resume`): the
-last one wins.
+A cell measured in several worker processes (`processes = N`) has one record per process,
+each with its `round` (1..N); `Results.cells()` merges them into one record per cell whose
+summary treats the process as the unit of repetition (see `merge_rounds`). A (cell, round)
+may have several records (a failed process re-run by `--resume`): the last one wins.
 
-Format history (bump VERSION and add a line on any incompatible change):
+Format history (bump VERSION and add a line on any incompatible change; older versions
+are read through an explicit upgrade step):
 - 1 (2026-11): first version.
+- 2 (2026-11): records carry `round`; several records per cell, one per process.
+  Upgrade from 1: every record is round 1.
 """
 
 from __future__ import annotations
@@ -18,14 +23,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from . import stats
 from .errors import UserError
 
 SCHEMA = "sparsebench-results"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # The flat view of a record that `report --format json` prints and `compare` reads.
 # These names are a contract with users' CI scripts: add keys, never rename them.
@@ -36,6 +44,7 @@ JSON_KEYS = (
     "status", "reason", "samples_per_sec", "samples_per_sec_low", "samples_per_sec_high", "windows", "cv",
     "step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "peak_rss_mb", "grad_type",
     "rows_touched", "gpu_util_pct", "gpu_mem_used_mb", "isolation",
+    "processes", "within_process_cv", "between_process_cv", "run_to_run_measured",
 )
 
 DONE_STATUSES = ("ok", "skipped")
@@ -125,22 +134,85 @@ class ResultsWriter:
 class Results:
     path: Path
     header: dict[str, Any]
-    records: list[dict[str, Any]]  # every record, in file order
+    records: list[dict[str, Any]]  # every record (one per cell and process), in file order
     warnings: list[str] = field(default_factory=list)
 
-    def latest(self) -> list[dict[str, Any]]:
-        """One record per cell (the last one written), in first-seen order."""
-        by_id: dict[str, dict[str, Any]] = {}
+    def by_round(self) -> dict[str, dict[int, dict[str, Any]]]:
+        """cell id -> round -> that process's record (the last one written), first-seen order."""
+        cells: dict[str, dict[int, dict[str, Any]]] = {}
         for record in self.records:
-            by_id[record["cell_id"]] = record
-        return list(by_id.values())
+            cells.setdefault(record["cell_id"], {})[record.get("round", 1)] = record
+        return cells
 
-    def done_ids(self) -> set[str]:
-        return {r["cell_id"] for r in self.latest() if r.get("status") in DONE_STATUSES}
+    def latest(self) -> list[dict[str, Any]]:
+        """One merged record per cell (`merge_rounds`), in first-seen order."""
+        return [merge_rounds(rounds) for rounds in self.by_round().values()]
+
+    def done_rounds(self) -> set[tuple[str, int]]:
+        """(cell id, round) pairs whose process finished (`ok` or `skipped`)."""
+        return {(cid, r) for cid, rounds in self.by_round().items() for r, rec in rounds.items()
+                if rec.get("status") in DONE_STATUSES}
 
     @property
     def environment(self) -> dict[str, Any]:
         return self.header.get("environment", {})
+
+
+# Per-process figures merged by the median of the processes (peak memory: the largest).
+_MEDIAN_FIELDS = ("step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "rows_touched",
+                  "gpu_util_pct")
+_MAX_FIELDS = ("peak_rss_mb", "gpu_mem_used_mb")
+
+
+def merge_rounds(rounds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """One cell's per-process records -> one record whose throughput summary uses the
+    process as the unit: median of all windows, hierarchical bootstrap interval, the
+    within- and between-process spread, `run_to_run_measured` (more than one process).
+    Processes that did not finish are listed in `failed_rounds`; the cell is `ok` when at
+    least one process is."""
+    ordered = [rounds[r] for r in sorted(rounds)]
+    ok = [rec for rec in ordered if rec.get("status") == "ok"]
+    if not ok:
+        return {**ordered[-1], "processes": 0, "run_to_run_measured": False,
+                "failed_rounds": _failures(ordered)}
+    merged = dict(ok[-1])
+    process_windows = [list(rec.get("windows") or []) for rec in ok]
+    summary = stats.summarize_processes(process_windows)
+    merged.update({
+        "round": None,
+        "rounds": [rec.get("round", 1) for rec in ok],
+        "process_windows": process_windows,
+        "process_medians": [rec.get("samples_per_sec") for rec in ok],
+        "windows": [w for windows in process_windows for w in windows],
+        "samples_per_sec": summary["median"],
+        "samples_per_sec_low": summary["low"],
+        "samples_per_sec_high": summary["high"],
+        "cv": summary["cv"],
+        "within_process_cv": summary["within_cv"],
+        "between_process_cv": summary["between_cv"],
+        "processes": summary["processes"],
+        "run_to_run_measured": summary["run_to_run_measured"],
+        "failed_rounds": _failures(ordered),
+    })
+    for name in _MEDIAN_FIELDS:
+        values = [rec[name] for rec in ok if isinstance(rec.get(name), (int, float))]
+        merged[name] = float(statistics.median(values)) if values else None
+    for name in _MAX_FIELDS:
+        values = [rec[name] for rec in ok if isinstance(rec.get(name), (int, float))]
+        merged[name] = max(values) if values else None
+    return merged
+
+
+def _failures(ordered: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{"round": rec.get("round", 1), "status": rec.get("status"), "reason": rec.get("reason")}
+            for rec in ordered if rec.get("status") not in DONE_STATUSES]
+
+
+def _upgrade(version: int, record: dict[str, Any]) -> dict[str, Any]:
+    """A record of an older format in today's shape."""
+    if version == 1:
+        record = {**record, "round": 1}
+    return record
 
 
 def read_results(path: str | Path) -> Results:
@@ -164,10 +236,10 @@ def read_results(path: str | Path) -> Results:
         raise ResultsError(f"{path}:1: not a sparsebench results file (header is not JSON)") from None
     if not isinstance(header, dict) or header.get("schema") != SCHEMA:
         raise ResultsError(f"{path}:1: not a sparsebench results file (schema {header.get('schema') if isinstance(header, dict) else None!r})")
-    if header.get("version") != VERSION:
-        raise ResultsError(
-            f"{path}:1: results format version {header.get('version')!r}; this sparsebench reads version {VERSION}"
-        )
+    version = header.get("version")
+    if version not in READABLE_VERSIONS:
+        raise ResultsError(f"{path}:1: results format version {version!r}; this sparsebench reads versions "
+                           f"{', '.join(map(str, READABLE_VERSIONS))}")
     records = []
     for number, line in enumerate(complete[1:], start=2):
         if not line.strip():
@@ -178,7 +250,7 @@ def read_results(path: str | Path) -> Results:
             raise ResultsError(f"{path}:{number}: corrupt record ({exc.msg})") from None
         if not isinstance(record, dict) or "cell_id" not in record or "status" not in record:
             raise ResultsError(f"{path}:{number}: corrupt record (no cell_id or status)")
-        records.append(record)
+        records.append(_upgrade(version, record))
     return Results(path, header, records, warnings)
 
 

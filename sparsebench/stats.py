@@ -1,10 +1,34 @@
-"""All statistics the tool computes, in one place."""
+"""All statistics the tool computes, in one place.
+
+Throughput is measured in windows, and windows are grouped by the worker process that
+measured them. The windows of one process share that process's luck (its memory layout,
+the host's load that minute), so they are not independent samples of run-to-run noise:
+only separate processes are. Every summary here therefore keeps the two levels apart:
+
+- `summarize_processes` gives the median of all windows with a hierarchical bootstrap
+  interval (resample processes, then windows within each), the within-process spread
+  (how much one process's windows vary) and the between-process spread (how much the
+  processes' medians vary). With one process the interval is the windows' bootstrap and
+  says nothing of run-to-run noise (`run_to_run_measured` is False).
+- `ratio_interval` does the same for the ratio of two cells' medians.
+- `paired_test` decides an interleaved A/B comparison from per-round paired ratios.
+
+Tests use scipy.stats (Mann-Whitney U, Wilcoxon signed-rank, the t distribution); the
+bootstraps are written here because scipy has no hierarchical one. Every resampling is
+seeded, so the same inputs always give the same interval.
+"""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
+from scipy import stats as sps
+
+RESAMPLES = 2000
+NOISY_CV = 0.05  # a throughput whose windows vary more than this is flagged as noisy
 
 
 def auc(labels, scores) -> float:
@@ -18,37 +42,56 @@ def auc(labels, scores) -> float:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = _midranks(scores)
+    ranks = sps.rankdata(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _midranks(x: np.ndarray) -> np.ndarray:
-    """1-based ranks with ties given the mean of their ranks."""
-    order = np.argsort(x, kind="mergesort")
-    sorted_x = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    boundaries = np.flatnonzero(np.diff(sorted_x)) + 1
-    starts = np.concatenate([[0], boundaries])
-    ends = np.concatenate([boundaries, [len(x)]])
-    for start, end in zip(starts, ends):
-        ranks[order[start:end]] = (start + end + 1) / 2.0
-    return ranks
-
-
-def bootstrap_median_interval(samples, confidence: float = 0.95, resamples: int = 2000, seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval for the median of `samples` (seeded: reproducible).
-
-    With a single sample the interval is that sample on both sides.
-    """
-    x = np.asarray(samples, dtype=np.float64)
-    if len(x) == 0:
-        return float("nan"), float("nan")
-    if len(x) == 1:
-        return float(x[0]), float(x[0])
-    rng = np.random.default_rng(seed)
-    medians = np.median(x[rng.integers(0, len(x), size=(resamples, len(x)))], axis=1)
+def _percentile_interval(values: np.ndarray, confidence: float) -> tuple[float, float]:
     alpha = (1.0 - confidence) / 2.0
-    return float(np.quantile(medians, alpha)), float(np.quantile(medians, 1.0 - alpha))
+    return float(np.quantile(values, alpha)), float(np.quantile(values, 1.0 - alpha))
+
+
+def bootstrap_median_interval(samples, confidence: float = 0.95, resamples: int = RESAMPLES,
+                              seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval for the median of `samples` (one level: the windows of
+    one process). With a single sample the interval is that sample on both sides."""
+    return hierarchical_median_interval([samples], confidence, resamples, seed)
+
+
+def _as_groups(groups: Sequence[Sequence[float]]) -> list[np.ndarray]:
+    return [np.asarray(g, dtype=np.float64) for g in groups if len(g)]
+
+
+def _hierarchical_medians(groups: list[np.ndarray], resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """`resamples` medians of pooled windows, each drawn by resampling the groups (processes)
+    with replacement, then each chosen group's windows with replacement."""
+    n = len(groups)
+    sizes = {len(g) for g in groups}
+    if len(sizes) == 1:  # the usual case, vectorized: every process measured the same windows
+        w = sizes.pop()
+        table = np.stack(groups)  # [n, w]
+        chosen = rng.integers(0, n, size=(resamples, n)) if n > 1 else np.zeros((resamples, 1), dtype=np.int64)
+        picks = rng.integers(0, w, size=(resamples, n, w))
+        return np.median(table[chosen[:, :, None], picks].reshape(resamples, n * w), axis=1)
+    out = np.empty(resamples)
+    for i in range(resamples):
+        chosen = [groups[j] for j in rng.integers(0, n, size=n)] if n > 1 else groups
+        pooled = np.concatenate([g[rng.integers(0, len(g), size=len(g))] for g in chosen])
+        out[i] = np.median(pooled)
+    return out
+
+
+def hierarchical_median_interval(groups: Sequence[Sequence[float]], confidence: float = 0.95,
+                                 resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Interval for the median of all windows, resampling processes then windows."""
+    data = _as_groups(groups)
+    if not data:
+        return float("nan"), float("nan")
+    if sum(len(g) for g in data) == 1:
+        value = float(data[0][0])
+        return value, value
+    medians = _hierarchical_medians(data, resamples, np.random.default_rng(seed))
+    return _percentile_interval(medians, confidence)
 
 
 def coefficient_of_variation(samples) -> float:
@@ -66,16 +109,13 @@ def percentiles(samples, qs=(50, 90, 99)) -> dict[str, float]:
     return {f"p{q}": float(np.percentile(x, q)) for q in qs}
 
 
-NOISY_CV = 0.05  # a throughput whose windows vary more than this is flagged as noisy
-
-
 def is_noisy(cv) -> bool:
     """True for a known CV above NOISY_CV (None and NaN are not noisy: nothing to judge)."""
     return cv is not None and not (isinstance(cv, float) and math.isnan(cv)) and cv > NOISY_CV
 
 
 def summarize_throughput(window_samples_per_sec) -> dict[str, float]:
-    """Median, 95% bootstrap interval and CV of per-window throughputs."""
+    """Median, 95% bootstrap interval and CV of one process's windows."""
     low, high = bootstrap_median_interval(window_samples_per_sec)
     return {
         "median": float(np.median(window_samples_per_sec)) if len(window_samples_per_sec) else float("nan"),
@@ -85,83 +125,128 @@ def summarize_throughput(window_samples_per_sec) -> dict[str, float]:
     }
 
 
-def bootstrap_ratio_interval(baseline, current, confidence: float = 0.95, resamples: int = 2000,
-                             seed: int = 0) -> tuple[float, float]:
-    """Percentile-bootstrap interval of median(current) / median(baseline), resampling the
-    windows of each run independently (seeded: the same inputs give the same interval)."""
-    a = np.asarray(baseline, dtype=np.float64)
-    b = np.asarray(current, dtype=np.float64)
+def summarize_processes(groups: Sequence[Sequence[float]]) -> dict[str, float | int | bool | None]:
+    """One cell measured in one or more processes (a list of window lists).
+
+    `median`: of all windows; `low`/`high`: 95% hierarchical bootstrap interval; `cv`: of
+    all windows pooled; `within_cv`: the root-mean-square of each process's own CV;
+    `between_cv`: CV of the processes' medians (None with one process);
+    `run_to_run_measured`: whether more than one process was measured.
+    """
+    data = _as_groups(groups)
+    if not data:
+        return {"median": float("nan"), "low": float("nan"), "high": float("nan"), "cv": float("nan"),
+                "within_cv": None, "between_cv": None, "processes": 0, "run_to_run_measured": False}
+    pooled = np.concatenate(data)
+    low, high = hierarchical_median_interval(data)
+    within = [coefficient_of_variation(g) for g in data if len(g) > 1]
+    within = [w for w in within if not math.isnan(w)]
+    return {
+        "median": float(np.median(pooled)),
+        "low": low,
+        "high": high,
+        "cv": coefficient_of_variation(pooled),
+        "within_cv": float(math.sqrt(np.mean(np.square(within)))) if within else None,
+        "between_cv": coefficient_of_variation([np.median(g) for g in data]) if len(data) > 1 else None,
+        "processes": len(data),
+        "run_to_run_measured": len(data) > 1,
+    }
+
+
+def ratio_interval(baseline: Sequence[Sequence[float]], current: Sequence[Sequence[float]],
+                   confidence: float = 0.95, resamples: int = RESAMPLES, seed: int = 0) -> tuple[float, float]:
+    """Interval of median(current) / median(baseline), each side resampled hierarchically
+    (processes, then windows) and independently."""
+    a, b = _as_groups(baseline), _as_groups(current)
     rng = np.random.default_rng(seed)
-    med_a = np.median(a[rng.integers(0, len(a), size=(resamples, len(a)))], axis=1)
-    med_b = np.median(b[rng.integers(0, len(b), size=(resamples, len(b)))], axis=1)
-    ratios = med_b / med_a
-    alpha = (1.0 - confidence) / 2.0
-    return float(np.quantile(ratios, alpha)), float(np.quantile(ratios, 1.0 - alpha))
+    ratios = _hierarchical_medians(b, resamples, rng) / _hierarchical_medians(a, resamples, rng)
+    return _percentile_interval(ratios, confidence)
 
 
-def _u_statistic(a: np.ndarray, b: np.ndarray) -> float:
-    """U of sample `a`: pairs (x in a, y in b) with x > y, ties counting one half."""
-    ranks = _midranks(np.concatenate([a, b]))
-    return float(ranks[: len(a)].sum() - len(a) * (len(a) + 1) / 2.0)
-
-
-def _exact_u_counts(n: int, m: int) -> np.ndarray:
-    """How many of the C(n+m, n) orderings give each U = 0..n*m (no ties)."""
-    # counts[i][j] is the distribution for sample sizes (i, j); built up row by row.
-    prev = [np.ones(1, dtype=np.float64) for _ in range(m + 1)]  # i = 0: U is always 0
-    for i in range(1, n + 1):
-        cur = [np.ones(1, dtype=np.float64)]  # j = 0
-        for j in range(1, m + 1):
-            size = i * j + 1
-            dist = np.zeros(size)
-            # the largest value is from sample a (adds j to U) or from sample b (adds 0)
-            from_a = prev[j]
-            dist[j : j + len(from_a)] += from_a
-            from_b = cur[j - 1]
-            dist[: len(from_b)] += from_b
-            cur.append(dist)
-        prev = cur
-    return prev[m]
-
-
-EXACT_LIMIT = 50  # exact distribution up to this many observations per sample
+def bootstrap_ratio_interval(baseline, current, confidence: float = 0.95, resamples: int = RESAMPLES,
+                             seed: int = 0) -> tuple[float, float]:
+    """`ratio_interval` for two single processes' windows."""
+    return ratio_interval([baseline], [current], confidence, resamples, seed)
 
 
 def mann_whitney_p(a, b) -> float:
-    """Two-sided Mann-Whitney U test p-value.
-
-    Exact (enumerating the null distribution) when both samples have at most
-    EXACT_LIMIT values and no ties; otherwise the normal approximation with tie
-    correction and continuity correction (as scipy's `method="asymptotic"`).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    n, m = len(a), len(b)
-    if n == 0 or m == 0:
+    """Two-sided Mann-Whitney U test p-value (scipy: exact for small samples without ties)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) == 0 or len(b) == 0:
         return float("nan")
-    u = _u_statistic(a, b)
-    combined = np.concatenate([a, b])
-    has_ties = len(np.unique(combined)) < len(combined)
-    if not has_ties and n <= EXACT_LIMIT and m <= EXACT_LIMIT:
-        counts = _exact_u_counts(n, m)
-        total = counts.sum()
-        u_int = int(round(u))
-        lower = counts[: u_int + 1].sum() / total
-        upper = counts[u_int:].sum() / total
-        return float(min(1.0, 2.0 * min(lower, upper)))
-    mean = n * m / 2.0
-    _, tie_counts = np.unique(combined, return_counts=True)
-    total = n + m
-    tie_term = float((tie_counts**3 - tie_counts).sum()) / (total * (total - 1))
-    variance = n * m / 12.0 * ((total + 1) - tie_term)
-    if variance <= 0:
+    if np.all(np.concatenate([a, b]) == a[0]):
         return 1.0  # every value tied: no evidence of a difference
-    z = (abs(u - mean) - 0.5) / math.sqrt(variance)
-    return float(min(1.0, math.erfc(max(z, 0.0) / math.sqrt(2.0))))
+    return float(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 def mann_whitney_min_p(n: int, m: int) -> float:
-    """The smallest two-sided p the exact test can give with n and m windows: 2 / C(n+m, n)."""
+    """The smallest two-sided p the exact test can give with n and m samples: 2 / C(n+m, n)."""
     if n == 0 or m == 0:
         return 1.0
     return min(1.0, 2.0 / math.comb(n + m, n))
+
+
+def welch_log_p(a, b) -> float:
+    """Two-sided Welch t-test on the logs of two sets of per-process medians.
+
+    Used where processes are the unit and there are too few of them for a rank test to
+    ever reach a small p (3 against 3: Mann-Whitney's smallest p is 0.1)."""
+    la, lb = np.log(np.asarray(a, dtype=np.float64)), np.log(np.asarray(b, dtype=np.float64))
+    if len(la) < 2 or len(lb) < 2:
+        return float("nan")
+    if np.ptp(la) == 0 and np.ptp(lb) == 0:
+        return 0.0 if la[0] != lb[0] else 1.0
+    return float(sps.ttest_ind(lb, la, equal_var=False).pvalue)
+
+
+PAIRED_TESTS = ("t", "wilcoxon")
+
+
+@dataclass
+class PairedResult:
+    """An interleaved A/B comparison of one cell over R rounds (ratio = B / A)."""
+
+    rounds: int
+    ratio: float  # geometric mean of the per-round ratios
+    ratio_low: float  # 95% interval of that mean (t-based on the log ratios)
+    ratio_high: float
+    p_value: float
+    detectable: float  # smallest |change| (as a fraction) this test could call at alpha
+    log_sd: float  # standard deviation of the per-round log ratios
+
+
+def paired_test(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, test: str = "t") -> PairedResult:
+    """Per-round paired throughputs of sides A and B (same length R): are they different?
+
+    Works on the log ratios log(b_r / a_r), so a round's drift (which hits both sides of
+    the round alike) cancels. `test`: a one-sample t-test of the mean log ratio against 0
+    (the default: with 4-8 rounds it still has power), or the Wilcoxon signed-rank test
+    (no normality assumption, but its smallest two-sided p is 2 / 2**R).
+    `detectable`: the change at which the t-test would reach `alpha` given the spread of
+    the log ratios seen (the noise floor of an A/A run).
+    """
+    if test not in PAIRED_TESTS:
+        raise ValueError(f"unknown paired test {test!r}; known: {', '.join(PAIRED_TESTS)}")
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(a) != len(b) or len(a) == 0:
+        raise ValueError("paired_test needs the same number (>= 1) of A and B measurements")
+    logs = np.log(b / a)
+    r = len(logs)
+    mean = float(np.mean(logs))
+    sd = float(np.std(logs, ddof=1)) if r > 1 else float("nan")
+    if r < 2:
+        return PairedResult(r, math.exp(mean), float("nan"), float("nan"), float("nan"), float("nan"), sd)
+    t_crit = float(sps.t.ppf(1.0 - alpha / 2.0, r - 1))
+    t95 = float(sps.t.ppf(0.975, r - 1))
+    half = t95 * sd / math.sqrt(r)
+    if test == "t":
+        p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else float(sps.ttest_1samp(logs, 0.0).pvalue))
+    else:
+        p = 1.0 if np.all(logs == 0) else float(sps.wilcoxon(logs, alternative="two-sided").pvalue)
+    detectable = math.expm1(t_crit * sd / math.sqrt(r))
+    return PairedResult(r, math.exp(mean), math.exp(mean - half), math.exp(mean + half), p, detectable, sd)
+
+
+def wilcoxon_min_p(rounds: int) -> float:
+    """The smallest two-sided p the exact signed-rank test can give with `rounds` pairs."""
+    return min(1.0, 2.0 / 2**rounds) if rounds else 1.0

@@ -14,6 +14,7 @@ matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from .. import stats  # noqa: E402
 from ..errors import UserError  # noqa: E402
 from ..plan.spec import BASELINE_VARIANT  # noqa: E402
 from .report import AXIS_COLUMNS, VARIANT_AXES  # noqa: E402
@@ -108,12 +109,22 @@ def _finish(ax, fig, title: str) -> None:
 
 
 def _speedup_plot(frame: pd.DataFrame, title: str):
+    """Bars of each variant's speedup over the baseline cell that agrees on every other axis,
+    with the 95% interval of the ratio (both cells resampled: processes, then windows)."""
     keys = [a for a in [*AXIS_COLUMNS, "run"] if a not in VARIANT_AXES]
-    baselines = frame[frame["variant"] == BASELINE_VARIANT].set_index(keys)["samples_per_sec"]
+    baselines = {tuple(str(row[k]) for k in keys): row for _, row in frame[frame["variant"] == BASELINE_VARIANT].iterrows()}
     others = frame[frame["variant"] != BASELINE_VARIANT].copy()
-    others["speedup"] = [
-        row["samples_per_sec"] / baselines.get(tuple(row[k] for k in keys), float("nan")) for _, row in others.iterrows()
-    ]
+    speedups, lows, highs = [], [], []
+    for _, row in others.iterrows():
+        base = baselines.get(tuple(str(row[k]) for k in keys))
+        if base is None or not base["samples_per_sec"]:
+            speedups.append(float("nan")), lows.append(float("nan")), highs.append(float("nan"))
+            continue
+        speedups.append(row["samples_per_sec"] / base["samples_per_sec"])
+        low, high = (stats.ratio_interval(base["process_windows"], row["process_windows"])
+                     if base["process_windows"] and row["process_windows"] else (float("nan"), float("nan")))
+        lows.append(low), highs.append(high)
+    others["speedup"], others["speedup_low"], others["speedup_high"] = speedups, lows, highs
     others = others.dropna(subset=["speedup"])
     if others.empty:
         return None
@@ -126,8 +137,11 @@ def _speedup_plot(frame: pd.DataFrame, title: str):
     for i, name in enumerate(series):
         cells = others[others["series"] == name].set_index("batch_size")
         xs = [b for b in range(len(batches)) if batches[b] in cells.index]
-        ax.bar([x + i * width for x in xs], [cells.loc[batches[x], "speedup"] for x in xs], width=width, label=name,
-               color=_COLORS(i % 20))
+        values = [cells.loc[batches[x]] for x in xs]
+        yerr = [[max(0.0, v["speedup"] - v["speedup_low"]) if pd.notna(v["speedup_low"]) else 0.0 for v in values],
+                [max(0.0, v["speedup_high"] - v["speedup"]) if pd.notna(v["speedup_high"]) else 0.0 for v in values]]
+        ax.bar([x + i * width for x in xs], [v["speedup"] for v in values], width=width, label=name,
+               color=_COLORS(i % 20), yerr=yerr, capsize=3, ecolor="black")
     ax.axhline(1.0, color="black", linewidth=1, linestyle="--", label=f"{BASELINE_VARIANT} (1.0x)")
     ax.set_xticks([x + width * (len(series) - 1) / 2 for x in range(len(batches))])
     ax.set_xticklabels([str(b) for b in batches])
@@ -167,6 +181,8 @@ def figures(frame: pd.DataFrame) -> dict[str, object]:
     if ok.empty:
         return {}
     where = f"suite {_suite(ok)} on {_machine(ok)}"
+    if not ok["run_to_run_measured"].fillna(False).astype(bool).all():
+        where += "; error bars of one-process cells leave out run-to-run noise"
     missing = frame[frame["status"] != "ok"]
     if len(missing):
         reasons = ", ".join(sorted({f"{s}: {r}" if r else str(s) for s, r in zip(missing["status"], missing["reason"])}))

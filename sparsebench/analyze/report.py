@@ -36,6 +36,7 @@ AXIS_COLUMNS = (
 )
 VARIANT_AXES = ("variant", "shards", "partition_strategy")  # how sp @ W is computed
 NOISY_MARK = "*"
+TIE_MARK = "≈"  # the fastest pick, with a runner-up inside its interval
 
 
 @dataclass
@@ -73,8 +74,10 @@ def load(paths: list[Path]) -> Loaded:
             row["machine"] = machine
             row["label"] = _label(record)
             row["profile"] = record.get("profile")  # op table, for records written by `profile`
+            row["process_windows"] = record.get("process_windows") or ([record["windows"]] if record.get("windows")
+                                                                       else None)
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile"])
+    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows"])
     return Loaded(frame, runs, warnings)
 
 
@@ -141,6 +144,32 @@ def _noisy_note(frame: pd.DataFrame) -> list[str]:
     return []
 
 
+ONE_PROCESS_MARK = "†"
+ONE_PROCESS_NOTE = (f"{ONE_PROCESS_MARK} measured in one process: the interval comes from that process's windows "
+                    f"and says nothing of run-to-run noise, which is often larger (measure with --processes N)")
+
+
+def one_process(row: pd.Series) -> bool:
+    """An ok cell whose interval does not include run-to-run noise."""
+    return row["status"] == "ok" and not bool(row.get("run_to_run_measured"))
+
+
+def interval_text(row: pd.Series) -> str:
+    mark = f" {ONE_PROCESS_MARK}" if one_process(row) else ""
+    return f"{sig3(row['samples_per_sec_low'])} - {sig3(row['samples_per_sec_high'])}{mark}"
+
+
+def _one_process_note(frame: pd.DataFrame) -> list[str]:
+    return [ONE_PROCESS_NOTE] if len(frame) and frame.apply(one_process, axis=1).any() else []
+
+
+def _spread_text(row: pd.Series) -> str:
+    """CV of one process's windows, or within / between processes."""
+    if row.get("between_process_cv") is not None and not pd.isna(row.get("between_process_cv")):
+        return f"{row['within_process_cv'] or 0:.1%} / {row['between_process_cv']:.1%}"
+    return f"{row['cv']:.1%}" if row["cv"] is not None and not pd.isna(row["cv"]) else ""
+
+
 def _multi_run(frame: pd.DataFrame) -> bool:
     return frame["run"].nunique() > 1
 
@@ -155,14 +184,15 @@ def view_matrix(frame: pd.DataFrame) -> View:
             "cell": row["label"],
             "status": status_text(row),
             "samples/s": rate_cell(row) if ok else "",
-            "95% interval": f"{sig3(row['samples_per_sec_low'])} - {sig3(row['samples_per_sec_high'])}" if ok else "",
-            "CV": f"{row['cv']:.1%}" if ok and row["cv"] is not None else "",
+            "95% interval": interval_text(row) if ok else "",
+            "processes": str(int(row["processes"])) if ok and not pd.isna(row["processes"]) else "",
+            "CV (within / between)": _spread_text(row) if ok else "",
             "loss": f"{row['loss']:.4f}" if ok and row["loss"] is not None else "",
             "AUC": f"{row['auc']:.3f}" if ok and row["auc"] is not None else "",
             "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",
             "grad": row["grad_type"] if ok else "",
         })
-    return View("All cells", pd.DataFrame(rows), _noisy_note(frame), frame)
+    return View("All cells", pd.DataFrame(rows), _noisy_note(frame) + _one_process_note(frame), frame)
 
 
 def view_talk(frame: pd.DataFrame) -> View:
@@ -174,6 +204,7 @@ def view_talk(frame: pd.DataFrame) -> View:
     devices = [d for d in ("cpu", "gpu") if d in set(frame["device"])]
     notes, out_rows, numeric_rows = [], [], []
     optimized_variants: set[str] = set()
+    ties: list[str] = []
     multi = _multi_run(frame)
     # Baseline and optimized are compared only between cells that agree on everything but
     # the variant: any other axis that varies (optimizer, threads, ...) gets its own rows.
@@ -205,10 +236,17 @@ def view_talk(frame: pd.DataFrame) -> View:
             d = device.upper()
             row[f"{d} baseline"], base_rates[device] = _pick(base, fastest=True)
             row[f"{d} optimized"], best_rates[device] = _pick(others, fastest=True)
-            ok_others = others[others["status"] == "ok"]
+            ok_others = others[others["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
             if len(ok_others):
-                winner = ok_others.loc[ok_others["samples_per_sec"].idxmax()]
+                winner = ok_others.iloc[0]
                 optimized_variants.add(winner["label"])
+                tied = [r for _, r in ok_others.iloc[1:].iterrows()
+                        if r["samples_per_sec"] >= winner["samples_per_sec_low"]]
+                if tied:
+                    row[f"{d} optimized"] += TIE_MARK
+                    ties.append(f"{TIE_MARK} batch {int(batch)} {d}: {winner['label']} is the fastest, but "
+                                f"{', '.join(r['label'] + ' (' + sig3(r['samples_per_sec']) + ')' for r in tied)} "
+                                f"lies within its interval ({interval_text(winner)}): a tie, not a finding")
             nums[f"{device}_baseline"] = base_rates[device]
             nums[f"{device}_optimized"] = best_rates[device]
             speedup = _div(best_rates[device], base_rates[device])
@@ -224,7 +262,7 @@ def view_talk(frame: pd.DataFrame) -> View:
     notes.append(f"baseline: {BASELINE_VARIANT}; optimized: the fastest other variant measured at that batch size and device")
     if optimized_variants:
         notes.append("optimized cells: " + ", ".join(sorted(optimized_variants)))
-    notes += _noisy_note(all_frame)
+    notes += ties + _noisy_note(all_frame) + _one_process_note(all_frame[all_frame["status"] == "ok"])
     return View("Training throughput, samples/s (the talk's table)", pd.DataFrame(out_rows), notes, pd.DataFrame(numeric_rows))
 
 
@@ -363,10 +401,10 @@ def render_markdown(view: View) -> str:
 
 
 def looks_numeric(value: Any) -> bool:
-    """A display value that is a number: 12,300 / 1.23 / 2.50x / 25,000* / 4.1% / -3.0%."""
+    """A display value that is a number: 12,300 / 1.23 / 2.50x / 25,000* / 24,800≈ / 4.1% / -3.0%."""
     if isinstance(value, (int, float)):
         return True
-    text = str(value).strip().replace(",", "").replace(".", "").lstrip("+-").rstrip("x%" + NOISY_MARK)
+    text = str(value).strip().replace(",", "").replace(".", "").lstrip("+-").rstrip("x%" + NOISY_MARK + TIE_MARK)
     return text.isdigit()
 
 

@@ -96,7 +96,8 @@ def _describe_exit(returncode: int) -> str:
     return f"worker exited with code {returncode}"
 
 
-def _last_line(path: Path) -> str:
+def last_line(path: Path) -> str:
+    """The last non-empty line of a log (what a failed process said last), or ''."""
     try:
         lines = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
     except OSError:
@@ -104,9 +105,11 @@ def _last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def make_record(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
-    """A results-file record: the cell, its flat axes, then what the worker measured."""
-    return {"cell_id": cell.cell_id, "axes": cell.axes(), "cell": cell.to_dict(), **result, "recorded_at": time.time()}
+def make_record(cell: Cell, result: dict[str, Any], round: int = 1) -> dict[str, Any]:
+    """A results-file record: the cell, its flat axes, which of its processes (`round`),
+    then what the worker measured."""
+    return {"cell_id": cell.cell_id, "axes": cell.axes(), "cell": cell.to_dict(), "round": round, **result,
+            "recorded_at": time.time()}
 
 
 class Orchestrator:
@@ -125,8 +128,11 @@ class Orchestrator:
         self.python = python
         self.on_start = on_start
         self._process: subprocess.Popen | None = None
+        self._round = 1
 
-    def run(self, cells: list[Cell]) -> None:
+    def run(self, cells: list[Cell], round: int = 1) -> None:
+        """Run `cells` once each, in fresh worker processes; their records say `round`."""
+        self._round = round
         for group in groups_of(cells, self.isolation):
             remaining = list(group)
             while remaining:
@@ -161,7 +167,7 @@ class Orchestrator:
         while True:
             result_file = folder / f"{index}.json"
             if result_file.exists():
-                self.record(Outcome(cells[index], make_record(cells[index], json.loads(result_file.read_text()))))
+                self.record(Outcome(cells[index], make_record(cells[index], json.loads(result_file.read_text()), self._round)))
                 index += 1
                 if index == len(cells):
                     try:
@@ -178,15 +184,17 @@ class Orchestrator:
                 if result_file.exists():  # written just before exit
                     continue
                 reason = _describe_exit(returncode)
-                detail = _last_line(log)
+                detail = last_line(log)
                 self.record(
-                    Outcome(cell, make_record(cell, {"status": "failed", "reason": f"{reason}: {detail}" if detail else reason}))
+                    Outcome(cell, make_record(cell, {"status": "failed", "reason": f"{reason}: {detail}" if detail else reason},
+                                      self._round))
                 )
                 return cells[index + 1 :]
             if time.monotonic() - clock_start > cell.measure.timeout_s:
                 self._kill()
                 self.record(
-                    Outcome(cell, make_record(cell, {"status": "timeout", "reason": f"no result after {cell.measure.timeout_s:g} s"}))
+                    Outcome(cell, make_record(cell, {"status": "timeout", "reason": f"no result after {cell.measure.timeout_s:g} s"},
+                                      self._round))
                 )
                 return cells[index + 1 :]
             time.sleep(POLL_S)

@@ -50,8 +50,10 @@ def describe_record(record: dict) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, quiet: bool = False, out: TextIO | None = None, err: TextIO | None = None):
+    def __init__(self, total: int, quiet: bool = False, out: TextIO | None = None, err: TextIO | None = None,
+                 processes: int = 1):
         self.total = total
+        self.processes = processes
         self.quiet = quiet
         self.out = out or sys.stdout
         self.err = err or sys.stderr
@@ -80,7 +82,9 @@ class Progress:
         if self.live:
             self.err.write("\r\033[K")
         if not self.quiet or record.get("status") not in ("ok", "skipped"):
-            print(f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}", file=self.out, flush=True)
+            which = f" (process {record.get('round', 1)}/{self.processes})" if self.processes > 1 else ""
+            print(f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}{which}", file=self.out,
+                  flush=True)
         self._draw()
 
     def close(self) -> None:

@@ -31,8 +31,9 @@ from .progress import Progress
 class RunSummary:
     path: Path
     counts: Counter = field(default_factory=Counter)
-    planned: int = 0
+    planned: int = 0  # worker runs of a cell (a cell measured in N processes counts N)
     already_done: int = 0
+    processes: int = 1
 
     @property
     def exit_code(self) -> int:
@@ -41,7 +42,28 @@ class RunSummary:
     def line(self) -> str:
         parts = [f"{self.counts[s]} {s}" for s in ("ok", "skipped", "failed", "timeout") if self.counts[s]]
         resumed = f" ({self.already_done} already done)" if self.already_done else ""
-        return f"{self.planned} cells run{resumed}: {', '.join(parts) or 'nothing'}; results in {self.path}"
+        what = "cells" if self.processes == 1 else f"cell processes ({self.processes} per cell)"
+        return f"{self.planned} {what} run{resumed}: {', '.join(parts) or 'nothing'}; results in {self.path}"
+
+
+Schedule = list[tuple[int, list[Cell]]]  # (round, cells to measure in that round)
+
+
+def plan_rounds(cells: list[Cell], done: set[tuple[str, int]] = frozenset()) -> Schedule:
+    """Round r measures every cell that asks for at least r processes, each in a fresh
+    process, before round r + 1 starts: slow drift of the machine then hits every cell
+    alike instead of the cells that happen to run last."""
+    rounds = max((c.measure.processes for c in cells), default=1)
+    schedule = []
+    for r in range(1, rounds + 1):
+        todo = [c for c in cells if c.measure.processes >= r and (c.cell_id, r) not in done]
+        if todo:
+            schedule.append((r, todo))
+    return schedule
+
+
+def _size(schedule: Schedule) -> int:
+    return sum(len(cells) for _, cells in schedule)
 
 
 def git_revision() -> dict[str, Any] | None:
@@ -110,9 +132,10 @@ def run(
         if suite_arg is None:
             raise UserError("run: give --suite NAME|PATH (or --resume RESULTS)")
         suite, cells = prepare(suite_arg, overrides)
-        todo = cells
+        todo = plan_rounds(cells)
         path = Path(output) if output is not None else default_output(suite)
-        run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells))
+        run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells),
+                              processes=max(c.measure.processes for c in cells))
         writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
 
     def require(record: dict[str, Any]) -> dict[str, Any]:
@@ -122,13 +145,15 @@ def run(
             record = adjust(record)
         return record
 
-    summary = RunSummary(path=path, planned=len(todo), already_done=len(cells) - len(todo))
+    total = _size(plan_rounds(cells))
+    summary = RunSummary(path=path, planned=_size(todo), already_done=total - _size(todo),
+                         processes=max(c.measure.processes for c in cells))
     execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require)
     return summary
 
 
 def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path | None, require_gpu: bool,
-           allow_env_change: bool) -> tuple[Suite, list[Cell], list[Cell], dict[str, Any], ResultsWriter, dict]:
+           allow_env_change: bool) -> tuple[Suite, list[Cell], Schedule, dict[str, Any], ResultsWriter, dict]:
     """`--resume`: the run's suite and settings from the file's header, the cells still to
     run, and the file reopened for appending. Refuses whatever would silently change the
     run: new --set or --output, another suite, another machine (unless allowed: then every
@@ -153,10 +178,11 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     for assignment in run_meta.get("overrides", []):
         suite.override(assignment)
     cells = suite.cells()
-    done = previous.done_ids()
+    done = previous.done_rounds()
     if require_gpu:  # a cell skipped for want of a GPU is not done when a GPU is required
-        done -= {r["cell_id"] for r in previous.latest() if r.get("status") == "skipped" and r.get("reason") == "no GPU"}
-    todo = [c for c in cells if c.cell_id not in done]
+        done -= {(r["cell_id"], r.get("round", 1)) for r in previous.records
+                 if r.get("status") == "skipped" and r.get("reason") == "no GPU"}
+    todo = plan_rounds(cells, done)
     writer = ResultsWriter(path)
     for warning in writer.warnings:
         print(f"warning: {warning}", file=sys.stderr)
@@ -164,17 +190,17 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     return suite, cells, todo, run_meta, writer, note
 
 
-def execute(cells: list[Cell], writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
+def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
             job_extra: dict[str, Any] | None = None,
             adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record) -> list[tuple[Cell, dict]]:
-    """Run `cells` through workers, appending each (adjusted) record as it arrives; always
-    closes the writer. Returns (cell, record) pairs in the order they finished."""
+    """Run the schedule's rounds through workers, appending each (adjusted) record as it
+    arrives; always closes the writer. Returns (cell, record) pairs in the order they finished."""
     _, dropped = inherited_variables()
     for name, value in dropped.items():
         print(f"warning: {name}={value} in your environment is ignored: each cell sets its own threads and "
               f"oneDNN (axes intra_op_threads, inter_op_threads, omp_num_threads, mkl_num_threads, "
               f"kmp_blocktime, onednn)", file=sys.stderr)
-    progress = Progress(len(cells), quiet=quiet)
+    progress = Progress(_size(schedule), quiet=quiet, processes=summary.processes)
     finished: list[tuple[Cell, dict[str, Any]]] = []
 
     def record(outcome: Outcome) -> None:
@@ -186,7 +212,8 @@ def execute(cells: list[Cell], writer: ResultsWriter, summary: RunSummary, quiet
 
     orchestrator = Orchestrator(record, isolation=isolation, on_start=progress.start, job_extra=job_extra)
     try:
-        orchestrator.run(cells)
+        for round_number, cells in schedule:
+            orchestrator.run(cells, round=round_number)
     finally:
         progress.close()
         writer.close()
@@ -208,6 +235,6 @@ def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | Non
     run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), profile_steps=steps)
     writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
     summary = RunSummary(path=path, planned=len(cells))
-    profiled = execute(cells, writer, summary, quiet, run_meta["isolation"],
+    profiled = execute([(1, cells)], writer, summary, quiet, run_meta["isolation"],
                        job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
     return folder, profiled, summary

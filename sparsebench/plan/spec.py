@@ -175,6 +175,9 @@ class MeasureSpec:
     """How a cell is timed. Not part of a cell's identity: the same configuration measured
     with more windows is still the same cell, so runs stay comparable."""
 
+    # Fresh worker processes each cell is measured in, in rounds across the suite's cells:
+    # the process, not the window, is the unit of run-to-run noise.
+    processes: int = 1
     warmup_steps: int = 10
     windows: int = 5
     # A window ends after `steps_per_window` steps or `seconds_per_window` seconds,
@@ -187,6 +190,7 @@ class MeasureSpec:
     timeout_s: float = 300.0  # per cell, start-up included
 
     def validate(self) -> None:
+        _require(self.processes >= 1, "processes", "must be >= 1")
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.windows >= 1, "windows", "must be >= 1")
         _require(self.steps_per_window is None or self.steps_per_window >= 1, "steps_per_window", "must be >= 1")

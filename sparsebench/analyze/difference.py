@@ -1,0 +1,182 @@
+"""A difference report between two sides, as pure data, and its renderings.
+
+`compare` (two stored runs) and `ab` (an interleaved A/B run) decide differently but
+report alike: per cell a verdict, both medians, the change with its 95% interval, the
+test's p-value and what it rests on (windows, processes or paired rounds), then notes,
+the rule, and the summary line last (google/benchmark's split between the difference
+report and its rendering).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..results import Results, clean_json
+
+VERDICTS = ("regressed", "improved", "unchanged", "not compared")
+
+
+@dataclass
+class CellDifference:
+    cell_id: str
+    status: str  # one of VERDICTS
+    baseline: float | None = None  # median samples/s
+    current: float | None = None
+    ratio: float | None = None  # current / baseline
+    ratio_low: float | None = None
+    ratio_high: float | None = None
+    p_value: float | None = None
+    samples: tuple[int, int] = (0, 0)  # how many of `unit` each side had
+    unit: str = "windows"  # windows | processes | rounds
+    detectable: float | None = None  # the smallest change this cell's test could call (a fraction)
+    note: str = ""
+
+    def basis(self) -> str:
+        if self.unit == "rounds":
+            floor = f", detectable ±{self.detectable:.1%}" if self.detectable is not None else ""
+            return f"{self.samples[0]} paired rounds{floor}"
+        return f"{self.samples[0]} vs {self.samples[1]} {self.unit}"
+
+
+@dataclass
+class DifferenceReport:
+    cells: list[CellDifference] = field(default_factory=list)
+    names: tuple[str, str] = ("baseline", "current")
+    rule: str = ""  # the decision rule, in words
+    notes: list[str] = field(default_factory=list)  # what the reader must know before trusting a verdict
+    only_in_baseline: list[str] = field(default_factory=list)
+    only_in_current: list[str] = field(default_factory=list)
+    environment_warnings: list[str] = field(default_factory=list)
+    power_warnings: list[str] = field(default_factory=list)
+    max_regression: float = 0.10
+    alpha: float = 0.01
+    shift: float | None = None  # the change every cell shared (stored runs), as a fraction
+    shift_status: str = "unchanged"  # a shared shift beyond its limit is a finding of its own
+
+    def count(self, status: str) -> int:
+        return sum(1 for c in self.cells if c.status == status)
+
+    @property
+    def compared(self) -> int:
+        return sum(1 for c in self.cells if c.status != "not compared")
+
+    def summary(self) -> str:
+        line = (f"{self.compared} cells compared, {self.count('regressed')} regressed, "
+                f"{self.count('improved')} improved, {self.count('unchanged')} unchanged")
+        if self.shift_status != "unchanged":
+            line += f"; the whole run {self.shift_status} ({self.shift:+.1%} shared by all cells)"
+        return line
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.count("regressed") or self.shift_status == "regressed" else 0
+
+
+def verdict(ratio: float, p: float, max_regression: float, alpha: float, floor: float | None = None) -> str:
+    """regressed / improved only when the change is beyond the factor (or `floor`, when
+    larger) AND the test is significant; otherwise unchanged."""
+    factor = max(max_regression, floor or 0.0)
+    if p < alpha and ratio < 1.0 - factor:
+        return "regressed"
+    if p < alpha and ratio > 1.0 + factor:
+        return "improved"
+    return "unchanged"
+
+
+def _pct(ratio: float | None) -> str:
+    return "" if ratio is None else f"{(ratio - 1.0) * 100:+.1f}%"
+
+
+def _header(report: DifferenceReport) -> list[str]:
+    first, second = report.names
+    return ["cell", "verdict", f"{first} samples/s", f"{second} samples/s", "change", "95% CI of change", "p",
+            "basis", "note"]
+
+
+def _rows(report: DifferenceReport) -> list[list[str]]:
+    rows = []
+    for c in report.cells:
+        if c.status == "not compared":
+            rows.append([c.cell_id, c.status, "", "", "", "", "", "", c.note])
+            continue
+        interval = f"{_pct(c.ratio_low)} .. {_pct(c.ratio_high)}" if c.ratio_low is not None else ""
+        rows.append([
+            c.cell_id, c.status.upper() if c.status != "unchanged" else c.status,
+            f"{c.baseline:,.0f}", f"{c.current:,.0f}", _pct(c.ratio), interval,
+            f"{c.p_value:.3g}" if c.p_value is not None else "", c.basis(), c.note,
+        ])
+    return rows
+
+
+def _warnings(report: DifferenceReport) -> list[str]:
+    lines = []
+    for w in report.environment_warnings:
+        lines.append(f"WARNING: environment {w}: this comparison measures the machine, not the code")
+    lines += [f"warning: {w}" for w in report.power_warnings]
+    lines += [f"note: {n}" for n in report.notes]
+    lines += [f"only in {report.names[0]}: {cid}" for cid in report.only_in_baseline]
+    lines += [f"only in {report.names[1]}: {cid}" for cid in report.only_in_current]
+    return lines
+
+
+def render_table(report: DifferenceReport) -> str:
+    header, rows = _header(report), _rows(report)
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    lines = _warnings(report)
+    lines += ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["", report.rule, report.summary()]
+    return "\n".join(lines)
+
+
+def render_markdown(report: DifferenceReport) -> str:
+    lines = [f"> {w}" for w in _warnings(report)]
+    if lines:
+        lines.append("")
+    header = _header(report)
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in _rows(report)]
+    lines += ["", report.rule, "", report.summary()]
+    return "\n".join(lines)
+
+
+def render_json(report: DifferenceReport) -> str:
+    payload = {
+        "cells": [asdict(c) for c in report.cells],
+        "names": list(report.names),
+        "rule": report.rule,
+        "notes": report.notes,
+        "only_in_baseline": report.only_in_baseline,
+        "only_in_current": report.only_in_current,
+        "environment_warnings": report.environment_warnings,
+        "power_warnings": report.power_warnings,
+        "max_regression": report.max_regression,
+        "alpha": report.alpha,
+        "shift": report.shift,
+        "shift_status": report.shift_status,
+        "summary": report.summary(),
+        **{status: report.count(status) for status in ("regressed", "improved", "unchanged")},
+    }
+    return json.dumps(clean_json(payload), indent=2, allow_nan=False)
+
+
+RENDERERS = {"table": render_table, "markdown": render_markdown, "json": render_json}
+
+
+def github_benchmark(current: Results) -> list[dict[str, Any]]:
+    """A run in github-action-benchmark's `customBiggerIsBetter` shape."""
+    out = []
+    for record in current.latest():
+        if record.get("status") != "ok":
+            continue
+        low, high = record.get("samples_per_sec_low"), record.get("samples_per_sec_high")
+        entry = {"name": record["cell_id"], "unit": "samples/s", "value": record["samples_per_sec"]}
+        if low is not None and high is not None:
+            entry["range"] = f"{low:.0f} .. {high:.0f} (95% CI)"
+        processes = record.get("processes") or 1
+        entry["extra"] = (f"{processes} process(es), {len(record.get('windows') or [])} windows, "
+                          f"CV {record.get('cv') or 0:.1%}")
+        out.append(entry)
+    return out

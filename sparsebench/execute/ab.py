@@ -1,0 +1,160 @@
+"""`sparsebench ab`: two sides measured alternately on one machine, in one command.
+
+Why: two stored runs made minutes apart differ by whatever the shared machine did in
+between (tens of percent here), and nothing in either run can tell that drift from a
+change of the code. Measuring both sides alternately, round after round, makes the drift
+hit both alike, and pairing each round's A with its B cancels it ("duet" benchmarking;
+asv's `--interleave-rounds`). The order within rounds alternates, A B B A A B ..., so a
+trend during a round favours neither side.
+
+A side is an interpreter (`--a-python`: another virtualenv, with another TensorFlow or
+another sparsebench) and settings (`--a-set AXIS=V`). Each side and round is one
+`PYTHON -m sparsebench run` of the same suite file, in a fresh process tree, so each
+side's own sparsebench expands and measures the cells; this module only schedules the
+sides, keeps their output, and gathers each side's rounds into one results file
+(`a.jsonl`, `b.jsonl`: one record per cell and round, the round as the process).
+Deciding which cells changed is `sparsebench.analyze.paired`'s job.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..errors import UserError
+from ..plan.suite import load_suite
+from ..results import ResultsWriter, read_results
+from .orchestrator import last_line
+
+SIDES = ("A", "B")
+
+
+@dataclass
+class Side:
+    name: str  # "A" or "B"
+    python: str
+    overrides: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        sets = " ".join(f"--set {o}" for o in self.overrides)
+        return f"{self.python}{' ' + sets if sets else ''}"
+
+
+@dataclass
+class ABRun:
+    folder: Path
+    suite_file: Path
+    rounds: int
+    results: dict[str, Path]  # side name -> its results file (every round)
+    seconds: float = 0.0
+    order: list[str] = field(default_factory=list)  # the sides in the order they ran
+
+
+def abba_order(rounds: int) -> list[tuple[int, str]]:
+    """(round, side) in the order they run: A B, B A, A B, ..."""
+    order = []
+    for r in range(1, rounds + 1):
+        order += [(r, side) for side in (SIDES if r % 2 else SIDES[::-1])]
+    return order
+
+
+def identical(a: Side, b: Side) -> bool:
+    """An A/A run: same interpreter, same settings (measures the machine's noise floor)."""
+    return (shutil.which(a.python) or a.python) == (shutil.which(b.python) or b.python) and a.overrides == b.overrides
+
+
+def prepare(suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path) -> Path:
+    """Check both sides' settings here (a bad --a-set fails now, not minutes later) and
+    write the suite both sides will run into `folder`."""
+    suite = load_suite(suite_arg)
+    counts = {}
+    for side in (a, b):
+        copy = load_suite(suite_arg)
+        for assignment in [*overrides, *side.overrides]:
+            copy.override(assignment)
+        counts[side.name] = len(copy.cells())
+    if counts["A"] != counts["B"]:
+        raise UserError(f"ab: side A expands to {counts['A']} cells and side B to {counts['B']}; the sides must "
+                        f"differ in how a cell runs, not in which cells there are")
+    if any((folder / f"{name.lower()}.jsonl").exists() for name in SIDES):
+        raise UserError(f"{folder}: already holds an A/B run; choose another --output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        suite_file = folder / f"{suite.name}.toml"
+        suite_file.write_text(suite.text)
+    except OSError as exc:
+        raise UserError(f"{folder}: cannot write the A/B run here: {exc.strerror}") from None
+    return suite_file
+
+
+def _side_command(side: Side, suite_file: Path, overrides: list[str], output: Path) -> list[str]:
+    sets = [arg for assignment in [*overrides, *side.overrides] for arg in ("--set", assignment)]
+    return [side.python, "-m", "sparsebench", "run", "--suite", str(suite_file), *sets, "--quiet", "--output",
+            str(output)]
+
+
+def run_ab(suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
+           say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
+    """Run every (round, side) in ABBA order; return where each side's results are."""
+    if rounds < 2:
+        raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
+    suite_file = prepare(suite_arg, overrides, a, b, folder)
+    sides = {"A": a, "B": b}
+    per_round: dict[str, list[Path]] = {"A": [], "B": []}
+    started = time.monotonic()
+    run = ABRun(folder, suite_file, rounds, {})
+    for r, name in abba_order(rounds):
+        side = sides[name]
+        output = folder / f"{name.lower()}-round{r}.jsonl"
+        log = folder / f"{name.lower()}-round{r}.log"
+        t0 = time.monotonic()
+        with open(log, "w") as fh:
+            done = subprocess.run(_side_command(side, suite_file, overrides, output), stdout=fh,
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        last = last_line(log)
+        if done.returncode == 130:
+            raise KeyboardInterrupt
+        if done.returncode not in (0, 1) or not output.exists():
+            raise UserError(f"ab: side {name} ({side.describe()}) round {r} failed: {last or 'no output'} "
+                            f"(full log: {log})")
+        per_round[name].append(output)
+        run.order.append(name)
+        say(f"round {r}/{rounds} side {name}: {last} ({time.monotonic() - t0:.0f} s)")
+    for name in SIDES:
+        run.results[name] = gather(per_round[name], folder / f"{name.lower()}.jsonl", sides[name], rounds)
+    run.seconds = time.monotonic() - started
+    return run
+
+
+def gather(round_files: list[Path], path: Path, side: Side, rounds: int) -> Path:
+    """One side's round files -> one results file: the first round's header (plus what
+    the A/B run was), then every record with its round."""
+    first = read_results(round_files[0])
+    header = {k: v for k, v in first.header.items() if k not in ("schema", "version")}
+    header["ab"] = {"side": side.name, "python": side.python, "overrides": side.overrides, "rounds": rounds}
+    with ResultsWriter(path, lambda: header) as writer:
+        for r, round_file in enumerate(round_files, start=1):
+            for record in read_results(round_file).records:
+                writer.append({**record, "round": r})
+    return path
+
+
+def default_folder(suite_arg: str) -> Path:
+    name = Path(suite_arg).stem if suite_arg.endswith(".toml") else suite_arg
+    return Path("results") / f"ab-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def python_of(path: str | None) -> str:
+    """The interpreter a side runs: the given one (checked), or this one."""
+    if path is None:
+        return sys.executable
+    found = shutil.which(path) if os.sep not in path else (path if os.access(path, os.X_OK) else None)
+    if not found:
+        raise UserError(f"{path}: no such Python interpreter (give the path to a virtualenv's bin/python)")
+    return found

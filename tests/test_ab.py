@@ -1,0 +1,91 @@
+"""`sparsebench ab` and `run --processes` end to end on the tiny suite (real workers)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sparsebench.execute.ab import abba_order
+from sparsebench.execute.runner import plan_rounds
+from sparsebench.plan.suite import load_suite
+from sparsebench.results import read_results
+
+pytestmark = pytest.mark.slow
+
+TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, check=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env)
+    if check is not None:
+        assert done.returncode == check, done.stdout + done.stderr
+    return done
+
+
+def test_abba_order():
+    assert [side for _, side in abba_order(4)] == list("ABBAABBA")
+    assert [r for r, _ in abba_order(2)] == [1, 1, 2, 2]
+
+
+def test_rounds_measure_every_cell_before_the_next_round():
+    suite = load_suite(str(TINY))
+    suite.override("processes=3")
+    cells = suite.cells()
+    schedule = plan_rounds(cells)
+    assert [(r, [c.cell_id for c in cs]) for r, cs in schedule] == [(r, [c.cell_id for c in cells]) for r in (1, 2, 3)]
+    done = {(cells[0].cell_id, 1), (cells[0].cell_id, 2), (cells[1].cell_id, 1)}
+    assert [(r, [c.cell_id for c in cs]) for r, cs in plan_rounds(cells, done)] == [
+        (2, [cells[1].cell_id]), (3, [c.cell_id for c in cells])]
+
+
+def test_run_with_processes_interleaves_rounds_and_merges_them(tmp_path):
+    out = tmp_path / "r.jsonl"
+    done = cli("run", "--suite", str(TINY), "--processes", "2", "--output", str(out), check=0)
+    assert "4 cell processes (2 per cell) run: 4 ok" in done.stdout and "(process 2/2)" in done.stdout
+    results = read_results(out)
+    order = [(r["cell_id"].split("-")[0], r["round"]) for r in results.records]
+    assert order == [("els", 1), ("sdm", 1), ("els", 2), ("sdm", 2)]
+    assert len({r["worker"]["pid"] for r in results.records}) == 4  # a fresh process each time
+    for merged in results.latest():
+        assert merged["processes"] == 2 and merged["run_to_run_measured"] is True
+        assert len(merged["process_windows"]) == 2 and merged["between_process_cv"] is not None
+    matrix = cli("report", str(out), check=0).stdout
+    assert "†" not in matrix.split("\n\n")[1]  # no one-process mark on these rows
+
+
+def test_ab_runs_sides_in_abba_order_and_pairs_each_round(tmp_path):
+    folder = tmp_path / "ab"
+    done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--b-set", "intra_op_threads=1", "--format", "json",
+               "--output", str(folder))
+    assert done.returncode in (0, 1), done.stderr  # a verdict either way; the order and pairing are what is tested
+    progress = [line for line in done.stderr.splitlines() if line.startswith("round ")]
+    assert [line.split()[3].rstrip(":") for line in progress] == ["A", "B", "B", "A"]
+    payload = json.loads(done.stdout)
+    assert payload["names"] == ["A", "B"] and len(payload["cells"]) == 2
+    for c in payload["cells"]:
+        assert c["unit"] == "rounds" and c["samples"] == [2, 2]
+        assert " vs " in c["cell_id"] and "t1x0" in c["cell_id"]  # B's cells differ by their thread setting
+    a, b = read_results(folder / "a.jsonl"), read_results(folder / "b.jsonl")
+    assert sorted({r["round"] for r in a.records}) == [1, 2] == sorted({r["round"] for r in b.records})
+    assert a.header["ab"]["side"] == "A" and b.header["ab"]["overrides"] == ["intra_op_threads=1"]
+    assert all(r["threads_in_effect"]["intra_op_threads"] == 1 for r in b.records)
+    a_round_means = {(rec["cell_id"], rec["round"]): rec["samples_per_sec"] for rec in a.records}
+    first = payload["cells"][0]
+    a_id = first["cell_id"].split(" vs ")[0]
+    assert first["baseline"] == pytest.approx(sorted([a_round_means[(a_id, 1)], a_round_means[(a_id, 2)]])[0] / 2
+                                              + sorted([a_round_means[(a_id, 1)], a_round_means[(a_id, 2)]])[1] / 2)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--b-set", "batch_size=32,64"], "side A expands to 2 cells and side B to 4"),
+    (["--a-python", "/nonexistent/python"], "/nonexistent/python: no such Python interpreter"),
+    (["--rounds", "1"], "Invalid value for '--rounds'"),
+])
+def test_ab_bad_input_is_one_line(tmp_path, args, message):
+    done = cli("ab", "--suite", str(TINY), "--output", str(tmp_path / "ab"), *args, check=2)
+    assert message in done.stderr and "Traceback" not in done.stderr
