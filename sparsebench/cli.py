@@ -191,13 +191,13 @@ def _emit(report, fmt: str, github_benchmark: Path | None, current) -> int:
 @click.argument("baseline", type=click.Path(path_type=Path))
 @click.argument("current", type=click.Path(path_type=Path))
 @gate_options(0.01, "Slowdown (percent of the baseline median) a cell must exceed to regress.")
-@click.option("--noise-floor", default=None, type=float, metavar="PCT",
-              help="Change beyond the shared shift a cell measured in one process must exceed (its run-to-run "
-                   "noise is unknown). Default 40.")
+@click.option("--noise-factor", default=None, type=float, metavar="F",
+              help="How much a cell measured in one process must change beyond the shared shift, either way, to "
+                   "be flagged (its run-to-run noise is unknown). Default 2: it must halve or double.")
 @click.option("--max-shift", default=None, type=float, metavar="PCT",
               help="Change shared by all cells that counts as a regression of the whole run. Default 20.")
 @click.option("--strict-env", is_flag=True, help="Refuse to compare runs whose environment fingerprints differ.")
-def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noise_floor, max_shift, strict_env):
+def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noise_factor, max_shift, strict_env):
     """Gate on throughput: exit 1 if a cell of CURRENT regressed against BASELINE (two stored runs)."""
     from .analyze import compare as comparing
     from .results import read_results
@@ -205,9 +205,9 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
     base, cur = read_results(baseline), read_results(current)
     for warning in base.warnings + cur.warnings:
         click.echo(f"warning: {warning}", err=True)
-    floor = comparing.STORED_NOISE_FLOOR if noise_floor is None else noise_floor / 100.0
+    factor = comparing.STORED_NOISE_FACTOR if noise_factor is None else noise_factor
     shift = comparing.STORED_MAX_SHIFT if max_shift is None else max_shift / 100.0
-    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha, floor, shift)
+    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha, factor, shift)
     if strict_env and report.environment_warnings:
         raise UserError("--strict-env: " + "; ".join(report.environment_warnings))
     return _emit(report, fmt, github_benchmark, cur)
@@ -224,11 +224,14 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
               help="Rounds, each measuring every cell on both sides (A B, B A, A B, ...).")
 @click.option("--test", "test", type=click.Choice(["t", "wilcoxon"]), default="t", show_default=True,
               help="Paired test over the rounds, on the log ratios B/A.")
+@click.option("--interleave", type=click.Choice(["cell", "suite"]), default="cell", show_default=True,
+              help="cell: the sides take turns cell by cell (both interpreters must run this sparsebench's "
+                   "worker protocol; else it falls back to suite); suite: each side runs the whole suite per round.")
 @gate_options(0.05, "Slowdown of B (percent of A) a cell must exceed to regress.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
-def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, max_regression, alpha, fmt,
-       github_benchmark, output):
+def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
+       alpha, fmt, github_benchmark, output):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A."""
     from .analyze.paired import paired_report
     from .execute import ab as ab_runner
@@ -237,15 +240,23 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
+    notes = []
+    if interleave == "cell" and not all(ab_runner.speaks_protocol(side.python) for side in (a, b)):
+        interleave = "suite"
+        notes.append("a side's sparsebench cannot take turns cell by cell (an older version): each side ran the "
+                     "whole suite per round, so the two halves of a pair are a suite apart")
+    runner = ab_runner.run_interleaved if interleave == "cell" else ab_runner.run_ab
     try:
-        run = ab_runner.run_ab(suite_arg, list(overrides), a, b, rounds, folder)
+        run = runner(suite_arg, list(overrides), a, b, rounds, folder)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the finished rounds' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
     report = paired_report(side_a, side_b, max_regression / 100.0, alpha, test, aa=ab_runner.identical(a, b))
-    report.notes.append(f"{rounds} rounds in {run.seconds / 60:.1f} min, order {' '.join(run.order)}; "
-                        f"A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and {run.results['B']}")
+    order = " ".join(run.order[:8]) + (" ..." if len(run.order) > 8 else "")
+    report.notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
+                             f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
+                             f"{run.results['B']}"]
     return _emit(report, fmt, github_benchmark, side_b)
 
 
@@ -278,6 +289,38 @@ def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     click.echo(f"profiles in {folder}/<cell>/ (TensorBoard: tensorboard --logdir {folder}/<cell>; "
                f"trace.json opens in ui.perfetto.dev); {summary.line()}")
     return summary.exit_code
+
+
+@cli.group()
+def ops():
+    """The fused custom op: build it ahead of time, or say whether it is built."""
+
+
+@ops.command("build")
+def ops_build():
+    """Compile the fused custom op into the per-user cache (once per TensorFlow version and compiler)."""
+    from .execute.custom_op import custom_op
+
+    info = custom_op("build")
+    if not info.get("ok"):
+        log = f" (compiler log: {info['log']})" if info.get("log") else ""
+        raise UserError(f"custom op unavailable: {info.get('reason')}{log}")
+    how = "already built" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.1f} s"
+    click.echo(f"{info['library']} ({how}, compiler {info.get('compiler')})")
+    return 0
+
+
+@ops.command("status")
+def ops_status():
+    """Say whether the fused custom op is built for this machine, and why not."""
+    from .execute.custom_op import custom_op
+
+    info = custom_op("status")
+    if info.get("ok"):
+        click.echo(f"built: {info['library']} (compiler {info.get('compiler')})")
+        return 0
+    click.echo(f"not built: {info.get('reason')}")
+    return 1
 
 
 def main(argv: list[str] | None = None) -> None:

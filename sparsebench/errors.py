@@ -16,13 +16,19 @@ class ConfigError(UserError):
     """A setting is invalid; the message starts with the key (and file) at fault."""
 
 
-class NoGPUError(UserError):
-    """A GPU device was asked for where TensorFlow sees none.
+class CellSkipped(UserError):
+    """A cell cannot run on this machine (no GPU, no compiler for the custom op, ...).
 
-    The orchestrator records cells that raise it as `skipped: no GPU`.
+    The worker records cells that raise it as `skipped: <reason>`, never as a failure.
     """
 
-    reason = "no GPU"
+    def __init__(self, reason: str, message: str | None = None):
+        super().__init__(message or reason)
+        self.reason = reason
+
+
+class NoGPUError(CellSkipped):
+    """A GPU device was asked for where TensorFlow sees none: `skipped: no GPU`."""
 
     def __init__(self, message: str = "no GPU: TensorFlow sees no GPU device on this machine"):
-        super().__init__(message)
+        super().__init__("no GPU", message)

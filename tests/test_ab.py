@@ -58,27 +58,45 @@ def test_run_with_processes_interleaves_rounds_and_merges_them(tmp_path):
     assert "†" not in matrix.split("\n\n")[1]  # no one-process mark on these rows
 
 
-def test_ab_runs_sides_in_abba_order_and_pairs_each_round(tmp_path):
+def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path):
     folder = tmp_path / "ab"
     done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--b-set", "intra_op_threads=1", "--format", "json",
                "--output", str(folder))
     assert done.returncode in (0, 1), done.stderr  # a verdict either way; the order and pairing are what is tested
-    progress = [line for line in done.stderr.splitlines() if line.startswith("round ")]
-    assert [line.split()[3].rstrip(":") for line in progress] == ["A", "B", "B", "A"]
     payload = json.loads(done.stdout)
     assert payload["names"] == ["A", "B"] and len(payload["cells"]) == 2
     for c in payload["cells"]:
         assert c["unit"] == "rounds" and c["samples"] == [2, 2]
         assert " vs " in c["cell_id"] and "t1x0" in c["cell_id"]  # B's cells differ by their thread setting
     a, b = read_results(folder / "a.jsonl"), read_results(folder / "b.jsonl")
-    assert sorted({r["round"] for r in a.records}) == [1, 2] == sorted({r["round"] for r in b.records})
-    assert a.header["ab"]["side"] == "A" and b.header["ab"]["overrides"] == ["intra_op_threads=1"]
+    assert a.header["run"]["ab"]["interleave"] == "cell" and b.header["run"]["ab"]["overrides"] == ["intra_op_threads=1"]
     assert all(r["threads_in_effect"]["intra_op_threads"] == 1 for r in b.records)
-    a_round_means = {(rec["cell_id"], rec["round"]): rec["samples_per_sec"] for rec in a.records}
+    # Who ran first, per round and cell: A B / B A in round 1, B A / A B in round 2.
+    a_ids, b_ids = list(a.by_round()), list(b.by_round())
+    order = []
+    for r in (1, 2):
+        for i in (0, 1):
+            first = a.by_round()[a_ids[i]][r]["recorded_at"] < b.by_round()[b_ids[i]][r]["recorded_at"]
+            order.append("AB" if first else "BA")
+    assert order == ["AB", "BA", "BA", "AB"]
+    # The pairing: each round's own A and B.
     first = payload["cells"][0]
-    a_id = first["cell_id"].split(" vs ")[0]
-    assert first["baseline"] == pytest.approx(sorted([a_round_means[(a_id, 1)], a_round_means[(a_id, 2)]])[0] / 2
-                                              + sorted([a_round_means[(a_id, 1)], a_round_means[(a_id, 2)]])[1] / 2)
+    a_rounds = [a.by_round()[a_ids[0]][r]["samples_per_sec"] for r in (1, 2)]
+    assert first["baseline"] == pytest.approx(sum(a_rounds) / 2)
+    # Fresh workers every round (the tiny suite's isolation is "cell": one per cell and round).
+    assert len({rec["worker"]["pid"] for rec in a.records}) == 4
+
+
+def test_ab_whole_suite_rounds_run_in_abba_order(tmp_path):
+    folder = tmp_path / "ab"
+    done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--interleave", "suite", "--format", "json",
+               "--set", "variant=embedding_lookup_sparse", "--output", str(folder))
+    assert done.returncode in (0, 1), done.stderr
+    progress = [line for line in done.stderr.splitlines() if line.startswith("round ")]
+    assert [line.split()[3].rstrip(":") for line in progress] == ["A", "B", "B", "A"]
+    payload = json.loads(done.stdout)
+    assert len(payload["cells"]) == 1 and payload["cells"][0]["samples"] == [2, 2]
+    assert any("A/A run" in note for note in payload["notes"])  # identical sides: the noise floor is reported
 
 
 @pytest.mark.parametrize("args,message", [

@@ -28,19 +28,19 @@ def run_file(tmp_path, name, cells_windows, env=None, extra=()):
     return path
 
 
-def test_a_clear_30_percent_slowdown_with_tight_windows_is_flagged_beyond_the_noise_floor(tmp_path):
+def test_a_clear_30_percent_slowdown_with_tight_windows_is_flagged_beyond_the_noise_factor(tmp_path):
     """One process per cell: its windows cannot show run-to-run noise, so a -30% change is
-    flagged only when the noise floor is below it."""
+    flagged only when the noise factor allows it."""
     base = run_file(tmp_path, "base", [("embedding_lookup_sparse", TIGHT), ("sparse_dense_matmul", TIGHT)])
     cur = run_file(tmp_path, "cur", [("embedding_lookup_sparse", [w * 0.7 for w in TIGHT]),
                                      ("sparse_dense_matmul", TIGHT)])
-    done = cli("compare", str(base), str(cur), "--noise-floor", "20")
+    done = cli("compare", str(base), str(cur), "--noise-factor", "1.2")
     assert done.returncode == 1, done.stdout + done.stderr
     assert "REGRESSED" in done.stdout and "-30.0%" in done.stdout
     assert done.stdout.strip().splitlines()[-1] == "2 cells compared, 1 regressed, 0 improved, 1 unchanged"
-    done = cli("compare", str(base), str(cur))  # the default floor, 40%
+    done = cli("compare", str(base), str(cur))  # the default: a one-process cell must halve or double
     assert done.returncode == 0 and "REGRESSED" not in done.stdout
-    assert "run-to-run noise unknown" in done.stdout and "40% noise floor" in done.stdout
+    assert "run-to-run noise unknown" in done.stdout and "change 2x beyond the shared shift" in done.stdout
 
 
 def test_a_30_percent_difference_of_means_with_overlapping_windows_is_not(tmp_path):
@@ -59,7 +59,7 @@ def test_a_30_percent_difference_of_means_with_overlapping_windows_is_not(tmp_pa
 def test_an_improvement_is_reported_as_such(tmp_path):
     base = run_file(tmp_path, "base", [("embedding_lookup_sparse", TIGHT)])
     cur = run_file(tmp_path, "cur", [("embedding_lookup_sparse", [w * 1.5 for w in TIGHT])])
-    done = cli("compare", str(base), str(cur), "--format", "markdown")
+    done = cli("compare", str(base), str(cur), "--format", "markdown", "--noise-factor", "1.2")
     assert done.returncode == 0
     assert "IMPROVED" in done.stdout and "+50.0%" in done.stdout
     assert done.stdout.strip().endswith("1 cells compared, 0 regressed, 1 improved, 0 unchanged")

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import require_custom_op
 
 from sparsebench.errors import ConfigError
 from sparsebench.plan import spec
@@ -16,6 +17,7 @@ CONFIGS = (
      ("ragged_embedding_lookup", 1, "mod")]
     + [("row_partitioned", p, s) for p in (1, 2, 3, 4, 8) for s in ("mod", "div")]
     + [("col_partitioned", p, "mod") for p in (1, 2, 4, 6)]
+    + [("fused_custom_op", 1, "mod")]
 )
 
 
@@ -44,6 +46,7 @@ def dense_reference(sp, weights, upstream):
 def test_variant_matches_dense_reference(variant, shards, strategy, traced):
     """Eagerly and in a traced function (where the worker times it: TensorFlow takes some
     paths only eagerly), forward and gradients match the dense reference."""
+    require_custom_op(variant)
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(NUM_FEATURES, OUT_DIM)).astype(np.float32)
     upstream = rng.normal(size=(5, OUT_DIM)).astype(np.float32)
@@ -78,6 +81,7 @@ def test_variant_matches_dense_reference(variant, shards, strategy, traced):
 
 @pytest.mark.parametrize("variant", spec.VARIANTS)
 def test_gradient_type(variant):
+    require_custom_op(variant)
     want = tf.Tensor if variant == spec.BASELINE_VARIANT else tf.IndexedSlices
     kernel = build_kernel(variant, NUM_FEATURES, OUT_DIM, 2 if "partitioned" in variant else 1)
     with tf.GradientTape() as tape:

@@ -5,6 +5,7 @@ from collections import Counter
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import require_custom_op
 
 from sparsebench.errors import NoGPUError
 from sparsebench.plan import spec as specs
@@ -96,13 +97,19 @@ def test_discretizer_replaces_calibrated_values_by_bin_keys(small_data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer,min_auc", [("sgd", 0.65), ("lazy_adam", 0.75), ("adam", 0.75), ("adagrad", 0.67), ("ftrl", 0.67)])
-def test_training_learns_the_planted_signal(small_data, optimizer, min_auc):
+@pytest.mark.parametrize("variant,optimizer,min_auc", [
+    ("embedding_lookup_sparse", "sgd", 0.65), ("embedding_lookup_sparse", "lazy_adam", 0.75),
+    ("embedding_lookup_sparse", "adam", 0.75), ("embedding_lookup_sparse", "adagrad", 0.67),
+    ("embedding_lookup_sparse", "ftrl", 0.67),
+    ("fused_custom_op", "sgd", 0.65), ("fused_custom_op", "lazy_adam", 0.75),  # the fused updates
+])
+def test_training_learns_the_planted_signal(small_data, variant, optimizer, min_auc):
     """300 steps at batch 256 on fresh batches. Measured held-out AUC here: sgd 0.687,
     lazy_adam 0.777, adam 0.779, adagrad 0.702, ftrl 0.702 (an untrained model: 0.5)."""
+    require_custom_op(variant)
     batches = tensors(small_data, 256, 300)
     held_out = small_data.held_out(4000)
-    trainer = build_trainer(ModelSpec(out_dim=8, optimizer=optimizer), SMALL.num_features, "/CPU:0")
+    trainer = build_trainer(ModelSpec(out_dim=8, optimizer=optimizer, variant=variant), SMALL.num_features, "/CPU:0")
     before = auc(held_out.labels, trainer.predict_logits(to_sparse_tensor(held_out, SMALL.num_features)).numpy())
     for batch in batches:
         trainer.train_step(*batch)
@@ -111,7 +118,8 @@ def test_training_learns_the_planted_signal(small_data, optimizer, min_auc):
 
 
 COMPLETE_MODEL_VARIANTS = [("embedding_lookup_sparse", 1), ("embedding_lookup_sparse_fast", 1),
-                           ("ragged_embedding_lookup", 1), ("row_partitioned", 3), ("col_partitioned", 2)]
+                           ("ragged_embedding_lookup", 1), ("row_partitioned", 3), ("col_partitioned", 2),
+                           ("fused_custom_op", 1)]
 
 
 def test_every_variant_is_checked_in_the_complete_model():
@@ -122,6 +130,7 @@ def test_every_variant_is_checked_in_the_complete_model():
 def test_variants_train_identically_inside_the_complete_model(small_data, variant, shards):
     """Same data, same seed: a few SGD steps of the traced train step give the same loss and
     the same table as the dense-gradient baseline (a different op path, a dense update)."""
+    require_custom_op(variant)
     batches = tensors(small_data, 64, 5)
 
     def run(variant, shards):
@@ -145,8 +154,11 @@ def test_variants_train_identically_inside_the_complete_model(small_data, varian
     ("col_partitioned", 2, "sgd", "IndexedSlices", False),
     ("embedding_lookup_sparse", 1, "lazy_adam", "IndexedSlices", False),
     ("embedding_lookup_sparse", 1, "adam", "IndexedSlices", True),  # dense Adam writes every row
+    ("fused_custom_op", 1, "sgd", "fused", False),  # no gradient built: the fused update
+    ("fused_custom_op", 1, "adagrad", "IndexedSlices", False),  # the op's registered gradient
 ])
 def test_gradient_type_and_rows_touched_are_recorded(small_data, variant, shards, optimizer, grad_type, all_rows):
+    require_custom_op(variant)
     trainer = build_trainer(ModelSpec(out_dim=4, variant=variant, shards=shards, optimizer=optimizer),
                             SMALL.num_features, "/CPU:0")
     sp, labels = tensors(small_data, 32, 1)[0]

@@ -144,22 +144,22 @@ def _stored(path, factor, processes, suite="s", seed=0, spread=0.02):
     return read_results(path)
 
 
-def test_one_process_runs_are_named_and_a_drift_below_the_floor_is_not_a_regression(tmp_path):
+def test_one_process_runs_are_named_and_a_change_below_the_noise_factor_is_not_a_regression(tmp_path):
     base = _stored(tmp_path / "a.jsonl", 1.0, 1)
     cur = _stored(tmp_path / "b.jsonl", 0.85, 1, seed=1)  # -15%: tight windows make it "significant"
-    rep = difference_report(base, cur, max_regression=0.10, alpha=0.01, noise_floor=0.25)
+    rep = difference_report(base, cur, max_regression=0.10, alpha=0.01, noise_factor=1.25)
     (c,) = rep.cells
     assert c.p_value < 0.01 and c.ratio == pytest.approx(0.85, abs=0.02)
     assert c.status == "unchanged" and c.unit == "windows" and "run-to-run noise unknown" in c.note
     assert sum("one process" in n and "run-to-run" in n for n in rep.notes) == 2  # one note per run
-    far = difference_report(base, _stored(tmp_path / "c.jsonl", 0.6, 1, seed=2), noise_floor=0.25)
+    far = difference_report(base, _stored(tmp_path / "c.jsonl", 0.6, 1, seed=2), noise_factor=1.25)
     assert far.cells[0].status == "regressed"
 
 
 def test_processes_are_the_unit_when_both_runs_have_several(tmp_path):
     base = _stored(tmp_path / "a.jsonl", 1.0, 4)
     cur = _stored(tmp_path / "b.jsonl", 0.85, 4, seed=1)
-    rep = difference_report(base, cur, max_regression=0.10, alpha=0.01, noise_floor=0.25)
+    rep = difference_report(base, cur, max_regression=0.10, alpha=0.01, noise_factor=1.25)
     (c,) = rep.cells
     assert c.unit == "processes" and c.samples == (4, 4)
     assert c.status == "regressed"  # -15% with consistent processes: the floor does not apply
@@ -203,3 +203,27 @@ def test_version_1_files_are_read_as_one_process_per_cell():
     assert results.header["version"] == 1
     assert all(r["round"] == 1 for r in results.records)
     assert all(r.get("processes") in (0, 1) for r in results.latest())
+
+
+def test_a_shared_shift_is_one_finding_and_cells_are_judged_beyond_it(tmp_path):
+    """Five one-process cells all 30% slower, one of them 2.5x slower: the shift is the
+    whole run's regression (exit 1), and only the cell that halved beyond it is flagged."""
+    variants = ["embedding_lookup_sparse", "sparse_dense_matmul", "row_partitioned", "col_partitioned",
+                "ragged_embedding_lookup"]
+
+    def run(path, factors):
+        rng = np.random.default_rng(len(str(path)))
+        records = [ok(cell("s", v, 256), list(10000.0 * f * (1 + rng.normal(0, 0.005, size=6))))
+                   for v, f in zip(variants, factors)]
+        write_to(path, records, "s")
+        return read_results(path)
+
+    base = run(tmp_path / "a.jsonl", [1.0] * 5)
+    cur = run(tmp_path / "b.jsonl", [0.7, 0.7, 0.7, 0.7, 0.7 / 2.5])
+    rep = difference_report(base, cur)
+    assert rep.shift == pytest.approx(-0.3, abs=0.01) and rep.shift_status == "regressed"
+    assert [c.status for c in rep.cells] == ["unchanged"] * 4 + ["regressed"]
+    assert rep.exit_code == 1 and "the whole run regressed" in rep.summary()
+    drift = difference_report(base, run(tmp_path / "c.jsonl", [0.88] * 5))  # -12%: the machine
+    assert drift.shift_status == "unchanged" and drift.exit_code == 0
+    assert all(c.status == "unchanged" for c in drift.cells)

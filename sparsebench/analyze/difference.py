@@ -74,13 +74,16 @@ class DifferenceReport:
         return 1 if self.count("regressed") or self.shift_status == "regressed" else 0
 
 
-def verdict(ratio: float, p: float, max_regression: float, alpha: float, floor: float | None = None) -> str:
-    """regressed / improved only when the change is beyond the factor (or `floor`, when
-    larger) AND the test is significant; otherwise unchanged."""
-    factor = max(max_regression, floor or 0.0)
-    if p < alpha and ratio < 1.0 - factor:
+def verdict(ratio: float, p: float, max_regression: float, alpha: float, noise_factor: float | None = None) -> str:
+    """regressed / improved only when the change is beyond `max_regression` (and, where
+    given, beyond a `noise_factor` either way: ratio below 1/F or above F) AND the test is
+    significant; otherwise unchanged."""
+    low, high = 1.0 - max_regression, 1.0 + max_regression
+    if noise_factor is not None:
+        low, high = min(low, 1.0 / noise_factor), max(high, noise_factor)
+    if p < alpha and ratio < low:
         return "regressed"
-    if p < alpha and ratio > 1.0 + factor:
+    if p < alpha and ratio > high:
         return "improved"
     return "unchanged"
 

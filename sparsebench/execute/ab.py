@@ -4,16 +4,24 @@ Why: two stored runs made minutes apart differ by whatever the shared machine di
 between (tens of percent here), and nothing in either run can tell that drift from a
 change of the code. Measuring both sides alternately, round after round, makes the drift
 hit both alike, and pairing each round's A with its B cancels it ("duet" benchmarking;
-asv's `--interleave-rounds`). The order within rounds alternates, A B B A A B ..., so a
-trend during a round favours neither side.
+asv's `--interleave-rounds`). The order alternates, A B, B A, A B, ..., so a trend
+favours neither side.
 
 A side is an interpreter (`--a-python`: another virtualenv, with another TensorFlow or
-another sparsebench) and settings (`--a-set AXIS=V`). Each side and round is one
-`PYTHON -m sparsebench run` of the same suite file, in a fresh process tree, so each
-side's own sparsebench expands and measures the cells; this module only schedules the
-sides, keeps their output, and gathers each side's rounds into one results file
-(`a.jsonl`, `b.jsonl`: one record per cell and round, the round as the process).
-Deciding which cells changed is `sparsebench.analyze.paired`'s job.
+another sparsebench) and settings (`--a-set AXIS=V`). Each round starts a fresh worker
+process per side (per process group of the suite). Two granularities:
+
+- `cell` (the default): both sides' workers are alive at once and take turns cell by
+  cell (A runs cell 1, B runs cell 1, B runs cell 2, A runs cell 2, ...), so the two
+  measurements of a pair are seconds apart. On a shared VM whose speed changes for tens
+  of seconds at a time, this is what makes the pairs agree. Both interpreters must speak
+  this sparsebench's worker protocol (`WORKER_PROTOCOL`).
+- `suite`: each side and round is one `PYTHON -m sparsebench run` of the same suite file,
+  so any version of sparsebench on either side works; a pair is a whole suite apart.
+
+Either way each side's records (one per cell and round, the round as the process) go to
+one results file (`a.jsonl`, `b.jsonl`). Deciding which cells changed is
+`sparsebench.analyze.paired`'s job.
 """
 
 from __future__ import annotations
@@ -22,15 +30,22 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from .. import WORKER_PROTOCOL
 from ..errors import UserError
+from ..plan.cell import Cell
 from ..plan.suite import load_suite
 from ..results import ResultsWriter, read_results
-from .orchestrator import last_line
+from .custom_op import prebuild, skip_reason
+from .env import fingerprint
+from .orchestrator import Orchestrator, last_line
+from .runner import run_header
 
 SIDES = ("A", "B")
 
@@ -158,3 +173,132 @@ def python_of(path: str | None) -> str:
     if not found:
         raise UserError(f"{path}: no such Python interpreter (give the path to a virtualenv's bin/python)")
     return found
+
+
+# -- cell-by-cell interleaving -----------------------------------------------------------
+class Turnstile:
+    """Lets (cell, side) pairs through one at a time, in a fixed order, across threads."""
+
+    def __init__(self, order: list[tuple[int, str]]):
+        self.order = order
+        self.position = 0
+        self.aborted = False
+        self._cv = threading.Condition()
+
+    def wait(self, index: int, side: str) -> None:
+        with self._cv:
+            self._cv.wait_for(lambda: self.aborted or self.order[self.position] == (index, side))
+            if self.aborted:
+                raise KeyboardInterrupt  # the run is being torn down
+
+    def done(self, index: int, side: str) -> None:
+        with self._cv:
+            if self.position < len(self.order) and self.order[self.position] == (index, side):
+                self.position += 1
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        with self._cv:
+            self.aborted = True
+            self._cv.notify_all()
+
+
+def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
+    """(cell, side) in the order one round runs them: A B, B A, ... cell by cell, the first
+    cell of a round starting with A in odd rounds and with B in even ones."""
+    order = []
+    for i in range(cells):
+        first_a = (i + round_number) % 2 == 1
+        order += [(i, side) for side in (SIDES if first_a else SIDES[::-1])]
+    return order
+
+
+def speaks_protocol(python: str) -> bool:
+    """Whether `python`'s sparsebench runs workers the way the cell-by-cell mode needs."""
+    try:
+        done = subprocess.run([python, "-m", "sparsebench.train.worker", "--protocol"], capture_output=True,
+                              text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return done.returncode == 0 and done.stdout.strip() == str(WORKER_PROTOCOL)
+
+
+def run_interleaved(suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
+                    say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
+    """Every round: a fresh worker per side, taking turns cell by cell (see the module)."""
+    if rounds < 2:
+        raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
+    suite_file = prepare(suite_arg, overrides, a, b, folder)
+    sides = {"A": a, "B": b}
+    cells: dict[str, list[Cell]] = {}
+    writers: dict[str, ResultsWriter] = {}
+    metas = {}
+    for name, side in sides.items():
+        suite = load_suite(str(suite_file))
+        for assignment in [*overrides, *side.overrides]:
+            suite.override(assignment)
+        cells[name] = [replace(c, measure=replace(c.measure, processes=1)) for c in suite.cells()]
+        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides], suite.isolation,
+                                 len(cells[name]), ab={"side": name, "python": side.python,
+                                                       "overrides": side.overrides, "rounds": rounds,
+                                                       "interleave": "cell"})
+        metas[name]["custom_op"] = prebuild(cells[name], side.python)
+        reason = skip_reason(metas[name]["custom_op"])
+        if reason:
+            raise UserError(f"ab: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
+                            f"--set variant=...")
+    for name, side in sides.items():
+        writers[name] = ResultsWriter(folder / f"{name.lower()}.jsonl", lambda side=side, meta=metas[name]:
+                                      {"run": meta, "environment": fingerprint(side.python)})
+    run = ABRun(folder, suite_file, rounds, {name: w.path for name, w in writers.items()})
+    started = time.monotonic()
+    try:
+        for r in range(1, rounds + 1):
+            t0 = time.monotonic()
+            turnstile = Turnstile(cell_order(len(cells["A"]), r))
+            counts = {name: Counter() for name in SIDES}
+            orchestrators, threads, errors = {}, [], []
+            for name in SIDES:
+                index_of = {id(c): i for i, c in enumerate(cells[name])}
+
+                def record(outcome, name=name, index_of=index_of):
+                    writers[name].append(outcome.record)
+                    counts[name][outcome.record["status"]] += 1
+                    turnstile.done(index_of[id(outcome.cell)], name)
+
+                def gate(cell, name=name, index_of=index_of):
+                    turnstile.wait(index_of[id(cell)], name)
+                    run.order.append(name)
+
+                orchestrators[name] = Orchestrator(record, isolation=load_suite(str(suite_file)).isolation,
+                                                   python=sides[name].python, gate=gate)
+
+                def work(name=name):
+                    try:
+                        orchestrators[name].run(cells[name], round=r)
+                    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                        errors.append(exc)
+                        turnstile.abort()
+
+                threads.append(threading.Thread(target=work, name=f"ab-{name}", daemon=True))
+            for thread in threads:
+                thread.start()
+            try:
+                while any(thread.is_alive() for thread in threads):
+                    for thread in threads:
+                        thread.join(timeout=0.2)
+            except KeyboardInterrupt:
+                turnstile.abort()
+                for orchestrator in orchestrators.values():
+                    orchestrator.kill()
+                raise
+            if errors and not isinstance(errors[0], KeyboardInterrupt):
+                raise errors[0]
+            summary = "; ".join(f"{name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts[name].items()))
+                                for name in SIDES)
+            say(f"round {r}/{rounds}: {summary} ({time.monotonic() - t0:.0f} s)")
+    finally:
+        for writer in writers.values():
+            writer.close()
+    run.seconds = time.monotonic() - started
+    return run

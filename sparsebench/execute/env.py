@@ -19,11 +19,11 @@ from ..machine import cpu_count, cpu_info, gpu_info, memory_info
 from .orchestrator import inherited_variables
 
 
-def probe_tensorflow(timeout_s: float = 120.0) -> dict[str, Any]:
+def probe_tensorflow(timeout_s: float = 120.0, python: str = sys.executable) -> dict[str, Any]:
     """`tensorflow_info()` from a fresh worker process (the caller stays TF-free)."""
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "sparsebench.train.worker", "--probe"],
+            [python, "-m", "sparsebench.train.worker", "--probe"],
             capture_output=True,
             text=True,
             timeout=timeout_s,
@@ -38,7 +38,8 @@ def probe_tensorflow(timeout_s: float = 120.0) -> dict[str, Any]:
     return json.loads(lines[-1])
 
 
-def fingerprint(with_tensorflow: bool = True) -> dict[str, Any]:
+def fingerprint(python: str = sys.executable) -> dict[str, Any]:
+    """The machine, and TensorFlow as `python` (this interpreter by default) sees it."""
     import psutil
 
     result = {
@@ -53,6 +54,5 @@ def fingerprint(with_tensorflow: bool = True) -> dict[str, Any]:
         "gpus": gpu_info(),
     }
     result["worker_variables"], result["ignored_variables"] = inherited_variables()
-    if with_tensorflow:
-        result["tensorflow"] = probe_tensorflow()
+    result["tensorflow"] = probe_tensorflow(python=python)
     return result

@@ -120,13 +120,19 @@ class Orchestrator:
         python: str = sys.executable,
         on_start: Callable[[Cell], None] = lambda cell: None,
         job_extra: dict[str, Any] | None = None,
+        gate: Callable[[Cell], None] | None = None,
     ):
-        """`job_extra` is merged into every worker's job (e.g. `{"profile": {...}}`)."""
+        """`job_extra` is merged into every worker's job (e.g. `{"profile": {...}}`).
+
+        `gate(cell)`, where given, blocks until the cell may start: the worker (already
+        started, TensorFlow imported) waits for it, and the cell's clock starts when the
+        gate opens (`sparsebench ab` uses it to alternate two sides cell by cell)."""
         self.record = record
         self.job_extra = job_extra or {}
         self.isolation = isolation
         self.python = python
         self.on_start = on_start
+        self.gate = gate
         self._process: subprocess.Popen | None = None
         self._round = 1
 
@@ -143,7 +149,7 @@ class Orchestrator:
         with tempfile.TemporaryDirectory(prefix="sparsebench-") as tmp:
             tmp_path = Path(tmp)
             jobs = tmp_path / "jobs.json"
-            jobs.write_text(json.dumps({**self.job_extra, "isolation": self.isolation,
+            jobs.write_text(json.dumps({**self.job_extra, "isolation": self.isolation, "lockstep": self.gate is not None,
                                         "cells": [c.to_dict() for c in cells]}))
             stderr_path = tmp_path / "worker.log"
             with open(stderr_path, "w") as log:
@@ -158,12 +164,19 @@ class Orchestrator:
                 try:
                     return self._watch(cells, tmp_path, stderr_path)
                 finally:
-                    self._kill()
+                    self.kill()
+
+    def _release(self, cell: Cell, folder: Path, index: int) -> None:
+        """Let cell `index` start: after its turn comes (with a gate), say so to the worker."""
+        if self.gate is not None:
+            self.gate(cell)
+            (folder / f"{index}.go").write_text("")
+        self.on_start(cell)
 
     def _watch(self, cells: list[Cell], folder: Path, log: Path) -> list[Cell]:
         index = 0
-        self.on_start(cells[0])
-        clock_start = time.monotonic()  # the first cell's clock includes process start-up
+        self._release(cells[0], folder, index)
+        clock_start = time.monotonic()  # without a gate, the first cell's clock includes process start-up
         while True:
             result_file = folder / f"{index}.json"
             if result_file.exists():
@@ -175,7 +188,7 @@ class Orchestrator:
                     except subprocess.TimeoutExpired:
                         pass  # every record is saved; `finally` kills the straggler
                     return []
-                self.on_start(cells[index])
+                self._release(cells[index], folder, index)
                 clock_start = time.monotonic()
                 continue
             cell = cells[index]
@@ -191,7 +204,7 @@ class Orchestrator:
                 )
                 return cells[index + 1 :]
             if time.monotonic() - clock_start > cell.measure.timeout_s:
-                self._kill()
+                self.kill()
                 self.record(
                     Outcome(cell, make_record(cell, {"status": "timeout", "reason": f"no result after {cell.measure.timeout_s:g} s"},
                                       self._round))
@@ -199,7 +212,8 @@ class Orchestrator:
                 return cells[index + 1 :]
             time.sleep(POLL_S)
 
-    def _kill(self) -> None:
+    def kill(self) -> None:
+        """Kill the running worker's process group (if any) and reap it."""
         process, self._process = self._process, None
         if process is None or process.poll() is not None:
             return

@@ -22,8 +22,9 @@ from ..machine import environment_differences
 from ..plan.cell import Cell
 from ..plan.suite import Suite, load_suite, parse_suite
 from ..results import ResultsWriter, read_results
+from .custom_op import needs_custom_op, prebuild, skip_reason
 from .env import fingerprint
-from .orchestrator import Orchestrator, Outcome, inherited_variables
+from .orchestrator import Orchestrator, Outcome, inherited_variables, make_record
 from .progress import Progress
 
 
@@ -111,6 +112,13 @@ def run_header(suite: Suite, suite_arg: str, overrides: list[str], isolation: st
     }
 
 
+def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
+    """The header's slow parts, computed once the results file is known to be writable:
+    the custom op's build (where a cell needs it) and the environment fingerprint."""
+    run_meta["custom_op"] = prebuild(cells)
+    return {"run": run_meta, "environment": fingerprint()}
+
+
 def run(
     suite_arg: str | None,
     overrides: list[str],
@@ -136,7 +144,8 @@ def run(
         path = Path(output) if output is not None else default_output(suite)
         run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells),
                               processes=max(c.measure.processes for c in cells))
-        writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
+        writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
+    custom_op = run_meta.get("custom_op") if resume is None else prebuild([c for _, cs in todo for c in cs])
 
     def require(record: dict[str, Any]) -> dict[str, Any]:
         if require_gpu and record.get("status") == "skipped" and record.get("reason") == "no GPU":
@@ -148,7 +157,8 @@ def run(
     total = _size(plan_rounds(cells))
     summary = RunSummary(path=path, planned=_size(todo), already_done=total - _size(todo),
                          processes=max(c.measure.processes for c in cells))
-    execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require)
+    execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require,
+            custom_op=custom_op)
     return summary
 
 
@@ -192,9 +202,12 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
 
 def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
             job_extra: dict[str, Any] | None = None,
-            adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record) -> list[tuple[Cell, dict]]:
+            adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record,
+            custom_op: dict[str, Any] | None = None) -> list[tuple[Cell, dict]]:
     """Run the schedule's rounds through workers, appending each (adjusted) record as it
-    arrives; always closes the writer. Returns (cell, record) pairs in the order they finished."""
+    arrives; always closes the writer. Cells that need a custom op that could not be built
+    are recorded as skipped without a worker. Returns (cell, record) pairs in the order
+    they finished."""
     _, dropped = inherited_variables()
     for name, value in dropped.items():
         print(f"warning: {name}={value} in your environment is ignored: each cell sets its own threads and "
@@ -211,8 +224,15 @@ def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quie
         progress.finish(outcome.cell, rec)
 
     orchestrator = Orchestrator(record, isolation=isolation, on_start=progress.start, job_extra=job_extra)
+    unavailable = skip_reason(custom_op)
     try:
         for round_number, cells in schedule:
+            if unavailable:
+                for cell in [c for c in cells if needs_custom_op(c)]:
+                    progress.start(cell)
+                    record(Outcome(cell, make_record(cell, {"status": "skipped", "reason": unavailable},
+                                                     round_number)))
+                cells = [c for c in cells if not needs_custom_op(c)]
             orchestrator.run(cells, round=round_number)
     finally:
         progress.close()
@@ -233,8 +253,8 @@ def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | Non
     folder = Path(output) if output is not None else Path("results") / f"profile-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = folder / "results.jsonl"
     run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), profile_steps=steps)
-    writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
+    writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
     summary = RunSummary(path=path, planned=len(cells))
-    profiled = execute([(1, cells)], writer, summary, quiet, run_meta["isolation"],
+    profiled = execute([(1, cells)], writer, summary, quiet, run_meta["isolation"], custom_op=run_meta["custom_op"],
                        job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
     return folder, profiled, summary

@@ -23,6 +23,7 @@ ABBREVIATIONS = {
     "ragged_embedding_lookup": "ragged",
     "row_partitioned": "row",
     "col_partitioned": "col",
+    "fused_custom_op": "fused",
 }
 
 

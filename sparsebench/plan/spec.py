@@ -20,9 +20,12 @@ VARIANTS = (
     "ragged_embedding_lookup",
     "row_partitioned",
     "col_partitioned",
+    "fused_custom_op",
 )
 BASELINE_VARIANT = "sparse_dense_matmul"  # the dense-gradient baseline reports compare against
 PARTITIONED_VARIANTS = ("row_partitioned", "col_partitioned")
+CUSTOM_OP_VARIANTS = ("fused_custom_op",)  # need the C++ op built (sparsebench ops build)
+FUSED_OPTIMIZERS = ("sgd", "lazy_adam")  # updated by the fused ops; others through the gradient
 PARTITION_STRATEGIES = ("mod", "div")
 OPTIMIZERS = ("sgd", "lazy_adam", "adam", "adagrad", "ftrl")
 DEVICES = ("cpu", "gpu")

@@ -15,6 +15,7 @@ ops they run and in the gradient type they give W:
   strategy; each shard gathers the ids that fall in it and the partial outputs are summed.
 - `col_partitioned`: W split along columns; each shard runs the lookup for all ids on its
   slice of the outputs and the slices are concatenated.
+- `fused_custom_op`: sparsebench's own C++ ops, normalization included (`FusedCustomOp`).
 
 `assemble` maps per-shard tensors (weights or gradients) back to the full `[N, out_dim]`
 layout, so tests can check every variant against one dense reference.
@@ -51,6 +52,7 @@ class SparseKernel(tf.Module):
 
     variant = ""
     shards_share_rows = False  # True where every shard holds a slice of every row
+    fuses_normalization = False  # True: `fused()` applies the max-normalization itself
 
     def __init__(self, num_features: int, out_dim: int, shards: int = 1, name: str | None = None):
         super().__init__(name=name or self.variant)
@@ -234,6 +236,31 @@ class ColPartitioned(SparseKernel):
         return tf.split(full, self._col_counts, axis=1)
 
 
+class FusedCustomOp(SparseKernel):
+    """The sparse layer as C++ ops (`custom_ops/fused_layer.cc`): one pass over the batch's
+    entries computes `sp @ W`, and inside the complete model also the max-normalization
+    and per-feature bias (`fused`), so no gather, segment sum or `[nnz, out_dim]`
+    temporary is built in the forward pass. Its registered gradient gives `IndexedSlices`;
+    with SGD and Lazy Adam the trainer skips it and updates W and bias_x straight from the
+    output gradient. CPU only."""
+
+    variant = "fused_custom_op"
+    fuses_normalization = True
+
+    def __call__(self, sp):
+        from .custom_ops.ops import fused_layer
+
+        out, _ = fused_layer(self.tables[0], sp.indices[:, 0], sp.indices[:, 1], sp.values, sp.dense_shape[0])
+        return out
+
+    def fused(self, rows, keys, values, batch_size, bias_x, max_x, training: bool, watch: bool = True):
+        """(output [B, out_dim], each entry's normalized value) with the normalization inside;
+        `watch=False` builds no gradient for the table and bias_x (the fused updates)."""
+        from .custom_ops.ops import fused_layer
+
+        return fused_layer(self.tables[0], rows, keys, values, batch_size, bias_x, max_x, training, watch)
+
+
 KernelFactory = Callable[..., SparseKernel]
 
 REGISTRY: dict[str, KernelFactory] = {
@@ -243,6 +270,7 @@ REGISTRY: dict[str, KernelFactory] = {
     RaggedEmbeddingLookup.variant: lambda n, d, shards=1, strategy="mod": RaggedEmbeddingLookup(n, d, 1),
     RowPartitioned.variant: lambda n, d, shards=1, strategy="mod": RowPartitioned(n, d, shards, strategy),
     ColPartitioned.variant: lambda n, d, shards=1, strategy="mod": ColPartitioned(n, d, shards),
+    FusedCustomOp.variant: lambda n, d, shards=1, strategy="mod": FusedCustomOp(n, d, 1),
 }
 
 

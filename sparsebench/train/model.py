@@ -170,7 +170,29 @@ class SparseModel(tf.Module):
             params += [kernel, bias]
         return params
 
+    @property
+    def dense_variables(self) -> list[tf.Variable]:
+        """The variables outside the sparse layer's tables and per-feature bias."""
+        params = [self.sparse_bias]
+        for kernel, bias in self.head.layers:
+            params += [kernel, bias]
+        return params
+
+    def fused_pre_activation(self, sp: tf.SparseTensor, training: bool, watch: bool = True):
+        """For a kernel that fuses the normalization: (sp @ W with the normalization inside,
+        each entry's normalized value, the entries' rows and keys). `watch=False`: no
+        gradient is built for the table and bias_x."""
+        rows, keys, values = sp.indices[:, 0], sp.indices[:, 1], sp.values
+        if self.discretizer is not None:
+            keys, values = self.discretizer(keys, values)
+        bias_x = self.norm.bias_x if self.norm is not None else None
+        max_x = self.norm.max_x if self.norm is not None else None
+        out, normalized = self.kernel.fused(rows, keys, values, sp.dense_shape[0], bias_x, max_x, training, watch)
+        return out, normalized, rows, keys
+
     def sparse_layer(self, sp: tf.SparseTensor, training: bool) -> tf.Tensor:
+        if self.kernel.fuses_normalization:
+            return self.activation(self.fused_pre_activation(sp, training)[0] + self.sparse_bias)
         keys, values = sp.indices[:, 1], sp.values
         if self.discretizer is not None:
             keys, values = self.discretizer(keys, values)
@@ -207,18 +229,27 @@ class Trainer:
     """Owns a model, its optimizer and the traced train / predict / gradient-stats steps.
 
     `grad_types` maps each sparse table's name to the Python type of its gradient
-    (`IndexedSlices` or `Tensor`, i.e. dense), recorded when the step is traced.
+    (`IndexedSlices` or `Tensor`, i.e. dense, or `fused` where none is built), recorded
+    when the step is traced. `update_path` says how the table is updated: `optimizer`
+    (from its gradient) or `fused` (the custom op's fused SGD / Lazy Adam, straight from
+    the layer's output gradient).
     """
 
-    def __init__(self, model: SparseModel, optimizer: Optimizer | None = None, device: str = "/CPU:0"):
+    def __init__(self, model: SparseModel, optimizer: Optimizer | None = None, device: str = "/CPU:0",
+                 fused_updates: bool = True):
+        """`fused_updates=False` sends the fused kernel's gradient through the optimizer
+        even where a fused update exists (tests compare the two paths)."""
         self.model = model
         self.device = device
         spec = model.spec
         self.optimizer = optimizer or build_optimizer(spec.optimizer, spec.effective_learning_rate)
         self.optimizer.build(model.train_variables)
         self.grad_types: dict[str, str] = {}
+        fused = fused_updates and model.kernel.fuses_normalization and self.optimizer.fused
+        self.update_path = "fused" if fused else "optimizer"
         signature = batch_signature(model.num_features)
-        self.train_step = tf.function(self._train_step, input_signature=signature)
+        step = self._fused_train_step if self.update_path == "fused" else self._train_step
+        self.train_step = tf.function(step, input_signature=signature)
         self.gradient_stats = tf.function(self._gradient_stats, input_signature=signature)
         self.predict_logits = tf.function(lambda sp: model(sp, training=False), input_signature=signature[:1])
 
@@ -239,6 +270,24 @@ class Trainer:
             self.optimizer.apply(zip(grads, variables))
         return loss
 
+    def _fused_train_step(self, sp, labels):
+        """The table and bias_x are updated by the fused op from the gradient of the
+        layer's output; only the dense variables go through the optimizer."""
+        model = self.model
+        with tf.device(self.device), tf.GradientTape() as tape, tf.name_scope("forward"):
+            pre, normalized, rows, keys = model.fused_pre_activation(sp, training=True, watch=False)
+            tape.watch(pre)  # the layer's output is where backprop stops: the fused update takes it from here
+            loss = loss_fn(model.head(model.activation(pre + model.sparse_bias)), labels)
+        dense = model.dense_variables
+        grad_out, *grads = tape.gradient(loss, [pre, *dense])
+        for table in model.kernel.tables:
+            self.grad_types[table.name] = "fused"
+        bias_x = model.norm.bias_x if model.norm is not None else None
+        with tf.device(self.device), tf.name_scope("optimizer"):
+            self.optimizer.apply_fused(model.kernel.tables[0], bias_x, rows, keys, normalized, grad_out)
+            self.optimizer.apply(zip(grads, dense))
+        return loss
+
     def _gradient_stats(self, sp, labels):
         """Logical rows of the sparse table a step's update writes, as the optimizer applies
         it (all of them for a dense gradient or a dense optimizer such as `adam`).
@@ -255,7 +304,8 @@ class Trainer:
         return touched[0] if self.model.kernel.shards_share_rows else tf.add_n(touched)
 
 
-def build_trainer(spec: ModelSpec, num_features: int, device: str, calibration: Calibration | None = None) -> Trainer:
+def build_trainer(spec: ModelSpec, num_features: int, device: str, calibration: Calibration | None = None,
+                  fused_updates: bool = True) -> Trainer:
     """Model, optimizer and slots created on `device` (`/CPU:0` or `/GPU:0`)."""
     with tf.device(device):
-        return Trainer(SparseModel(spec, num_features, calibration), device=device)
+        return Trainer(SparseModel(spec, num_features, calibration), device=device, fused_updates=fused_updates)

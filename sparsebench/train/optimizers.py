@@ -46,6 +46,7 @@ class Optimizer:
 
     name = ""
     densifies = False  # True: sparse gradients are applied as dense ones (every row written)
+    fused = False  # True: `apply_fused` updates the fused custom op's table from its output gradient
 
     def __init__(self, learning_rate: float):
         self.learning_rate = float(learning_rate)
@@ -84,6 +85,10 @@ class Optimizer:
     def _apply_sparse(self, grad, var, slots):
         raise NotImplementedError
 
+    def apply_fused(self, table, bias_x, rows, keys, normalized, grad_out) -> None:
+        """Update the fused op's table (and bias_x) straight from the layer's output gradient."""
+        raise ConfigError(f"optimizer {self.name}: has no fused update")
+
     def rows_touched(self, grad, var: tf.Variable) -> tf.Tensor:
         """How many rows of `var` this optimizer's update of `grad` writes: the distinct
         ids of a sparse gradient, every row of a dense one or of a densifying optimizer."""
@@ -94,6 +99,12 @@ class Optimizer:
 
 class SGD(Optimizer):
     name = "sgd"
+    fused = True
+
+    def apply_fused(self, table, bias_x, rows, keys, normalized, grad_out):
+        from .custom_ops.ops import fused_sgd
+
+        fused_sgd(table, bias_x, rows, keys, normalized, grad_out, self.learning_rate)
 
     def _apply_dense(self, grad, var, slots):
         # The fused kernel makes one pass over the (possibly 2**20-row) gradient; an
@@ -145,6 +156,17 @@ class LazyAdam(Adam):
 
     name = "lazy_adam"
     densifies = False
+    fused = True
+
+    def apply_fused(self, table, bias_x, rows, keys, normalized, grad_out):
+        from .custom_ops.ops import fused_lazy_adam
+
+        beta_1_power, beta_2_power = self._powers(tf.float32)
+        table_slots = self.slots(table)
+        bias_slots = self.slots(bias_x) if bias_x is not None else {"m": None, "v": None}
+        fused_lazy_adam(table, table_slots["m"], table_slots["v"], bias_x, bias_slots["m"], bias_slots["v"], rows, keys,
+                        normalized, grad_out, self.learning_rate, self.beta_1, self.beta_2, self.epsilon,
+                        beta_1_power, beta_2_power)
 
     def _apply_sparse(self, grad, var, slots):
         ids, g = dedupe(grad)

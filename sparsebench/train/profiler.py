@@ -41,6 +41,8 @@ GPU_HOST_TIME_NOTE = ("GPU cell: op times are host-side (kernel launch) time on 
 OP_CATEGORIES = {
     # op type -> category, for the stacked bars; anything else is "other"
     "SparseTensorDenseMatMul": "sparse matmul",
+    "SparsebenchFusedLayer": "fused custom op", "SparsebenchFusedLayerGrad": "fused custom op",
+    "SparsebenchFusedSgdUpdate": "fused custom op", "SparsebenchFusedLazyAdamUpdate": "fused custom op",
     "ResourceGather": "gather", "GatherV2": "gather", "Gather": "gather",
     "UnsortedSegmentSum": "segment sum", "SparseSegmentSum": "segment sum", "SegmentSum": "segment sum",
     "SparseSegmentSumWithNumSegments": "segment sum", "SparseSegmentSumGrad": "segment sum",

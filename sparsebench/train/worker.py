@@ -29,9 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from .. import stats
-from ..errors import NoGPUError
+from .. import WORKER_PROTOCOL, stats
+from ..errors import CellSkipped
 from ..plan.cell import Cell, Threads
+from ..plan.spec import CUSTOM_OP_VARIANTS
 from .tf_facts import tensorflow_info, threads_in_effect
 
 _PROCESS_START = time.perf_counter()
@@ -65,6 +66,14 @@ class Prepared:
         self.phases: dict[str, float] = {}
         t0 = time.perf_counter()
         self.device = resolve_device(cell.model.device)
+        if cell.model.variant in CUSTOM_OP_VARIANTS:
+            if cell.model.device != "cpu":
+                raise CellSkipped("custom op has no GPU kernel", "fused_custom_op runs on the CPU only")
+            from .custom_ops.build import load
+
+            load()  # built by the parent before any cell started; loading takes milliseconds
+            self.phases["custom_op_load_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
         data = SyntheticData(cell.data)
         self.pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
         self.held_out = data.held_out(cell.measure.eval_examples)
@@ -148,6 +157,7 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
         "num_features": prepared.num_features,
         "avg_nnz_per_batch": float(np.mean([b.nnz for b in pool])),
         "threads_in_effect": threads_in_effect(),
+        "update_path": trainer.update_path,
         "phases": phases,
         "variables_mb": prepared.variables_mb(),
     }
@@ -188,6 +198,7 @@ def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[s
         "peak_rss_mb": peak_rss_mb(),
         "variables_mb": prepared.variables_mb(),
         "grad_type": ",".join(sorted(set(trainer.grad_types.values()))),
+        "update_path": trainer.update_path,
         "phases": prepared.phases,
     }
     if cell.model.device == "gpu":
@@ -210,6 +221,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     first_index = job.get("first_index", 0)
     isolation = job.get("isolation", "cell")
     profiling = job.get("profile")  # {"steps": N, "dir": DIR} for `sparsebench profile`
+    lockstep = job.get("lockstep", False)  # wait for the parent's <i>.go before each cell (sparsebench ab)
     if not cells:
         return 0
     startup = {"process_start_to_tf_s": None}
@@ -222,6 +234,8 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     tf_facts = tensorflow_info()
     for offset, cell in enumerate(cells):
         index = first_index + offset
+        while lockstep and not (out_dir / f"{index}.go").exists():
+            time.sleep(0.002)
         (out_dir / f"{index}.started").write_text(str(time.time()))
         started = time.perf_counter()
         try:
@@ -230,7 +244,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
                 record = profile_cell(cell, isolation, profiling["steps"], logdir)
             else:
                 record = run_cell(cell, isolation)
-        except NoGPUError as exc:
+        except CellSkipped as exc:
             record = {"status": "skipped", "reason": exc.reason, "error": str(exc)}
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash
             lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
@@ -252,7 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--probe", action="store_true", help="print TensorFlow's facts as JSON")
+    parser.add_argument("--protocol", action="store_true", help="print the worker protocol this version speaks")
     args = parser.parse_args(argv)
+    if args.protocol:
+        print(WORKER_PROTOCOL)
+        return 0
     if args.probe:
         print(json.dumps(tensorflow_info()))
         return 0

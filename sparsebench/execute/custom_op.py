@@ -1,0 +1,62 @@
+"""The fused custom op, built before any cell needs it.
+
+Compiling takes tens of seconds; inside a worker it would land in a cell's timing or its
+timeout. So the parent builds it first, in a process of its own (the parent never imports
+TensorFlow): `python -m sparsebench.train.custom_ops build --json`. Workers then load the
+cached library. Where it cannot be built (no compiler, no TensorFlow headers, a compile
+error), the cells that need it are recorded as `skipped: custom op unavailable: ...`
+without starting a worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+from ..plan.cell import Cell
+from ..plan.spec import CUSTOM_OP_VARIANTS
+
+BUILD_TIMEOUT_S = 900.0
+
+
+def needs_custom_op(cell: Cell) -> bool:
+    return cell.model.variant in CUSTOM_OP_VARIANTS
+
+
+def custom_op(action: str = "build", python: str = sys.executable) -> dict[str, Any]:
+    """`build` or `status` of the op, as the TensorFlow side reports it."""
+    try:
+        done = subprocess.run([python, "-m", "sparsebench.train.custom_ops", action, "--json"], capture_output=True,
+                              text=True, timeout=BUILD_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "reason": f"building the custom op took over {BUILD_TIMEOUT_S:.0f} s"}
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "reason": f"the op builder failed: {last[:200]}"}
+    return json.loads(lines[-1])
+
+
+def prebuild(cells: list[Cell], python: str = sys.executable,
+             say=lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any] | None:
+    """Build the op (for `python`'s TensorFlow) if any cell needs it; None when none does."""
+    if not any(needs_custom_op(c) for c in cells):
+        return None
+    info = custom_op("build", python)
+    if info.get("ok"):
+        how = "cached" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.0f} s"
+        say(f"custom op: {how}: {info['library']}")
+    else:
+        log = f" (compiler log: {info['log']})" if info.get("log") else ""
+        say(f"custom op unavailable: {info.get('reason')}{log}; its cells are skipped")
+    return info
+
+
+def skip_reason(info: dict[str, Any] | None) -> str | None:
+    """The `skipped` reason of the op's cells, or None when they can run."""
+    if info is None or info.get("ok"):
+        return None
+    return f"custom op unavailable: {info.get('reason')}"

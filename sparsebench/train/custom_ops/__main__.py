@@ -1,0 +1,25 @@
+"""`python -m sparsebench.train.custom_ops build|status [--json]`: the parent's way to
+build or inspect the op without importing TensorFlow itself."""
+
+import argparse
+import json
+import sys
+
+from .build import as_dict, build, status
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsebench.train.custom_ops")
+    parser.add_argument("action", choices=["build", "status"])
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    info = build() if args.action == "build" else status()
+    if args.json:
+        print(json.dumps(as_dict(info)))
+    else:
+        print(info.library if info.ok else info.reason)
+    return 0 if info.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

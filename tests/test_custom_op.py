@@ -1,0 +1,184 @@
+"""The fused custom op: building and caching, what happens without a compiler, and the
+fused updates against the owned optimizers.
+
+The op is compiled once per machine into a per-user cache; tests that need it skip with
+the reason where it cannot be built, unless SPARSEBENCH_REQUIRE_CUSTOM_OP=1 (CI) makes
+that a failure.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import require_custom_op
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
+
+
+def env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+def cli(*args, check=None, **extra):
+    done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env(**extra))
+    if check is not None:
+        assert done.returncode == check, done.stdout + done.stderr
+    return done
+
+
+@pytest.fixture(scope="session")
+def custom_op():
+    from sparsebench.train.custom_ops import build
+
+    require_custom_op()
+    return build.load()
+
+
+# -- without a compiler, or with a failing one ----------------------------------------------
+def test_cells_that_need_the_op_are_skipped_where_no_compiler_exists(tmp_path):
+    out = tmp_path / "r.jsonl"
+    done = cli("run", "--suite", str(TINY), "--set", "variant=fused_custom_op,embedding_lookup_sparse",
+               "--output", str(out), check=0, CXX="/nonexistent/c++", SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    assert "custom op unavailable: C++ compiler '/nonexistent/c++' not found" in done.stderr
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    records = {r["axes"]["variant"]: r for r in lines[1:]}
+    assert records["fused_custom_op"]["status"] == "skipped"
+    assert records["fused_custom_op"]["reason"].startswith("custom op unavailable: C++ compiler")
+    assert records["embedding_lookup_sparse"]["status"] == "ok"
+    assert lines[0]["run"]["custom_op"]["ok"] is False
+    assert "1 ok, 1 skipped" in done.stdout
+
+
+def test_ops_status_and_build_say_why_not(tmp_path):
+    extra = {"CXX": "/nonexistent/c++", "SPARSEBENCH_OPS_CACHE": str(tmp_path / "cache")}
+    done = cli("ops", "status", check=1, **extra)
+    assert done.stdout.startswith("not built: C++ compiler '/nonexistent/c++' not found")
+    done = cli("ops", "build", check=2, **extra)
+    assert "custom op unavailable: C++ compiler" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def _fake_compiler(tmp_path, body: str) -> Path:
+    script = tmp_path / "fake-c++"
+    script.write_text("#!/bin/sh\n" + body)
+    script.chmod(0o755)
+    return script
+
+
+def test_a_compile_error_is_one_line_and_the_log_path(tmp_path):
+    cxx = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+                                   'echo "fused_layer.cc:1:1: error: boom" >&2; exit 1\n')
+    done = cli("ops", "build", check=2, CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    message = done.stderr.strip()
+    assert "compiling the custom op failed: fused_layer.cc:1:1: error: boom" in message
+    log = Path(message.split("(compiler log: ")[1].rstrip(")"))
+    assert log.exists() and "error: boom" in log.read_text()
+    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-built is left to load
+
+
+def test_workers_starting_together_compile_once(tmp_path):
+    """Two builds at once into an empty cache: the lock makes the second wait and reuse the
+    first's library (a stand-in compiler counts its runs and writes the output file)."""
+    counter = tmp_path / "runs"
+    cxx = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+                                   f'echo run >> {counter}\nsleep 2\n'
+                                   'while [ "$1" != "-o" ]; do shift; done; echo lib > "$2"\n')
+    code = "from sparsebench.train.custom_ops.build import build, as_dict; import json; print(json.dumps(as_dict(build())))"
+    extra = env(CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=extra)
+             for _ in range(2)]
+    infos = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(i["ok"] for i in infos) and sorted(i["cached"] for i in infos) == [False, True]
+    assert counter.read_text().count("run") == 1
+    assert len({i["library"] for i in infos}) == 1
+
+
+# -- the op itself -----------------------------------------------------------------------------
+FUSED_VS_OPTIMIZER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    from sparsebench.plan.spec import DataSpec, ModelSpec
+    from sparsebench.train.data import SyntheticData
+    from sparsebench.train.model import build_trainer, to_sparse_tensor
+
+    optimizer = sys.argv[1]
+    data = SyntheticData(DataSpec(feature_bits=12, mean_active=20))
+    batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in data.batches(64, 20)]
+    seen = np.unique(np.concatenate([sp.indices.numpy()[:, 1] for sp, _ in batches]))
+    init = np.random.default_rng(0).normal(0, 0.01, size=(data.num_features, 8)).astype(np.float32)
+    result = {}
+    for fused in (True, False):
+        trainer = build_trainer(ModelSpec(out_dim=8, variant="fused_custom_op", optimizer=optimizer),
+                                data.num_features, "/CPU:0", fused_updates=fused)
+        trainer.model.kernel.tables[0].assign(init)
+        losses = [float(trainer.train_step(*b)) for b in batches]
+        table = trainer.model.kernel.tables[0].numpy()
+        result[fused] = (trainer.update_path, losses, table, trainer.model.norm.bias_x.numpy())
+    (path_f, loss_f, table_f, bias_f), (path_o, loss_o, table_o, bias_o) = result[True], result[False]
+    unseen = np.setdiff1d(np.arange(data.num_features), seen)
+    print(json.dumps({
+        "paths": [path_f, path_o],
+        "max_table_diff": float(np.abs(table_f - table_o).max()),
+        "max_bias_diff": float(np.abs(bias_f - bias_o).max()),
+        "max_loss_diff": float(np.abs(np.array(loss_f) - np.array(loss_o)).max()),
+        "unseen_rows": int(len(unseen)),
+        "unseen_identical": bool(np.array_equal(table_f[unseen], init[unseen])
+                                 and np.array_equal(table_o[unseen], init[unseen])),
+        "moved": float(np.abs(table_f - init).max()),
+    }))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "lazy_adam"])
+def test_fused_updates_match_the_owned_optimizers_after_20_steps(custom_op, optimizer):
+    """At one intra-op thread (set before TensorFlow starts: a fresh interpreter)."""
+    done = subprocess.run([sys.executable, "-c", FUSED_VS_OPTIMIZER, optimizer], capture_output=True, text=True,
+                          env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["paths"] == ["fused", "optimizer"]
+    assert result["moved"] > 1e-3  # the updates did something
+    assert result["max_table_diff"] < 1e-5 and result["max_bias_diff"] < 1e-5
+    assert result["max_loss_diff"] < 1e-5
+    assert result["unseen_rows"] > 0 and result["unseen_identical"]
+
+
+def test_the_traced_step_runs_the_fused_ops(custom_op):
+    from collections import Counter
+
+    from sparsebench.plan.spec import ModelSpec
+    from sparsebench.train.model import build_trainer
+
+    def ops(optimizer):
+        trainer = build_trainer(ModelSpec(out_dim=4, variant="fused_custom_op", optimizer=optimizer), 2**10, "/CPU:0")
+        graph = trainer.train_step.get_concrete_function().graph
+        return trainer.update_path, Counter(op.type for op in graph.get_operations())
+
+    path, sgd = ops("sgd")
+    assert path == "fused" and sgd["SparsebenchFusedLayer"] == 1 and sgd["SparsebenchFusedSgdUpdate"] == 1
+    assert sgd["SparsebenchFusedLayerGrad"] == 0 and sgd["ResourceGather"] == 0 and sgd["Unique"] == 0
+    path, adam = ops("lazy_adam")
+    assert path == "fused" and adam["SparsebenchFusedLazyAdamUpdate"] == 1
+    path, adagrad = ops("adagrad")
+    assert path == "optimizer" and adagrad["SparsebenchFusedLayerGrad"] == 1
+
+
+def test_bad_batches_are_errors_not_crashes(custom_op):
+    import tensorflow as tf
+
+    from sparsebench.train.custom_ops.ops import fused_layer
+
+    table = tf.Variable(tf.zeros([8, 2]))
+    rows, values = tf.constant([0, 0], tf.int64), tf.constant([1.0, 2.0])
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"keys\[1\] = 9 is not in \[0, 8\)"):
+        fused_layer(table, rows, tf.constant([1, 9], tf.int64), values, 1)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="rows must be in ascending order"):
+        fused_layer(table, tf.constant([1, 0], tf.int64), tf.constant([1, 2], tf.int64), values, 2)
