@@ -151,6 +151,42 @@ def test_fused_updates_match_the_owned_optimizers_after_20_steps(custom_op, opti
     assert result["unseen_rows"] > 0 and result["unseen_identical"]
 
 
+FUSED_AT_THREADS = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    import tensorflow as tf
+    tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[2]))
+    from sparsebench.plan.spec import DataSpec, ModelSpec
+    from sparsebench.train.data import SyntheticData
+    from sparsebench.train.model import build_trainer, to_sparse_tensor
+
+    data = SyntheticData(DataSpec(feature_bits=10, mean_active=40))
+    trainer = build_trainer(ModelSpec(out_dim=8, variant="fused_custom_op", optimizer=sys.argv[1]),
+                            data.num_features, "/CPU:0")
+    trainer.model.kernel.tables[0].assign(np.random.default_rng(0).normal(0, 0.01, (data.num_features, 8)))
+    for b in data.batches(128, 10):
+        trainer.train_step(to_sparse_tensor(b, data.num_features), tf.constant(b.labels))
+    state = [trainer.model.kernel.tables[0].numpy(), trainer.model.norm.bias_x.numpy()]
+    print(trainer.update_path, hashlib.sha256(b"".join(a.tobytes() for a in state)).hexdigest())
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "lazy_adam"])
+def test_fused_updates_do_not_depend_on_the_thread_count(custom_op, optimizer):
+    """Keys are sharded among threads and each key's entries summed in batch order, so 1 and
+    4 intra-op threads leave bit-identical tables (repeated keys included: 2**10 features)."""
+    digests = set()
+    for threads in ("1", "4"):
+        done = subprocess.run([sys.executable, "-c", FUSED_AT_THREADS, optimizer, threads], capture_output=True,
+                              text=True, env=env(), timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        path, digest = done.stdout.strip().splitlines()[-1].split()
+        assert path == "fused"
+        digests.add(digest)
+    assert len(digests) == 1
+
+
 def test_the_traced_step_runs_the_fused_ops(custom_op):
     from collections import Counter
 

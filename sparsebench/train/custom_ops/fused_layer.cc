@@ -9,9 +9,11 @@
 // Threads: every op runs on TensorFlow's intra-op pool (the cell's intra_op_threads).
 // The forward pass splits examples among threads (each writes its own output rows), the
 // gradient splits entries (each writes its own slice), and the updates split keys: thread
-// t of T owns the keys with key % T == t and alone writes their rows, so within one op no
-// two threads touch one row and the result does not depend on the number of threads (and
-// with one intra-op thread the whole op is serial, hence deterministic).
+// t of T owns the keys that hash to shard t, groups their entries by key and alone writes
+// their rows, once per key, so within one op no two threads touch one row. Each key's
+// entries are summed in batch order whatever T is, so the result does not depend on the
+// number of threads (and with one intra-op thread the whole op is serial, hence
+// deterministic).
 //
 // Races that are allowed: variables are locked in shared mode, as TensorFlow's own
 // scatter ops lock float variables, so two train steps running at once (Hogwild workers)
@@ -21,9 +23,10 @@
 // "Hogwild!"). The max-normalization update is a max: applied in any order it converges
 // to the same value, so a lost race only delays it by a step.
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
-#include <unordered_map>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
@@ -210,13 +213,103 @@ static void ParallelFor(OpKernelContext* ctx, int64_t total, int64_t cost_per_un
   tensorflow::Shard(threads->num_threads, threads->workers, total, cost_per_unit, work);
 }
 
-// Runs work(shard, shards) once per shard, T = the intra-op pool's size, in parallel.
-static void ForEachKeyShard(OpKernelContext* ctx, const std::function<void(int64_t, int64_t)>& work) {
+// How many keys ahead an update prefetches the rows it will write.
+constexpr int64_t kGroupsAhead = 4;
+
+// Where a key lives: a multiplicative hash (Fibonacci hashing) whose high bits pick the
+// shard and whose low bits probe the shard's table, so both are cheap and independent.
+static inline uint64_t KeyHash(int64_t key) { return static_cast<uint64_t>(key) * 0x9E3779B97F4A7C15ull; }
+static inline int64_t ShardOf(uint64_t hash, int64_t shards) {
+  return static_cast<int64_t>(((hash >> 32) * static_cast<uint64_t>(shards)) >> 32);
+}
+
+// Brings the cache lines of a row of `bytes` bytes towards the core before it is needed:
+// the rows of a 2^20-row table are scattered across hundreds of megabytes, so without this
+// every row costs a full memory latency.
+static inline void PrefetchRow(const float* row, int64_t bytes, bool write) {
+  for (int64_t offset = 0; offset < bytes; offset += 64) {
+    if (write) {
+      __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, 1, 1);
+    } else {
+      __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, 0, 1);
+    }
+  }
+}
+
+// The entries of a batch grouped by key, for the updates: each distinct key once, with the
+// indices of its entries in batch order. Keys are split into T shards (T = the intra-op
+// pool's size) by hash; thread t alone groups and updates shard t's keys, so within one op
+// no two threads write one row, no [nnz, out_dim] buffer exists, and since each key's
+// entries are summed in batch order whatever T is, the result does not depend on T.
+//
+// ForEachKeyGroup calls per_key(key, entries, count, next_key) once per distinct key, on
+// the thread that owns it; next_key is the key that thread handles kGroupsAhead keys later
+// (-1 near the end), for prefetching.
+template <typename PerKey>
+static void ForEachKeyGroup(OpKernelContext* ctx, const Batch& batch, PerKey per_key) {
   const int64_t shards = std::max(1, ctx->device()->tensorflow_cpu_worker_threads()->num_threads);
+  // Partition the entries by shard, keeping batch order within each (a counting sort).
+  std::vector<int64_t> shard_begin(shards + 1, 0);
+  std::vector<int32_t> by_shard(batch.nnz);
+  {
+    std::vector<int32_t> shard_of(batch.nnz);
+    for (int64_t e = 0; e < batch.nnz; ++e) {
+      shard_of[e] = static_cast<int32_t>(ShardOf(KeyHash(batch.keys[e]), shards));
+      ++shard_begin[shard_of[e] + 1];
+    }
+    for (int64_t s = 0; s < shards; ++s) shard_begin[s + 1] += shard_begin[s];
+    std::vector<int64_t> fill(shard_begin.begin(), shard_begin.end() - 1);
+    for (int64_t e = 0; e < batch.nnz; ++e) by_shard[fill[shard_of[e]]++] = static_cast<int32_t>(e);
+  }
   ParallelFor(ctx, shards, 1 << 30, [&](int64_t first, int64_t last) {
-    for (int64_t s = first; s < last; ++s) work(s, shards);
+    for (int64_t s = first; s < last; ++s) {
+      const int32_t* entries = by_shard.data() + shard_begin[s];
+      const int64_t count = shard_begin[s + 1] - shard_begin[s];
+      if (count == 0) continue;
+      // Open addressing, capacity a power of two at least twice the entries: key -> group.
+      int bits = 1;
+      while ((int64_t{1} << bits) < 2 * count) ++bits;
+      const uint64_t mask = (uint64_t{1} << bits) - 1;
+      std::vector<int64_t> slot_key(mask + 1, -1);
+      std::vector<int32_t> slot_group(mask + 1);
+      std::vector<int64_t> group_key;
+      std::vector<int32_t> group_size;
+      std::vector<int32_t> group_of(count);
+      group_key.reserve(count);
+      group_size.reserve(count);
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t key = batch.keys[entries[i]];
+        uint64_t slot = KeyHash(key) & mask;
+        while (slot_key[slot] != -1 && slot_key[slot] != key) slot = (slot + 1) & mask;
+        if (slot_key[slot] == -1) {
+          slot_key[slot] = key;
+          slot_group[slot] = static_cast<int32_t>(group_key.size());
+          group_key.push_back(key);
+          group_size.push_back(0);
+        }
+        group_of[i] = slot_group[slot];
+        ++group_size[group_of[i]];
+      }
+      const int64_t groups = static_cast<int64_t>(group_key.size());
+      std::vector<int32_t> group_begin(groups + 1, 0);
+      for (int64_t g = 0; g < groups; ++g) group_begin[g + 1] = group_begin[g] + group_size[g];
+      std::vector<int32_t> order(count);
+      std::vector<int32_t> cursor(group_begin.begin(), group_begin.end() - 1);
+      for (int64_t i = 0; i < count; ++i) order[cursor[group_of[i]]++] = entries[i];
+      for (int64_t g = 0; g < groups; ++g) {
+        per_key(group_key[g], order.data() + group_begin[g], static_cast<int64_t>(group_begin[g + 1] - group_begin[g]),
+                g + kGroupsAhead < groups ? group_key[g + kGroupsAhead] : -1);
+      }
+    }
   });
 }
+
+// How many entries ahead the forward pass prefetches a row (enough to cover a memory
+// latency at a few nanoseconds of work per entry).
+constexpr int64_t kPrefetchAhead = 4;
+
+// Rows up to this many columns sum their gradient on the stack.
+constexpr int64_t kMaxInlineCols = 256;
 
 static inline float Dot(const float* a, const float* b, int64_t n) {
   float sum = 0.0f;
@@ -275,10 +368,12 @@ class FusedLayerOp : public OpKernel {
           if (a > max_x[batch.keys[e]]) max_x[batch.keys[e]] = a;
         }
       }
-      for (int64_t e = 0; e < batch.nnz; ++e) {
-        const int64_t k = batch.keys[e];
-        n[e] = v[e] / std::max(max_x[k], epsilon_) + bias_x[k];
-      }
+      ParallelFor(ctx, batch.nnz, 16, [&](int64_t first, int64_t last) {
+        for (int64_t e = first; e < last; ++e) {
+          const int64_t k = batch.keys[e];
+          n[e] = v[e] / std::max(max_x[k], epsilon_) + bias_x[k];
+        }
+      });
     } else {
       std::memcpy(n, v, batch.nnz * sizeof(float));
     }
@@ -291,11 +386,13 @@ class FusedLayerOp : public OpKernel {
     const float* table_data = w.flat<float>().data();
     float* out_data = out->flat<float>().data();
     const int64_t per_example = batch_size ? std::max<int64_t>(1, batch.nnz / batch_size) : 1;
+    const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
     ParallelFor(ctx, batch_size, per_example * cols * 4, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) {
         float* o = out_data + b * cols;
         std::fill(o, o + cols, 0.0f);
         for (int64_t e = starts[b]; e < starts[b + 1]; ++e) {
+          if (e + kPrefetchAhead < batch.nnz) PrefetchRow(table_data + batch.keys[e + kPrefetchAhead] * cols, row_bytes, false);
           const float* row = table_data + batch.keys[e] * cols;
           const float scale = n[e];
           for (int64_t j = 0; j < cols; ++j) o[j] += scale * row[j];
@@ -387,24 +484,26 @@ class FusedSgdUpdateOp : public FusedUpdateOp {
     const float lr = ctx->input(6).scalar<float>()();
     float* w = table->tensor()->flat<float>().data();
     float* b = normalize_ ? bias->tensor()->flat<float>().data() : nullptr;
-    ForEachKeyShard(ctx, [&](int64_t shard, int64_t shards) {
-      // The bias gradient reads the weights the forward pass used: all bias updates of
-      // this shard's keys first, then the weight updates.
-      if (b != nullptr) {
-        for (int64_t e = 0; e < batch.nnz; ++e) {
-          const int64_t k = batch.keys[e];
-          if (k % shards != shard) continue;
-          b[k] -= lr * Dot(w + k * cols, g + batch.rows[e] * cols, cols);
-        }
-      }
-      for (int64_t e = 0; e < batch.nnz; ++e) {
-        const int64_t k = batch.keys[e];
-        if (k % shards != shard) continue;
-        float* row = w + k * cols;
+    const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
+    ForEachKeyGroup(ctx, batch, [&](int64_t k, const int32_t* entries, int64_t count, int64_t next_key) {
+      if (next_key >= 0) PrefetchRow(w + next_key * cols, row_bytes, true);
+      // The key's gradients, summed over its entries before the row changes: the bias
+      // gradient reads the weights the forward pass used.
+      float* row = w + k * cols;
+      float grad_w[kMaxInlineCols];
+      std::vector<float> heap_grad;
+      float* gw = cols <= kMaxInlineCols ? grad_w : (heap_grad.resize(cols), heap_grad.data());
+      std::fill(gw, gw + cols, 0.0f);
+      float grad_b = 0.0f;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t e = entries[i];
         const float* go = g + batch.rows[e] * cols;
-        const float step = lr * n[e];
-        for (int64_t j = 0; j < cols; ++j) row[j] -= step * go[j];
+        if (b != nullptr) grad_b += Dot(row, go, cols);
+        const float ne = n[e];
+        for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
       }
+      for (int64_t j = 0; j < cols; ++j) row[j] -= lr * gw[j];
+      if (b != nullptr) b[k] -= lr * grad_b;
     });
   }
 };
@@ -451,46 +550,39 @@ class FusedLazyAdamUpdateOp : public FusedUpdateOp {
     float* bm = normalize_ ? bias_m->tensor()->flat<float>().data() : nullptr;
     float* bv = normalize_ ? bias_v->tensor()->flat<float>().data() : nullptr;
 
-    ForEachKeyShard(ctx, [&](int64_t shard, int64_t shards) {
-      // Sum each distinct key's gradient over its entries (weights as the forward pass
-      // saw them: nothing is written before every sum is complete).
-      std::unordered_map<int64_t, int64_t> slot_of;
-      std::vector<int64_t> slot_keys;
-      std::vector<float> grad_w;
-      std::vector<float> grad_b;
-      for (int64_t e = 0; e < batch.nnz; ++e) {
-        const int64_t k = batch.keys[e];
-        if (k % shards != shard) continue;
-        auto found = slot_of.emplace(k, static_cast<int64_t>(slot_keys.size()));
-        if (found.second) {
-          slot_keys.push_back(k);
-          grad_w.resize(grad_w.size() + cols, 0.0f);
-          grad_b.push_back(0.0f);
-        }
-        const int64_t slot = found.first->second;
-        const float* go = g + batch.rows[e] * cols;
-        float* gw = grad_w.data() + slot * cols;
-        for (int64_t j = 0; j < cols; ++j) gw[j] += n[e] * go[j];
-        if (b != nullptr) grad_b[slot] += Dot(w + k * cols, go, cols);
+    const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
+    ForEachKeyGroup(ctx, batch, [&](int64_t k, const int32_t* entries, int64_t count, int64_t next_key) {
+      if (next_key >= 0) {
+        PrefetchRow(w + next_key * cols, row_bytes, true);
+        PrefetchRow(m + next_key * cols, row_bytes, true);
+        PrefetchRow(v + next_key * cols, row_bytes, true);
       }
-      // One Adam update per distinct key, of its row and moments.
-      for (size_t slot = 0; slot < slot_keys.size(); ++slot) {
-        const int64_t k = slot_keys[slot];
-        const float* gw = grad_w.data() + slot * cols;
-        float* row = w + k * cols;
-        float* mr = m + k * cols;
-        float* vr = v + k * cols;
-        for (int64_t j = 0; j < cols; ++j) {
-          mr[j] = beta1 * mr[j] + (1.0f - beta1) * gw[j];
-          vr[j] = beta2 * vr[j] + (1.0f - beta2) * gw[j] * gw[j];
-          row[j] -= lr_t * mr[j] / (std::sqrt(vr[j]) + epsilon);
-        }
-        if (b != nullptr) {
-          const float gb = grad_b[slot];
-          bm[k] = beta1 * bm[k] + (1.0f - beta1) * gb;
-          bv[k] = beta2 * bv[k] + (1.0f - beta2) * gb * gb;
-          b[k] -= lr_t * bm[k] / (std::sqrt(bv[k]) + epsilon);
-        }
+      // The key's gradient summed over its entries (weights as the forward pass saw
+      // them: the row is written only after), then one Adam update of its row and moments.
+      float* row = w + k * cols;
+      float grad_w[kMaxInlineCols];
+      std::vector<float> heap_grad;
+      float* gw = cols <= kMaxInlineCols ? grad_w : (heap_grad.resize(cols), heap_grad.data());
+      std::fill(gw, gw + cols, 0.0f);
+      float gb = 0.0f;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t e = entries[i];
+        const float* go = g + batch.rows[e] * cols;
+        if (b != nullptr) gb += Dot(row, go, cols);
+        const float ne = n[e];
+        for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
+      }
+      float* mr = m + k * cols;
+      float* vr = v + k * cols;
+      for (int64_t j = 0; j < cols; ++j) {
+        mr[j] = beta1 * mr[j] + (1.0f - beta1) * gw[j];
+        vr[j] = beta2 * vr[j] + (1.0f - beta2) * gw[j] * gw[j];
+        row[j] -= lr_t * mr[j] / (std::sqrt(vr[j]) + epsilon);
+      }
+      if (b != nullptr) {
+        bm[k] = beta1 * bm[k] + (1.0f - beta1) * gb;
+        bv[k] = beta2 * bv[k] + (1.0f - beta2) * gb * gb;
+        b[k] -= lr_t * bm[k] / (std::sqrt(bv[k]) + epsilon);
       }
     });
   }

@@ -17,6 +17,7 @@ from .build import load
 NORM_EPSILON = 1e-5
 
 
+@tf.autograph.experimental.do_not_convert  # loading is Python work, not graph code
 def _ops():
     return load()
 
