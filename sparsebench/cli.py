@@ -37,7 +37,11 @@ def cli() -> None:
 @click.option("--require-gpu", is_flag=True, help="Record GPU cells on a machine without a GPU as failed, not skipped.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failures and the summary.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit.")
-def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_change, require_gpu, quiet, dry_run):
+@click.option("--cluster", metavar="FILE",
+              help="Run the parameter-server cells against this real cluster (JSON: {\"chief\": [this host:port], "
+                   "\"ps\": [...], \"worker\": [...]}) instead of a local one per cell.")
+def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_change, require_gpu, quiet, dry_run,
+        cluster):
     """Run a suite's cells, each in its own worker process, and record the results."""
     from .execute import runner
 
@@ -52,7 +56,7 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
         return 0
     try:
         summary = runner.run(suite_arg, list(overrides), output, resume, quiet, require_gpu, isolation,
-                             allow_env_change)
+                             allow_env_change, cluster)
     except KeyboardInterrupt:
         target = resume or output
         hint = f" with --resume {target}" if target else " with --resume <the results file above>"
@@ -62,6 +66,36 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
     if summary.exit_code:
         click.echo(f"resume the failed cells with: sparsebench run --resume {summary.path}", err=True)
     return summary.exit_code
+
+
+@cli.command()
+@click.option("--cluster", metavar="FILE", help="The cluster (JSON, bare or TF_CONFIG-style); default: TF_CONFIG.")
+@click.option("--task", metavar="JOB:N", help="This machine's task: ps:N or worker:N (with --cluster).")
+@click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, help="TensorFlow intra-op threads (0: default).")
+@click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, help="TensorFlow inter-op threads (0: default).")
+def serve(cluster, task, intra_op_threads, inter_op_threads):
+    """Serve one task (PS or worker) of a real cluster until killed.
+
+    TensorFlow's servers listen on every interface and authenticate nothing: run them only
+    on a network you trust. The coordinating machine runs `sparsebench run --cluster FILE`."""
+    import json
+    import os
+    import sys
+
+    from .plan.cluster_file import from_tf_config, parse_task, read_cluster
+
+    if cluster is None and task is None:
+        spec, task = from_tf_config()
+    elif cluster is None or task is None:
+        raise UserError("serve: give both --cluster FILE and --task ps:N (or neither, with TF_CONFIG)")
+    else:
+        spec = read_cluster(cluster)
+    parse_task(task, spec)
+    command = [sys.executable, "-m", "sparsebench.train.cluster_task", "--cluster", json.dumps(spec), "--task", task,
+               "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads)]
+    click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
+               err=True)
+    os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code
 
 
 @cli.command()

@@ -25,6 +25,9 @@ def format_cell(summary: dict[str, Any], label: str, top: int = 10) -> str:
     lines.append(f"  by phase: {phases}")
     if summary.get("note"):
         lines.append(f"  note: {summary['note']}")
+    if summary.get("hosts_ms_per_step"):
+        hosts = ", ".join(f"{host} {ms:.1f} ms" for host, ms in summary["hosts_ms_per_step"].items())
+        lines.append(f"  op time per step by task: {hosts}")
     lines.append(f"  {'op':<34} {'phase':<10} {'ms/step':>8} {'share':>7} {'calls/step':>10}")
     for op in summary["ops"][:top]:
         lines.append(f"  {op['op_type']:<34} {op['phase']:<10} {op['ms_per_step']:>8.2f} "

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..lifetime import UNSHARE, die_with_parent, exposed_opt_in
 from ..plan.cell import Cell
 
 # Passed through from the parent's environment (pyperf's approach): enough to find Python,
@@ -68,12 +69,14 @@ def inherited_variables(parent: dict[str, str] | None = None) -> tuple[dict[str,
 
 
 def groups_of(cells: list[Cell], isolation: str) -> list[list[Cell]]:
-    """Consecutive cells sharing a process key form a group under isolation "env"."""
+    """Consecutive cells sharing a process key form a group under isolation "env";
+    a parameter-server cell always has its worker (and its cluster) to itself."""
     if isolation != "env":
         return [[c] for c in cells]
     groups: list[list[Cell]] = []
     for cell in cells:
-        if groups and groups[-1][0].process_key() == cell.process_key():
+        if (groups and groups[-1][0].process_key() == cell.process_key() and cell.distribution.is_local
+                and groups[-1][0].distribution.is_local):
             groups[-1].append(cell)
         else:
             groups.append([cell])
@@ -135,6 +138,10 @@ class Orchestrator:
         self.gate = gate
         self._process: subprocess.Popen | None = None
         self._round = 1
+        # A parameter-server cell's worker starts its cluster: in a private network
+        # namespace unless a remote cluster is given or the user opted out (the runner
+        # checked that one can be made before any cell ran).
+        self.private_network = "cluster" not in self.job_extra and not exposed_opt_in()
 
     def run(self, cells: list[Cell], round: int = 1) -> None:
         """Run `cells` once each, in fresh worker processes; their records say `round`."""
@@ -149,17 +156,20 @@ class Orchestrator:
         with tempfile.TemporaryDirectory(prefix="sparsebench-") as tmp:
             tmp_path = Path(tmp)
             jobs = tmp_path / "jobs.json"
+            private = self.private_network and not cells[0].distribution.is_local
             jobs.write_text(json.dumps({**self.job_extra, "isolation": self.isolation, "lockstep": self.gate is not None,
-                                        "cells": [c.to_dict() for c in cells]}))
+                                        "private_network": private, "cells": [c.to_dict() for c in cells]}))
             stderr_path = tmp_path / "worker.log"
+            prefix = UNSHARE if private else []
             with open(stderr_path, "w") as log:
                 self._process = subprocess.Popen(
-                    [self.python, "-m", "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
+                    [*prefix, self.python, "-m", "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
                     env=worker_environment(cells[0]),
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # its own process group: a kill takes its children too
+                    preexec_fn=die_with_parent,  # and a kill -9 of this process takes the worker
                 )
                 try:
                     return self._watch(cells, tmp_path, stderr_path)

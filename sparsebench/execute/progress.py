@@ -45,8 +45,21 @@ def describe_record(record: dict) -> str:
     spread = f" ±{cv:.1%}" if cv is not None else ""
     return (
         f"{format_rate(record.get('samples_per_sec'))} samples/s{spread} over {len(windows)} windows, "
-        f"step p50 {record.get('step_ms_p50', float('nan')):.1f} ms, AUC {record.get('auc') or float('nan'):.3f}{noisy}"
+        f"step p50 {record.get('step_ms_p50', float('nan')):.1f} ms, AUC {record.get('auc') or float('nan'):.3f}"
+        f"{describe_cluster(record.get('cluster'))}{noisy}"
     )
+
+
+def describe_cluster(cluster: dict | None) -> str:
+    """For a parameter-server cell: each PS task's traffic per step, and lost workers."""
+    if not cluster:
+        return ""
+    parts = []
+    for task, traffic in (cluster.get("ps_bytes_per_step") or {}).items():
+        parts.append(f"{task} in/out {traffic['received'] / 1e6:.2f}/{traffic['sent'] / 1e6:.2f} MB/step")
+    if cluster.get("worker_tasks_lost"):
+        parts.append("lost " + ", ".join(cluster["worker_tasks_lost"]) + " (recovered)")
+    return ", " + ", ".join(parts) if parts else ""
 
 
 class Progress:

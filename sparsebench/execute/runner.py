@@ -18,8 +18,10 @@ from typing import Any, Callable
 
 from .. import __version__
 from ..errors import UserError
+from ..lifetime import EXPOSED_OPT_IN, exposed_opt_in, private_network_problem
 from ..machine import environment_differences
 from ..plan.cell import Cell
+from ..plan.cluster_file import coordinator_cluster, read_cluster
 from ..plan.suite import Suite, load_suite, parse_suite
 from ..results import ResultsWriter, read_results
 from .custom_op import needs_custom_op, prebuild, skip_reason
@@ -112,6 +114,26 @@ def run_header(suite: Suite, suite_arg: str, overrides: list[str], isolation: st
     }
 
 
+def read_cluster_option(cluster: str | None) -> dict[str, Any] | None:
+    """`--cluster FILE`: the real cluster the PS cells run against, as the job carries it."""
+    if cluster is None:
+        return None
+    spec = coordinator_cluster(read_cluster(cluster), cluster)
+    return {"cluster": spec, "source": str(cluster)}
+
+
+def check_cluster_isolation(cells: list[Cell], remote: dict[str, Any] | None) -> None:
+    """Before any cell runs: local clusters need a private network namespace, or an
+    explicit opt-in, because TensorFlow's servers listen on every interface unauthenticated."""
+    if remote is not None or exposed_opt_in() or all(c.distribution.is_local for c in cells):
+        return
+    problem = private_network_problem()
+    if problem:
+        raise UserError(f"parameter-server cells start TensorFlow servers that listen on every interface and "
+                        f"authenticate nothing, so sparsebench runs them in a private network namespace, but "
+                        f"{problem}; to run them reachable from your network anyway, set {EXPOSED_OPT_IN}=1")
+
+
 def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
     """The header's slow parts, computed once the results file is known to be writable:
     the custom op's build (where a cell needs it) and the environment fingerprint."""
@@ -128,8 +150,10 @@ def run(
     require_gpu: bool = False,
     isolation: str | None = None,
     allow_env_change: bool = False,
+    cluster: str | None = None,
 ) -> RunSummary:
     adjustments: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+    remote = read_cluster_option(cluster)
     if resume is not None:
         suite, cells, todo, run_meta, writer, note = reopen(resume, suite_arg, overrides, output, require_gpu,
                                                              allow_env_change)
@@ -143,9 +167,13 @@ def run(
         todo = plan_rounds(cells)
         path = Path(output) if output is not None else default_output(suite)
         run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells),
-                              processes=max(c.measure.processes for c in cells))
+                              processes=max(c.measure.processes for c in cells),
+                              **({"cluster": remote} if remote else {}))
         writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
     custom_op = run_meta.get("custom_op") if resume is None else prebuild([c for _, cs in todo for c in cs])
+    if remote is None and resume is not None:
+        remote = run_meta.get("cluster")  # a resumed run goes back to the cluster it started on
+    check_cluster_isolation([c for _, cs in todo for c in cs], remote)
 
     def require(record: dict[str, Any]) -> dict[str, Any]:
         if require_gpu and record.get("status") == "skipped" and record.get("reason") == "no GPU":
@@ -158,7 +186,7 @@ def run(
     summary = RunSummary(path=path, planned=_size(todo), already_done=total - _size(todo),
                          processes=max(c.measure.processes for c in cells))
     execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require,
-            custom_op=custom_op)
+            custom_op=custom_op, job_extra={"cluster": remote} if remote else None)
     return summary
 
 

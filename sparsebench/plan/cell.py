@@ -50,6 +50,34 @@ class Threads:
             raise ConfigError("kmp_blocktime: must be >= 0")
 
 
+STRATEGIES = ("local", "parameter_server")
+
+
+@dataclass(frozen=True)
+class Distribution:
+    """Where the cell trains: in its worker process (`local`), or on TensorFlow's
+    ParameterServerStrategy with `ps_tasks` parameter servers and `worker_tasks` workers,
+    the cell's worker acting as the coordinator. Each scheduled function runs
+    `steps_per_execution` train steps, so the coordinator's round trip is paid once per
+    that many steps (TensorFlow's advice for small steps)."""
+
+    strategy: str = "local"
+    ps_tasks: int = 1
+    worker_tasks: int = 1
+    steps_per_execution: int = 10
+
+    @property
+    def is_local(self) -> bool:
+        return self.strategy == "local"
+
+    def validate(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"strategy: must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        for name in ("ps_tasks", "worker_tasks", "steps_per_execution"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be >= 1")
+
+
 @dataclass(frozen=True)
 class Cell:
     suite: str
@@ -59,12 +87,19 @@ class Cell:
     threads: Threads = field(default_factory=Threads)
     workers: int = 1
     measure: MeasureSpec = field(default_factory=MeasureSpec)
+    distribution: Distribution = field(default_factory=Distribution)
 
     def validate(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.workers < 1:
             raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        self.distribution.validate()
+        if not self.distribution.is_local:
+            if self.workers != 1:
+                raise ConfigError("workers: Hogwild threads are a local setting; on parameter servers use worker_tasks")
+            if self.model.device != "cpu":
+                raise ConfigError("device: parameter-server cells run on the CPU")
         self.model.validate()
         self.data.validate()
         self.threads.validate()
@@ -73,13 +108,16 @@ class Cell:
     # -- identity ----------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
         """The fields that make two cells the same configuration."""
-        return {
+        identity = {
             "batch_size": self.batch_size,
             "workers": self.workers,
             "model": asdict(self.model),
             "data": asdict(self.data),
             "threads": asdict(self.threads),
         }
+        if not self.distribution.is_local:  # local cells keep the ids they had before the axis existed
+            identity["distribution"] = asdict(self.distribution)
+        return identity
 
     @property
     def cell_id(self) -> str:
@@ -117,6 +155,9 @@ class Cell:
             parts.append("onednn" if t.onednn else "noonednn")
         if self.workers > 1:
             parts.append(f"w{self.workers}")
+        d = self.distribution
+        if not d.is_local:
+            parts.append(f"ps{d.ps_tasks}w{d.worker_tasks}")
         return "-".join(parts)
 
     # -- process settings --------------------------------------------------------
@@ -158,6 +199,7 @@ class Cell:
             data=from_dict(DataSpec, data.get("data", {})),
             threads=from_dict(Threads, data.get("threads", {})),
             measure=from_dict(MeasureSpec, data.get("measure", {})),
+            distribution=from_dict(Distribution, data.get("distribution", {})),
         )
 
     def axis_values(self) -> dict[str, Any]:
@@ -169,6 +211,8 @@ class Cell:
             "partition_strategy": m.partition_strategy, "optimizer": m.optimizer, "device": m.device,
             "learning_rate": m.effective_learning_rate, "discretizer": m.discretizer,
             "normalization": m.normalization, "out_dim": m.out_dim, **asdict(self.threads),
+            "strategy": self.distribution.strategy, "ps_tasks": self.distribution.ps_tasks,
+            "worker_tasks": self.distribution.worker_tasks,
         }
 
     def axes(self) -> dict[str, Any]:
@@ -194,4 +238,7 @@ class Cell:
             "out_dim": m.out_dim,
             "discretizer": m.discretizer,
             "normalization": m.normalization,
+            "strategy": self.distribution.strategy,
+            "ps_tasks": self.distribution.ps_tasks if not self.distribution.is_local else None,
+            "worker_tasks": self.distribution.worker_tasks if not self.distribution.is_local else None,
         }

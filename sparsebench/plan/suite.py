@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 from ..errors import ConfigError, UserError
 from . import spec
-from .cell import Cell, Threads
+from .cell import STRATEGIES, Cell, Distribution, Threads
 from .spec import DataSpec, MeasureSpec, ModelSpec
 
 
@@ -74,10 +74,14 @@ AXES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "mkl_num_threads": ("threads", _positive_int, "an integer >= 1"),
     "kmp_blocktime": ("threads", _non_negative_int, "an integer >= 0"),
     "onednn": ("threads", lambda v: isinstance(v, bool), "true or false"),
+    "strategy": ("distribution", _choice(STRATEGIES), "local or parameter_server"),
+    "ps_tasks": ("distribution", _positive_int, "an integer >= 1"),
+    "worker_tasks": ("distribution", _positive_int, "an integer >= 1"),
 }
 DEFAULT_BATCH_SIZE = 256  # the one axis with no home in a spec
-SECTIONS = {"data": DataSpec, "model": ModelSpec, "measure": MeasureSpec}
-TOP_KEYS = {"name", "description", "isolation", "data", "model", "measure", "matrix", "exclude", "include"}
+SECTIONS = {"data": DataSpec, "model": ModelSpec, "measure": MeasureSpec, "distribution": Distribution}
+TOP_KEYS = {"name", "description", "isolation", "data", "model", "measure", "distribution", "matrix", "exclude",
+            "include"}
 ISOLATIONS = ("cell", "env")
 
 
@@ -91,6 +95,7 @@ class Suite:
     data: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     measure: dict[str, Any] = field(default_factory=dict)
+    distribution: dict[str, Any] = field(default_factory=dict)
     matrix: dict[str, list] = field(default_factory=dict)
     exclude: list[dict[str, list]] = field(default_factory=list)
     include: list[dict[str, list]] = field(default_factory=list)
@@ -125,6 +130,9 @@ class Suite:
         if variant != "row_partitioned" and "partition_strategy" in model_kw:
             model_kw["partition_strategy"] = ModelSpec.partition_strategy
         thread_kw = {k: v for k, v in combo.items() if AXES[k][0] == "threads"}
+        distribution_kw = {**self.distribution, **{k: v for k, v in combo.items() if AXES[k][0] == "distribution"}}
+        if distribution_kw.get("strategy", Distribution.strategy) == "local":
+            distribution_kw = {}  # ps_tasks / worker_tasks crossing a local cell: it has none
         try:
             cell = Cell(
                 suite=self.name,
@@ -134,6 +142,7 @@ class Suite:
                 data=spec.from_dict(DataSpec, self.data),
                 threads=Threads(**thread_kw),
                 measure=spec.from_dict(MeasureSpec, self.measure),
+                distribution=spec.from_dict(Distribution, distribution_kw),
             )
             cell.validate()
         except ConfigError as exc:
@@ -305,6 +314,7 @@ def parse_suite(text: str, source: str, default_name: str) -> Suite:
         data=raw.get("data", {}),
         model=raw.get("model", {}),
         measure=raw.get("measure", {}),
+        distribution=raw.get("distribution", {}),
         matrix={axis: _as_list(values) for axis, values in matrix.items()},
         exclude=[{a: _as_list(v) for a, v in e.items()} for e in raw.get("exclude", [])],
         include=[{a: _as_list(v) for a, v in e.items()} for e in raw.get("include", [])],

@@ -14,6 +14,7 @@ At inference the stored maxima are read, never updated.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -235,7 +236,7 @@ class Trainer:
     the layer's output gradient).
     """
 
-    def __init__(self, model: SparseModel, optimizer: Optimizer | None = None, device: str = "/CPU:0",
+    def __init__(self, model: SparseModel, optimizer: Optimizer | None = None, device: str | None = "/CPU:0",
                  fused_updates: bool = True):
         """`fused_updates=False` sends the fused kernel's gradient through the optimizer
         even where a fused update exists (tests compare the two paths)."""
@@ -253,10 +254,15 @@ class Trainer:
         self.gradient_stats = tf.function(self._gradient_stats, input_signature=signature)
         self.predict_logits = tf.function(lambda sp: model(sp, training=False), input_signature=signature[:1])
 
+    def _placement(self):
+        """Ops on the trainer's device; none given (a parameter-server strategy's scope),
+        TensorFlow's placement: variables on the PS tasks, compute on the worker."""
+        return tf.device(self.device) if self.device is not None else contextlib.nullcontext()
+
     def _gradients(self, sp, labels):
         # Name scopes let the profiler split a step into phases: ops under forward/...,
         # their gradients under gradient_tape/forward/..., and the update under optimizer/...
-        with tf.device(self.device), tf.GradientTape() as tape, tf.name_scope("forward"):
+        with self._placement(), tf.GradientTape() as tape, tf.name_scope("forward"):
             loss = loss_fn(self.model(sp, training=True), labels)
         variables = self.model.train_variables
         return loss, tape.gradient(loss, variables), variables
@@ -266,7 +272,7 @@ class Trainer:
         for grad, var in zip(grads, variables):
             if self.model.is_sparse_table(var):
                 self.grad_types[var.name] = "IndexedSlices" if isinstance(grad, tf.IndexedSlices) else "dense"
-        with tf.device(self.device), tf.name_scope("optimizer"):
+        with self._placement(), tf.name_scope("optimizer"):
             self.optimizer.apply(zip(grads, variables))
         return loss
 
@@ -274,7 +280,7 @@ class Trainer:
         """The table and bias_x are updated by the fused op from the gradient of the
         layer's output; only the dense variables go through the optimizer."""
         model = self.model
-        with tf.device(self.device), tf.GradientTape() as tape, tf.name_scope("forward"):
+        with self._placement(), tf.GradientTape() as tape, tf.name_scope("forward"):
             pre, normalized, rows, keys = model.fused_pre_activation(sp, training=True, watch=False)
             tape.watch(pre)  # the layer's output is where backprop stops: the fused update takes it from here
             loss = loss_fn(model.head(model.activation(pre + model.sparse_bias)), labels)
@@ -283,7 +289,7 @@ class Trainer:
         for table in model.kernel.tables:
             self.grad_types[table.name] = "fused"
         bias_x = model.norm.bias_x if model.norm is not None else None
-        with tf.device(self.device), tf.name_scope("optimizer"):
+        with self._placement(), tf.name_scope("optimizer"):
             self.optimizer.apply_fused(model.kernel.tables[0], bias_x, rows, keys, normalized, grad_out)
             self.optimizer.apply(zip(grads, dense))
         return loss
@@ -304,8 +310,9 @@ class Trainer:
         return touched[0] if self.model.kernel.shards_share_rows else tf.add_n(touched)
 
 
-def build_trainer(spec: ModelSpec, num_features: int, device: str, calibration: Calibration | None = None,
+def build_trainer(spec: ModelSpec, num_features: int, device: str | None, calibration: Calibration | None = None,
                   fused_updates: bool = True) -> Trainer:
-    """Model, optimizer and slots created on `device` (`/CPU:0` or `/GPU:0`)."""
-    with tf.device(device):
+    """Model, optimizer and slots created on `device` (`/CPU:0` or `/GPU:0`; None: where
+    the distribution strategy in scope puts them)."""
+    with tf.device(device) if device is not None else contextlib.nullcontext():
         return Trainer(SparseModel(spec, num_features, calibration), device=device, fused_updates=fused_updates)

@@ -27,6 +27,7 @@ is shared by all variables of one optimizer.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import tensorflow as tf
@@ -62,10 +63,18 @@ class Optimizer:
         return {}
 
     def _zeros_like(self, var, name, value=0.0):
-        return tf.Variable(tf.fill(var.shape, tf.constant(value, var.dtype)), trainable=False, name=f"{name}")
+        """A slot beside `var`: under a parameter-server strategy, on `var`'s PS task (not
+        wherever round-robin placement would put it), so an update never crosses tasks."""
+        placement = (tf.distribute.get_strategy().extended.colocate_vars_with(var) if tf.distribute.has_strategy()
+                     else contextlib.nullcontext())
+        with placement:
+            return tf.Variable(tf.fill(var.shape, tf.constant(value, var.dtype)), trainable=False, name=f"{name}")
 
     def slots(self, var: tf.Variable) -> dict[str, tf.Variable]:
         return self._slots[var.ref()]
+
+    def slot_variables(self) -> list[tf.Variable]:
+        return [slot for slots in self._slots.values() for slot in slots.values()]
 
     def apply(self, grads_and_vars: Iterable[tuple]) -> None:
         for grad, var in grads_and_vars:

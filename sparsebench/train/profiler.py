@@ -36,6 +36,10 @@ PHASES = ("forward", "backward", "optimizer", "other")
 # Op events are read from TensorFlow's executor threads on the host. On a GPU cell they
 # are the time to launch each kernel, not its time on the GPU (the device's own lines in
 # the trace are not parsed yet, and no GPU has checked this code), so say so.
+PS_TASKS_NOTE = ("parameter-server cell: op times summed over every PS and worker task (traced through their "
+                 "profiler servers); the step time is the wall time per step of one worker task")
+PS_COORDINATOR_NOTE = ("parameter-server cell on a remote cluster: this is the coordinator's own trace (its tasks run "
+                       "no profiler server sparsebench knows of); the tasks' op times are not in it")
 GPU_HOST_TIME_NOTE = ("GPU cell: op times are host-side (kernel launch) time on TensorFlow's executor threads, "
                       "not GPU kernel time; open the TensorBoard profile for device time")
 OP_CATEGORIES = {
@@ -67,11 +71,14 @@ class OpRow:
     category: str
 
 
-def find_xplane(logdir: Path) -> Path:
-    files = sorted(glob.glob(str(Path(logdir) / "plugins" / "profile" / "*" / "*.xplane.pb")))
+def find_xplanes(logdir: Path) -> list[Path]:
+    """The newest profiling session's XPlane files: one per traced host (one for a local
+    cell; every task traced, for a parameter-server cell)."""
+    runs = sorted(glob.glob(str(Path(logdir) / "plugins" / "profile" / "*")))
+    files = sorted(glob.glob(str(Path(runs[-1]) / "*.xplane.pb"))) if runs else []
     if not files:
         raise FileNotFoundError(f"{logdir}: no plugins/profile/*/*.xplane.pb written by the profiler")
-    return Path(files[-1])
+    return [Path(f) for f in files]
 
 
 def _split_event_name(name: str) -> tuple[str, str]:
@@ -98,8 +105,9 @@ def phase_of(node: str) -> str:
     return "other"
 
 
-def read_events(xplane_path: Path) -> list[dict[str, Any]]:
-    """Op events on TF's compute threads: node, op type, start and duration (µs), thread."""
+def read_events(xplane_path: Path, host: str | None = None) -> list[dict[str, Any]]:
+    """Op events on TF's compute threads: node, op type, start and duration (µs), thread
+    (prefixed with `host` where given, and then also recorded as the event's host)."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
@@ -116,7 +124,8 @@ def read_events(xplane_path: Path) -> list[dict[str, Any]]:
                     continue
                 node, op_type = _split_event_name(name)
                 events.append({
-                    "node": node, "op_type": op_type, "thread": line.name,
+                    "node": node, "op_type": op_type, "thread": f"{host} {line.name}" if host else line.name,
+                    "host": host,
                     "start_us": (line.timestamp_ns + event.offset_ps / 1000.0) / 1000.0,
                     "dur_us": event.duration_ps / 1e6,
                 })
@@ -153,10 +162,18 @@ def chrome_trace(events: list[dict[str, Any]], cell_id: str) -> dict[str, Any]:
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
 
 
-def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float, note: str | None = None) -> dict[str, Any]:
-    """Parse the profile under `logdir` and write ops.csv, ops.json and trace.json there."""
+def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float, note: str | None = None,
+                  host_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Parse the profile under `logdir` and write ops.csv, ops.json and trace.json there.
+    `host_names` renames traced hosts (their files' names) for the tables, e.g. to `ps:0`."""
     logdir = Path(logdir)
-    events = read_events(find_xplane(logdir))
+    files = find_xplanes(logdir)
+    if len(files) == 1:
+        events = read_events(files[0])
+    else:  # several traced tasks: each file is named after its host (and port)
+        names = host_names or {}
+        events = [e for f in files for e in read_events(f, host=names.get(f.name[: -len(".xplane.pb")],
+                                                                           f.name[: -len(".xplane.pb")]))]
     rows = op_table(events, steps)
     with open(logdir / "ops.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()) if rows else ["op_type"])
@@ -175,6 +192,11 @@ def write_outputs(logdir: Path, cell_id: str, steps: int, step_wall_ms: float, n
         "ops": [asdict(r) for r in rows],
         "note": note,
     }
+    if len(files) > 1:
+        by_host: dict[str, float] = defaultdict(float)
+        for e in events:
+            by_host[e["host"]] += e["dur_us"] / 1000.0 / steps
+        summary["hosts_ms_per_step"] = dict(sorted(by_host.items()))
     (logdir / "ops.json").write_text(json.dumps(summary, indent=2))
     (logdir / "trace.json").write_text(json.dumps(chrome_trace(events, cell_id)))
     return summary

@@ -18,14 +18,16 @@ on to the next cell; a crash of the process itself is noticed by the orchestrato
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
 import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -36,6 +38,11 @@ from ..plan.spec import CUSTOM_OP_VARIANTS
 from .tf_facts import tensorflow_info, threads_in_effect
 
 _PROCESS_START = time.perf_counter()
+_PRIVATE_NETWORK = False  # set when the orchestrator started this worker in its own network namespace
+
+
+def _private_network() -> bool:
+    return _PRIVATE_NETWORK
 
 
 def configure_threads(threads: Threads) -> dict[str, Any]:
@@ -56,7 +63,9 @@ def peak_rss_mb() -> float:
 class Prepared:
     """A cell's data (generated before any timing) and its freshly built trainer."""
 
-    def __init__(self, cell: Cell):
+    def __init__(self, cell: Cell, build: bool = True):
+        """`build=False`: data only (a parameter-server cell builds its trainer in the
+        strategy's scope)."""
         import tensorflow as tf
 
         from .data import SyntheticData
@@ -85,13 +94,41 @@ class Prepared:
             self.batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in self.pool]
             self.held_out_sp = to_sparse_tensor(self.held_out, data.num_features)
         self.num_features = data.num_features
+        self.calibration = calibration
         self.phases["data_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        self.trainer = build_trainer(cell.model, data.num_features, self.device, calibration)
-        self.phases["build_s"] = time.perf_counter() - t0
+        if build:
+            t0 = time.perf_counter()
+            self.trainer = build_trainer(cell.model, data.num_features, self.device, calibration)
+            self.phases["build_s"] = time.perf_counter() - t0
 
     def variables_mb(self) -> dict[str, float]:
         return {v.name: v.shape.num_elements() * 4 / 2**20 for v in self.trainer.model.train_variables}
+
+
+def _grad_type(trainer) -> str:
+    grad_types = sorted(set(trainer.grad_types.values()))
+    return grad_types[0] if len(grad_types) == 1 else ",".join(grad_types)
+
+
+def measured_fields(measurement, losses: list[float]) -> dict[str, Any]:
+    """A record's throughput, window and step-time fields, and its training loss."""
+    throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
+    step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
+    tail = losses[-max(1, min(20, len(losses))):] if losses else []
+    return {
+        "samples_per_sec": throughput["median"],
+        "samples_per_sec_low": throughput["low"],
+        "samples_per_sec_high": throughput["high"],
+        "cv": throughput["cv"],
+        "windows": measurement.window_samples_per_sec,
+        "window_seconds": measurement.window_seconds,
+        "window_steps": measurement.window_steps,
+        "step_ms_p50": step_ms["p50"],
+        "step_ms_p90": step_ms["p90"],
+        "step_ms_p99": step_ms["p99"],
+        "steps_timed": len(measurement.step_seconds),
+        "loss": float(np.mean(tail)) if tail else None,
+    }
 
 
 def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
@@ -127,31 +164,15 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
 
     rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
     logits = trainer.predict_logits(prepared.held_out_sp)
-    eval_loss = float(loss_fn(logits, tf.constant(held_out.labels)))
-    throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
-    step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
-    grad_types = sorted(set(trainer.grad_types.values()))
-    tail = losses[-max(1, min(20, len(losses))):] if losses else []
     record = {
         "status": "ok",
         "reason": None,
         "isolation": isolation,
-        "samples_per_sec": throughput["median"],
-        "samples_per_sec_low": throughput["low"],
-        "samples_per_sec_high": throughput["high"],
-        "cv": throughput["cv"],
-        "windows": measurement.window_samples_per_sec,
-        "window_seconds": measurement.window_seconds,
-        "window_steps": measurement.window_steps,
-        "step_ms_p50": step_ms["p50"],
-        "step_ms_p90": step_ms["p90"],
-        "step_ms_p99": step_ms["p99"],
-        "steps_timed": len(measurement.step_seconds),
-        "loss": float(np.mean(tail)) if tail else None,
-        "eval_loss": eval_loss,
+        **measured_fields(measurement, losses),
+        "eval_loss": float(loss_fn(logits, tf.constant(held_out.labels))),
         "auc": stats.auc(held_out.labels, logits.numpy()),
         "peak_rss_mb": peak_rss_mb(),
-        "grad_type": grad_types[0] if len(grad_types) == 1 else ",".join(grad_types),
+        "grad_type": _grad_type(trainer),
         "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
         "rows_touched_per_step": rows_touched,
         "num_features": prepared.num_features,
@@ -164,6 +185,171 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     if sampler is not None:
         record.update(sampler.summary())
     return record
+
+
+@contextlib.contextmanager
+def ps_session(cell: Cell, remote: dict[str, Any] | None, cluster_dir: Path, fail_now: Callable[[str], None]):
+    """The cell's data, its cluster and the training on it: yields (prepared, training,
+    cluster spec, source, local cluster or None, watchdog or None).
+
+    `remote`: `{"cluster": {...}, "source": FILE}` from `run --cluster`; otherwise a local
+    cluster is started for the cell (in the worker's private network namespace, where the
+    orchestrator made one) and stopped at the end, whatever happens. A PS task that dies
+    mid-cell ends the cell at once through `fail_now`, naming the task."""
+    from .cluster import LocalCluster, Watchdog
+    from .distributed import PsTraining, check_supported
+    from .model import build_trainer
+
+    check_supported(cell)
+    prepared = Prepared(cell, build=False)
+    d = cell.distribution
+    local = None
+    if remote is not None:
+        cluster, source = remote["cluster"], remote["source"]
+        shape = (len(cluster["ps"]), len(cluster["worker"]))
+        if shape != (d.ps_tasks, d.worker_tasks):
+            raise CellSkipped("cluster shape differs",
+                              f"the cell wants {d.ps_tasks} PS x {d.worker_tasks} worker tasks; {source} has "
+                              f"{shape[0]} x {shape[1]}")
+    else:
+        local = LocalCluster(d.ps_tasks, d.worker_tasks, cluster_dir, threads={
+            "intra_op_threads": cell.threads.intra_op_threads, "inter_op_threads": cell.threads.inter_op_threads})
+        cluster, source = local.spec, "local"
+    watchdog = None
+    try:
+        if local is not None:
+            t0 = time.perf_counter()
+            local.start()
+            prepared.phases["cluster_start_s"] = time.perf_counter() - t0
+            watchdog = Watchdog(local, fail_now)
+            watchdog.start()
+        t0 = time.perf_counter()
+        training = PsTraining(cell, cluster, prepared.pool, prepared.num_features,
+                              build=lambda: build_trainer(cell.model, prepared.num_features, None, prepared.calibration))
+        prepared.phases["build_s"] = time.perf_counter() - t0
+        yield prepared, training, cluster, source, local, watchdog
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        if local is not None:
+            local.stop()
+
+
+def run_ps_cell(cell: Cell, isolation: str, remote: dict[str, Any] | None, cluster_dir: Path,
+                fail_now: Callable[[str], None]) -> dict[str, Any]:
+    """Train and time one cell on a parameter-server cluster, this process coordinating."""
+    import tensorflow as tf
+
+    from .distributed import cluster_record
+    from .model import loss_fn
+
+    with ps_session(cell, remote, cluster_dir, fail_now) as (prepared, training, cluster, source, local, watchdog):
+        phases, held_out, d = prepared.phases, prepared.held_out, cell.distribution
+        t0 = time.perf_counter()
+        traffic: dict[str, Any] = {}
+
+        def windows_start() -> None:
+            if local is not None:
+                traffic["before"] = local.ps_traffic()
+                (cluster_dir / "windows-started").touch()  # beside the tasks' logs: tests wait for it
+
+        measurement, losses = training.measure(cell.batch_size, on_windows_start=windows_start)
+        if local is not None:
+            traffic["after"] = local.ps_traffic()
+        phases["warmup_s"] = measurement.warmup_seconds
+        phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
+        trainer = training.trainer
+        logits = trainer.predict_logits(prepared.held_out_sp)
+        lost = dict(watchdog.lost) if watchdog is not None else {}
+        fields = measured_fields(measurement, losses)
+        return {
+            "status": "ok",
+            "reason": None,
+            "isolation": isolation,
+            **fields,
+            "samples_per_sec_per_worker_mean": fields["samples_per_sec"] / d.worker_tasks,
+            "eval_loss": float(loss_fn(logits, tf.constant(held_out.labels))),
+            "auc": stats.auc(held_out.labels, logits.numpy()),
+            "peak_rss_mb": peak_rss_mb(),
+            "grad_type": _grad_type(trainer),
+            "rows_touched": None,  # the diagnostic step is a local one; not run against a cluster
+            "rows_touched_per_step": [],
+            "num_features": prepared.num_features,
+            "avg_nnz_per_batch": float(np.mean([b.nnz for b in prepared.pool])),
+            "threads_in_effect": threads_in_effect(),
+            "update_path": trainer.update_path,
+            "phases": phases,
+            "variables_mb": {v.name: v.shape.num_elements() * 4 / 2**20 for v in trainer.model.train_variables},
+            "cluster": {**cluster_record(cell, cluster, source, local is not None and _private_network(), training,
+                                         lost),
+                        **ps_bytes_per_step(traffic, sum(measurement.window_steps))},
+        }
+
+
+def ps_bytes_per_step(traffic: dict[str, Any], steps: int) -> dict[str, Any]:
+    """Each PS task's bytes sent and received per train step over the timed windows."""
+    before, after = traffic.get("before"), traffic.get("after")
+    if not before or not after or steps <= 0:
+        why = "remote cluster" if not traffic else "ss (iproute2) is not installed"
+        return {"ps_bytes_per_step": None, "ps_bytes_not_measured": why}
+    return {"ps_bytes_per_step": {task: {kind: (after[task][kind] - before[task][kind]) / steps for kind in ("sent", "received")}
+                                  for task in after}}
+
+
+def profile_ps_cell(cell: Cell, isolation: str, steps: int, logdir: Path, remote: dict[str, Any] | None,
+                    cluster_dir: Path, fail_now: Callable[[str], None]) -> dict[str, Any]:
+    """Profile the coordinator of a PS cell: what it waits on, and the ops it runs itself.
+    The tasks' own op times are not in this trace (TensorFlow's profiler traces one process)."""
+    import tensorflow as tf
+
+    from . import profiler as profile
+    from .distributed import cluster_record
+
+    with ps_session(cell, remote, cluster_dir, fail_now) as (prepared, training, cluster, source, local, watchdog):
+        k, workers = training.steps_per_execution, cell.distribution.worker_tasks
+        training.schedule(max(workers, math.ceil(cell.measure.warmup_steps / k)))
+        training.coordinator.join()
+        functions = max(workers, math.ceil(steps / k))
+        logdir.mkdir(parents=True, exist_ok=True)
+        if local is not None:
+            # Every task serves TensorFlow's profiler: trace them all while the functions run
+            # (the trace lasts a little longer than the functions, measured untraced first).
+            start = time.perf_counter()
+            training.schedule(functions)
+            training.coordinator.join()
+            untraced = time.perf_counter() - start
+            training.schedule(functions)
+            tf.profiler.experimental.client.trace(",".join(local.profiler_addresses()), str(logdir),
+                                                  duration_ms=max(500, int(1500 * untraced)))
+            training.coordinator.join()
+            elapsed, note = untraced, profile.PS_TASKS_NOTE
+            host_names = {f"127.0.0.1_{port}": task for task, port in local.profiler_ports.items()}
+        else:
+            tf.profiler.experimental.start(str(logdir))
+            start = time.perf_counter()
+            try:
+                training.schedule(functions)
+                training.coordinator.join()
+            finally:
+                elapsed = time.perf_counter() - start
+                tf.profiler.experimental.stop()
+            note, host_names = profile.PS_COORDINATOR_NOTE, None
+        done = functions * k
+        summary = profile.write_outputs(logdir, cell.cell_id, done, 1000.0 * elapsed / done * workers, note=note,
+                                        host_names=host_names)
+        return {
+            "status": "ok",
+            "reason": None,
+            "isolation": isolation,
+            "profile_dir": str(logdir),
+            "profile": summary,
+            "peak_rss_mb": peak_rss_mb(),
+            "grad_type": _grad_type(training.trainer),
+            "update_path": training.trainer.update_path,
+            "phases": prepared.phases,
+            "cluster": cluster_record(cell, cluster, source, local is not None and _private_network(), training,
+                                      dict(watchdog.lost) if watchdog is not None else {}),
+        }
 
 
 def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[str, Any]:
@@ -216,7 +402,16 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
 
 
 def run_jobs(jobs_path: Path, out_dir: Path) -> int:
+    global _PRIVATE_NETWORK
+    from ..lifetime import die_with_parent
+    from .cluster import bring_loopback_up
+
+    die_with_parent()  # a kill -9 of the orchestrator takes this worker (and its cluster) with it
     job = json.loads(jobs_path.read_text())
+    if job.get("private_network"):
+        bring_loopback_up()
+        _PRIVATE_NETWORK = True
+    remote_cluster = job.get("cluster")  # {"cluster": {...}, "source": FILE} from `run --cluster`
     cells = [Cell.from_dict(c) for c in job["cells"]]
     first_index = job.get("first_index", 0)
     isolation = job.get("isolation", "cell")
@@ -238,8 +433,22 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
             time.sleep(0.002)
         (out_dir / f"{index}.started").write_text(str(time.time()))
         started = time.perf_counter()
+
+        def fail_now(message: str, index: int = index, started: float = started) -> None:
+            """From the cluster watchdog: record the cell failed and end the process (the
+            coordinator may be waiting on a task that will never answer)."""
+            _write_atomic(out_dir / f"{index}.json", {
+                "status": "failed", "reason": message[:500], "tensorflow": tf_facts,
+                "worker": {"pid": os.getpid(), "cell_seconds": time.perf_counter() - started}})
+            os._exit(3)
+
         try:
-            if profiling:
+            if not cell.distribution.is_local and not profiling:
+                record = run_ps_cell(cell, isolation, remote_cluster, out_dir / f"cluster-{index}", fail_now)
+            elif not cell.distribution.is_local:
+                record = profile_ps_cell(cell, isolation, profiling["steps"], Path(profiling["dir"]) / cell.cell_id,
+                                         remote_cluster, out_dir / f"cluster-{index}", fail_now)
+            elif profiling:
                 logdir = Path(profiling["dir"]) / cell.cell_id
                 record = profile_cell(cell, isolation, profiling["steps"], logdir)
             else:

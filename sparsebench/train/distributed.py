@@ -1,0 +1,168 @@
+"""A cell on TensorFlow's ParameterServerStrategy, this process as the coordinator.
+
+How the model is laid out: built under the strategy's scope with no variable
+partitioner, so TensorFlow places variables round-robin over the PS tasks in creation
+order. The sparse table's shards are created first, so `row_partitioned` and
+`col_partitioned` with `shards = ps_tasks` put one shard on each PS task (row shards:
+each PS serves the rows of its ids; column shards: every PS serves a slice of every
+row); an unpartitioned table sits whole on `ps:0`. Optimizer slots are colocated with
+their variable. The record lists where every variable went (`placement`).
+
+Training is asynchronous, as the talk's Hogwild-on-PS setup: every worker task runs its
+own steps and applies its own updates to the shared variables. The coordinator schedules
+functions of `steps_per_execution` steps each (so one round trip serves that many steps),
+each worker reading batches from its own copy of the cell's batch pool.
+
+Throughput: a window schedules enough functions to last about the window's seconds (the
+rate is estimated after warm-up) and ends when all of them are done (`join`): its
+samples/s is every worker's samples over that wall time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import CellSkipped
+from ..plan.cell import Cell
+from ..plan.spec import CUSTOM_OP_VARIANTS
+from .measure import Measurement
+
+POOL_CAP = 8  # batches shipped to each worker inside its dataset function (they travel as constants)
+
+
+def connect(cluster: dict[str, list[str]]):
+    """(strategy, coordinator) for `cluster`, this process being its `chief`."""
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster), task_type="chief", task_id=0, rpc_layer="grpc")
+    strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
+    coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
+    return strategy, coordinator
+
+
+def check_supported(cell: Cell) -> None:
+    if cell.model.variant in CUSTOM_OP_VARIANTS:
+        raise CellSkipped("custom op not on parameter servers",
+                          "fused_custom_op updates variables in place in its own process; it does not run on PS tasks")
+
+
+def _dataset_fn(pool, num_features: int):
+    """A dataset function for `create_per_worker_dataset`: the pool's batches, cycled."""
+    import tensorflow as tf
+
+    starts = np.concatenate([[0], np.cumsum([b.nnz for b in pool])]).astype(np.int64)
+    indices = np.concatenate([b.coo_indices() for b in pool]).astype(np.int64)
+    values = np.concatenate([b.values for b in pool]).astype(np.float32)
+    labels = np.stack([b.labels for b in pool]).astype(np.float32)
+    batch_size = pool[0].batch_size
+
+    def dataset_fn():
+        all_indices, all_values = tf.constant(indices), tf.constant(values)
+        all_starts, all_labels = tf.constant(starts), tf.constant(labels)
+
+        def batch(i):
+            begin, end = all_starts[i], all_starts[i + 1]
+            sp = tf.SparseTensor(all_indices[begin:end], all_values[begin:end],
+                                 tf.constant([batch_size, num_features], tf.int64))
+            return sp, all_labels[i]
+
+        return tf.data.Dataset.range(len(pool)).repeat().map(batch).prefetch(2)
+
+    return dataset_fn
+
+
+class PsTraining:
+    """The strategy, the trainer built in its scope, and the scheduled multi-step function."""
+
+    def __init__(self, cell: Cell, cluster: dict[str, list[str]], pool, num_features: int, build: Callable):
+        import tensorflow as tf
+
+        self.cell = cell
+        self.steps_per_execution = cell.distribution.steps_per_execution
+        self.strategy, self.coordinator = connect(cluster)
+        with self.strategy.scope():
+            self.trainer = build()
+        trainer, strategy = self.trainer, self.strategy
+        self.dataset = self.coordinator.create_per_worker_dataset(_dataset_fn(pool[:POOL_CAP], num_features))
+        self.iterator = iter(self.dataset)
+        k = self.steps_per_execution
+
+        @tf.function
+        def run_steps(iterator):
+            loss = tf.constant(0.0)
+            for _ in tf.range(k):
+                sp, labels = next(iterator)
+                loss = strategy.run(trainer._train_step, args=(sp, labels))
+            return loss
+
+        self.run_steps = run_steps
+
+    def placement(self) -> list[dict[str, Any]]:
+        model = self.trainer.model
+        variables = list(model.train_variables) + ([model.norm.max_x] if model.norm is not None else [])
+        variables += self.trainer.optimizer.slot_variables() + [self.trainer.optimizer.iterations]
+        return [{"variable": v.name, "shape": v.shape.as_list(), "device": v.device} for v in variables]
+
+    def schedule(self, functions: int) -> list:
+        return [self.coordinator.schedule(self.run_steps, args=(self.iterator,)) for _ in range(functions)]
+
+    def measure(self, batch_size: int, clock: Callable[[], float] = time.perf_counter,
+                on_windows_start: Callable[[], None] = lambda: None) -> tuple[Measurement, list[float]]:
+        """Warm up (every worker traces), estimate a function's rate, then time the windows
+        (`on_windows_start` runs just before the first)."""
+        settings = self.cell.measure
+        workers = self.cell.distribution.worker_tasks
+        result = Measurement()
+        start = clock()
+        warm = max(workers, math.ceil(settings.warmup_steps / self.steps_per_execution))
+        self.schedule(warm)
+        self.coordinator.join()
+        result.warmup_seconds = clock() - start
+        start = clock()
+        self.schedule(2 * workers)
+        self.coordinator.join()
+        functions_per_second = 2 * workers / max(clock() - start, 1e-9)
+        steps_limit, seconds_limit = settings.window_limits()
+        per_window = []
+        if steps_limit is not None:
+            per_window.append(math.ceil(steps_limit / self.steps_per_execution))
+        if seconds_limit is not None:
+            per_window.append(math.ceil(seconds_limit * functions_per_second))
+        functions = max(1, min(per_window))
+        losses: list[float] = []
+        on_windows_start()
+        for _ in range(settings.windows):
+            start = clock()
+            remote = self.schedule(functions)
+            self.coordinator.join()
+            elapsed = clock() - start
+            steps = functions * self.steps_per_execution
+            result.window_seconds.append(elapsed)
+            result.window_steps.append(steps)
+            result.window_samples_per_sec.append(steps * batch_size / elapsed if elapsed > 0 else float("nan"))
+            result.step_seconds.extend([elapsed / steps * workers] * steps)
+            losses.append(float(remote[-1].fetch()))
+        return result, losses
+
+
+def cluster_record(cell: Cell, cluster: dict[str, list[str]], source: str, private_network: bool,
+                   training: PsTraining, lost: dict[str, str]) -> dict[str, Any]:
+    d = cell.distribution
+    return {
+        "strategy": d.strategy,
+        "ps_tasks": len(cluster["ps"]),
+        "worker_tasks": len(cluster["worker"]),
+        "steps_per_execution": d.steps_per_execution,
+        "source": source,
+        "hosts": {f"{job}:{i}": address for job, addresses in cluster.items() for i, address in enumerate(addresses)},
+        "private_network": private_network,
+        "placement": training.placement(),
+        "batch_pool_used": min(POOL_CAP, cell.measure.batch_pool),
+        "worker_tasks_lost": lost,
+        "recovered": bool(lost),
+    }

@@ -1,0 +1,337 @@
+"""Parameter-server cells: the axis, cluster files, the local cluster's isolation and
+lifetime, and one synchronous step checked against a local one.
+
+Clusters run only inside private network namespaces (`unshare --user --net`), so no test
+ever opens a port outside loopback of a namespace it created. Where namespaces cannot be
+made the cluster tests skip, unless SPARSEBENCH_REQUIRE_PRIVATE_NETWORK=1 (CI) makes
+that a failure."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from sparsebench.errors import ConfigError, UserError
+from sparsebench.lifetime import UNSHARE, private_network_problem
+from sparsebench.plan.cluster_file import from_tf_config, parse_task, read_cluster
+from sparsebench.plan.suite import load_suite, parse_suite
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env(**extra):
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2", **extra}
+
+
+@pytest.fixture(scope="module")
+def private_network():
+    problem = private_network_problem()
+    if problem:
+        if os.environ.get("SPARSEBENCH_REQUIRE_PRIVATE_NETWORK") == "1":
+            pytest.fail(f"private network namespaces must work here: {problem}")
+        pytest.skip(f"no private network namespace: {problem}")
+
+
+# -- the axis and cluster files ----------------------------------------------------------------
+def test_the_distributed_suite_crosses_local_and_ps_cells_and_keeps_local_ids():
+    cells = load_suite("distributed").cells()
+    local = [c for c in cells if c.distribution.is_local]
+    ps = [c for c in cells if not c.distribution.is_local]
+    assert len(local) == 4 and len(ps) == 8  # ps_tasks collapses for local cells
+    assert {c.distribution.ps_tasks for c in ps} == {1, 2} and {c.distribution.worker_tasks for c in ps} == {2}
+    assert all(c.label.endswith(("ps1w2", "ps2w2")) for c in ps)
+    # A local cell's id does not depend on the distribution axis existing.
+    plain = parse_suite(textwrap.dedent("""
+        [data]
+        feature_bits = 20
+        mean_active = 100
+        [model]
+        out_dim = 50
+        hidden_units = [32]
+        [measure]
+        timeout_s = 240
+        [matrix]
+        batch_size = [1024]
+        variant = ["row_partitioned"]
+        shards = [2]
+        optimizer = ["sgd"]
+    """), "plain.toml", "distributed").cells()
+    assert plain[0].cell_id in {c.cell_id for c in local}
+
+
+def test_bad_distribution_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match="strategy"):
+        load_suite("distributed").override("strategy=mesh")
+    suite = parse_suite('[matrix]\nstrategy = ["parameter_server"]\nworkers = [2]\n', "w.toml", "w")
+    with pytest.raises(ConfigError, match="worker_tasks"):
+        suite.cells()
+    suite = parse_suite('[matrix]\nstrategy = ["parameter_server"]\ndevice = ["gpu"]\n', "g.toml", "g")
+    with pytest.raises(ConfigError, match="CPU"):
+        suite.cells()
+
+
+def test_cluster_files_and_tf_config(tmp_path):
+    bare = {"chief": ["a:1"], "ps": ["b:2", "c:3"], "worker": ["d:4"]}
+    (tmp_path / "c.json").write_text(json.dumps({"cluster": bare}))
+    assert read_cluster(str(tmp_path / "c.json")) == bare
+    assert read_cluster(json.dumps(bare)) == bare
+    assert parse_task("ps:1", bare) == ("ps", 1)
+    for bad, message in [("ps:2", "has 2 ps"), ("chief:0", "expected ps:N"), ("worker", "expected ps:N")]:
+        with pytest.raises(ConfigError, match=message):
+            parse_task(bad, bare)
+    for text, message in [("{", "not JSON"), ('{"ps": ["x"]}', "host:port"), ('{"ps": ["x:1"]}', "no 'worker'"),
+                          ('{"gpu": ["x:1"]}', "unknown")]:
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            read_cluster(str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_cluster(str(tmp_path / "missing.json"))
+    cluster, task = from_tf_config({"TF_CONFIG": json.dumps({"cluster": bare, "task": {"type": "worker", "index": 0}})})
+    assert cluster == bare and task == "worker:0"
+    with pytest.raises(ConfigError, match="TF_CONFIG"):
+        from_tf_config({})
+
+
+def test_serve_and_run_cluster_refuse_bad_input_in_one_line(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"ps": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}))
+    for args, message in [(["serve", "--task", "ps:0"], "give both"),
+                          (["serve", "--cluster", str(tmp_path / "c.json"), "--task", "ps:3"], "has 1 ps"),
+                          (["run", "--suite", "distributed", "--cluster", str(tmp_path / "c.json")], "chief")]:
+        done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env(),
+                              cwd=tmp_path, timeout=60)
+        assert done.returncode == 2, done.stderr
+        assert message in done.stderr and "Traceback" not in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_without_namespaces_ps_cells_are_refused_with_how_to_opt_in(tmp_path, monkeypatch):
+    from sparsebench.execute import runner
+
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))  # no unshare to be found
+    monkeypatch.delenv("SPARSEBENCH_EXPOSED_CLUSTER", raising=False)
+    cells = load_suite("distributed").cells()
+    with pytest.raises(UserError, match="SPARSEBENCH_EXPOSED_CLUSTER=1") as caught:
+        runner.check_cluster_isolation(cells, None)
+    assert "unshare" in str(caught.value) and "\n" not in str(caught.value)
+    runner.check_cluster_isolation([c for c in cells if c.distribution.is_local], None)  # local cells need nothing
+    runner.check_cluster_isolation(cells, {"cluster": {}, "source": "c.json"})  # a real cluster is the user's
+
+
+# -- a synchronous step on a cluster equals a local one ---------------------------------------
+ONE_STEP = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    from sparsebench.train.cluster import LocalCluster, bring_loopback_up
+    bring_loopback_up()
+    import numpy as np
+    import tensorflow as tf
+    from sparsebench.plan.cell import Cell, Distribution
+    from sparsebench.plan.spec import DataSpec, ModelSpec
+    from sparsebench.train.data import SyntheticData
+    from sparsebench.train.distributed import PsTraining
+    from sparsebench.train.model import build_trainer, to_sparse_tensor
+
+    variant, optimizer = sys.argv[1], sys.argv[2]
+    spec = ModelSpec(variant=variant, shards=2, out_dim=8, hidden_units=(4,), optimizer=optimizer)
+    data = SyntheticData(DataSpec(feature_bits=10, mean_active=20))
+    (batch,) = data.batches(64, 1)
+    cell = Cell(suite="t", batch_size=64, model=spec, data=data.spec,
+                distribution=Distribution("parameter_server", ps_tasks=1, worker_tasks=1, steps_per_execution=1))
+    local = build_trainer(spec, data.num_features, "/CPU:0")
+    rng = np.random.default_rng(0)
+    for variable in local.model.train_variables:  # non-zero everywhere, so every update shows
+        variable.assign(rng.normal(0, 0.1, variable.shape).astype(np.float32))
+    before = [v.numpy() for v in local.model.train_variables]
+    # The local step first: once this process joins a cluster, its local device is renamed.
+    local.train_step(to_sparse_tensor(batch, data.num_features), tf.constant(batch.labels))
+    after_local = [v.numpy() for v in local.model.train_variables]
+    names = [v.name for v in local.model.train_variables]
+    with LocalCluster(1, 1, Path(tempfile.mkdtemp())) as cluster:
+        cluster.start()
+        training = PsTraining(cell, cluster.spec, [batch], data.num_features,
+                              build=lambda: build_trainer(spec, data.num_features, None))
+        remote = training.trainer.model.train_variables
+        for ps_variable, value in zip(remote, before):
+            ps_variable.assign(value)
+        training.schedule(1)
+        training.coordinator.join()
+        after_ps = [v.numpy() for v in remote]
+        devices = sorted({v.device for v in remote})
+    print(json.dumps({
+        "names": names,
+        "max_diff": max(float(np.abs(a - b).max()) for a, b in zip(after_local, after_ps)),
+        "moved": min(float(np.abs(a - b).max()) for a, b in zip(after_local, before)),
+        "devices": devices,
+    }))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["row_partitioned", "col_partitioned"])
+def test_one_synchronous_step_on_one_ps_and_one_worker_equals_a_local_step(private_network, variant):
+    done = subprocess.run([*UNSHARE, sys.executable, "-c", ONE_STEP, variant, "sgd"], capture_output=True, text=True,
+                          env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["moved"] > 1e-6  # every variable (both shards, bias_x, head) changed
+    assert result["max_diff"] < 1e-5
+    assert all("/job:ps/" in device for device in result["devices"])
+
+
+# -- a local cluster's isolation and lifetime ----------------------------------------------------
+PS_SUITE = """
+name = "ps-life"
+[data]
+feature_bits = 10
+mean_active = 10
+[model]
+out_dim = 4
+hidden_units = [4]
+[distribution]
+steps_per_execution = 1
+[measure]
+warmup_steps = 2
+windows = 2
+seconds_per_window = 60.0
+eval_examples = 64
+timeout_s = 240
+[matrix]
+batch_size = [32]
+variant = ["row_partitioned"]
+shards = [2]
+strategy = ["parameter_server"]
+ps_tasks = [2]
+"""
+
+
+def _cluster_tasks(root: psutil.Process) -> dict[str, psutil.Process]:
+    """The cluster tasks below `root`: task name -> process."""
+    tasks = {}
+    for child in root.children(recursive=True):
+        try:
+            command = child.cmdline()
+        except psutil.Error:
+            continue
+        if "sparsebench.train.cluster_task" in command:
+            tasks[command[command.index("--task") + 1]] = child
+    return tasks
+
+
+def _start_ps_run(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, psutil.Process], list[int]]:
+    suite = tmp_path / "ps.toml"
+    suite.write_text(PS_SUITE)
+    run = subprocess.Popen([sys.executable, "-m", "sparsebench", "run", "--suite", str(suite), "--quiet", "--output",
+                            str(tmp_path / "out.jsonl")], env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    tasks: dict[str, psutil.Process] = {}
+    while time.monotonic() < deadline and len(tasks) < 3:
+        assert run.poll() is None, run.communicate()
+        tasks = _cluster_tasks(psutil.Process(run.pid))
+        time.sleep(0.2)
+    assert set(tasks) == {"ps:0", "ps:1", "worker:0"}
+    command = tasks["ps:0"].cmdline()
+    cluster = json.loads(command[command.index("--cluster") + 1])
+    ports = [int(address.rsplit(":", 1)[1]) for addresses in cluster.values() for address in addresses]
+    _wait_for_windows(run, tasks["ps:0"])
+    return run, tasks, ports
+
+
+def _wait_for_windows(run: subprocess.Popen, task: psutil.Process) -> None:
+    """Until the cell's timed windows have begun: the coordinator marks it beside the
+    tasks' logs (the folder of the task's stdout)."""
+    folder = Path(os.readlink(f"/proc/{task.pid}/fd/1")).parent
+    deadline = time.monotonic() + 180
+    while not (folder / "windows-started").exists():
+        assert run.poll() is None and time.monotonic() < deadline, "the cell never reached its timed windows"
+        time.sleep(0.1)
+    time.sleep(1.0)
+
+
+def _gone(processes, timeout_s: float = 20.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in processes):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.slow
+def test_a_killed_ps_fails_its_cell_by_name_and_no_port_or_task_outlives_the_run(private_network, tmp_path):
+    run, tasks, ports = _start_ps_run(tmp_path)
+    try:
+        listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert not listening & set(ports)  # the cluster listens only inside its namespace
+        tasks["ps:0"].kill()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1, err  # a failed cell: the run says so
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
+    assert [r["status"] for r in records] == ["failed"]
+    assert "ps:0" in records[0]["reason"] and "SIGKILL" in records[0]["reason"]
+    assert _gone(tasks.values())
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_run_leaves_no_worker_task_or_port(private_network, tmp_path):
+    run, tasks, ports = _start_ps_run(tmp_path)
+    below = psutil.Process(run.pid).children(recursive=True)
+    os.kill(run.pid, signal.SIGKILL)
+    run.communicate(timeout=30)
+    assert _gone(below), [p.cmdline() for p in below if p.is_running()]
+    listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    assert not listening & set(ports)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_task_is_recovered_and_recorded(private_network, tmp_path):
+    suite = tmp_path / "ps.toml"
+    suite.write_text(PS_SUITE.replace("seconds_per_window = 60.0", "seconds_per_window = 6.0").replace(
+        "[distribution]", "[distribution]\nworker_tasks = 2"))
+    run = subprocess.Popen([sys.executable, "-m", "sparsebench", "run", "--suite", str(suite), "--quiet", "--output",
+                            str(tmp_path / "out.jsonl")], env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, tasks = time.monotonic() + 180, {}
+        while time.monotonic() < deadline and len(tasks) < 4:
+            tasks = _cluster_tasks(psutil.Process(run.pid))
+            time.sleep(0.2)
+        _wait_for_windows(run, tasks["worker:1"])
+        tasks["worker:1"].kill()
+        out, err = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
+    assert [r["status"] for r in records] == ["ok"], (records[0].get("reason"), err[-2000:])
+    cluster = records[0]["cluster"]
+    assert cluster["recovered"] and "worker:1" in cluster["worker_tasks_lost"]
+    assert _gone(tasks.values())
+
+
+@pytest.mark.slow
+def test_profile_traces_every_task_of_a_ps_cell(private_network, tmp_path):
+    suite = tmp_path / "ps.toml"
+    suite.write_text(PS_SUITE.replace("ps_tasks = [2]", "ps_tasks = [1]"))
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "profile", "--suite", str(suite), "--steps", "6",
+                           "--output", str(tmp_path / "prof")], env=env(), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "prof" / "results.jsonl").read_text().splitlines()[1])
+    summary = record["profile"]
+    assert set(summary["hosts_ms_per_step"]) == {"ps:0", "worker:0"}
+    ops = {row["op_type"] for row in summary["ops"]}
+    assert "ResourceScatterSub" in ops and "ResourceGather" in ops  # the PS's side of the step is in the table
+    assert "op time per step by task" in done.stdout
