@@ -335,3 +335,50 @@ def test_profile_traces_every_task_of_a_ps_cell(private_network, tmp_path):
     ops = {row["op_type"] for row in summary["ops"]}
     assert "ResourceScatterSub" in ops and "ResourceGather" in ops  # the PS's side of the step is in the table
     assert "op time per step by task" in done.stdout
+
+
+REAL_CLUSTER = textwrap.dedent("""
+    import json, socket, subprocess, sys, time
+    from pathlib import Path
+    from sparsebench.train.cluster import bring_loopback_up, free_loopback_ports
+    bring_loopback_up()  # this whole script runs in its own network namespace
+    folder = Path(sys.argv[1])
+    chief, ps, worker = free_loopback_ports(3)
+    cluster = {"chief": [f"127.0.0.1:{chief}"], "ps": [f"127.0.0.1:{ps}"], "worker": [f"127.0.0.1:{worker}"]}
+    (folder / "cluster.json").write_text(json.dumps({"cluster": cluster}))
+    servers = [subprocess.Popen([sys.executable, "-m", "sparsebench", "serve", "--cluster", str(folder / "cluster.json"),
+                                 "--task", task]) for task in ("ps:0", "worker:0")]
+    try:
+        for port in (ps, worker):
+            while True:
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+        done = subprocess.run([sys.executable, "-m", "sparsebench", "run", "--suite", str(folder / "ps.toml"), "--quiet",
+                               "--cluster", str(folder / "cluster.json"), "--output", str(folder / "out.jsonl")])
+        print("RC", done.returncode)
+    finally:
+        for server in servers:
+            server.kill()
+""")
+
+
+@pytest.mark.slow
+def test_run_cluster_coordinates_tasks_started_by_serve(private_network, tmp_path):
+    """`sparsebench serve` on each task, `run --cluster FILE` as coordinator (all inside one
+    private namespace standing in for a network); a cell of another shape is skipped."""
+    (tmp_path / "ps.toml").write_text(PS_SUITE.replace("seconds_per_window = 60.0", "seconds_per_window = 1.0")
+                                      .replace("ps_tasks = [2]", "ps_tasks = [1, 2]"))
+    done = subprocess.run([*UNSHARE, sys.executable, "-c", REAL_CLUSTER, str(tmp_path)], capture_output=True, text=True,
+                          env=env(), timeout=400)
+    assert "RC 0" in done.stdout, done.stderr[-3000:]
+    records = {r["axes"]["ps_tasks"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()[1:])}
+    assert records[1]["status"] == "ok", records[1].get("reason")
+    cluster = records[1]["cluster"]
+    assert cluster["source"] == str(tmp_path / "cluster.json") and not cluster["private_network"]
+    assert set(cluster["hosts"]) == {"chief:0", "ps:0", "worker:0"}
+    assert records[2]["status"] == "skipped" and records[2]["reason"] == "cluster shape differs"
+    header = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
+    assert header["run"]["cluster"]["source"] == str(tmp_path / "cluster.json")

@@ -57,6 +57,18 @@ def test_pivot_and_best_views():
         report.build_view(loaded, "pivot", rows="colour", cols="variant")
 
 
+def test_a_pivot_on_an_axis_some_cells_lack_labels_them_na():
+    """ps_tasks of local cells is missing: those cells form an "n/a" column, whole numbers
+    stay whole, and a note says why."""
+    loaded = report.load([THREADS])
+    frame = loaded.frame.copy()
+    frame["ps_tasks"] = [None if i % 2 else 1 + (i // 2) % 2 for i in range(len(frame))]
+    loaded = report.Loaded(frame, loaded.runs, loaded.warnings)
+    pivot = report.build_view(loaded, "pivot", rows="intra_op_threads", cols="ps_tasks")
+    assert list(pivot.table.columns) == ["intra_op_threads", "1", "2", "n/a"]
+    assert any("ps_tasks n/a" in note for note in pivot.notes)
+
+
 @pytest.mark.parametrize("value,text", [(12345.6, "12,300"), (999.5, "1,000"), (1.234, "1.23"), (0.0, "0"), (None, "")])
 def test_three_significant_digits(value, text):
     assert report.sig3(value) == text

@@ -87,6 +87,16 @@ def _label(record: dict[str, Any]) -> str:
     return cell_id.rsplit("-", 1)[0] if axes else cell_id
 
 
+def _as_text(value: Any) -> str:
+    """How a condition sees a value: whole numbers without ".0" (a column with missing
+    values holds its integers as floats), missing ones as "n/a"."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def filter_rows(loaded: Loaded, conditions: list[str]) -> Loaded:
     """Keep the cells matching every `AXIS=V1,V2` condition (values compared as text)."""
     frame = loaded.frame
@@ -96,7 +106,7 @@ def filter_rows(loaded: Loaded, conditions: list[str]) -> Loaded:
         if not sep or axis not in frame.columns or axis in ("windows", "profile"):
             raise UserError(f"--where {condition}: expected AXIS=VALUE with AXIS one of {', '.join(AXIS_COLUMNS)}")
         wanted = {v.strip().lower() for v in raw.split(",")}
-        frame = frame[frame[axis].map(lambda v: str(v).lower() in wanted)]
+        frame = frame[frame[axis].map(lambda v: _as_text(v).lower() in wanted)]
     if frame.empty:
         raise UserError(f"--where {' '.join(conditions)}: no cell matches")
     return Loaded(frame, loaded.runs, loaded.warnings)
@@ -283,6 +293,16 @@ def _div(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _labelled(values: pd.Series) -> pd.Categorical:
+    """An axis some cells do not have (ps_tasks of a local cell): its values in order, as
+    text (whole numbers without ".0"), then "n/a" for the cells without it."""
+    def text(v):
+        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
+    present = sorted(values.dropna().unique())
+    labels = [text(v) for v in present] + ["n/a"]
+    return pd.Categorical(values.map(lambda v: "n/a" if pd.isna(v) else text(v)), categories=labels, ordered=True)
+
+
 def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
     for name, value in (("--rows", rows), ("--cols", cols)):
         if value not in frame.columns or value in ("windows",):
@@ -292,10 +312,14 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
     ok = frame[frame["status"] == "ok"]
     if ok.empty:
         raise UserError("report --view pivot: no ok cells to pivot")
+    partial = sorted(axis for axis in {rows, cols} if ok[axis].isna().any())
+    ok = ok.assign(**{axis: _labelled(ok[axis]) for axis in partial})
     index = ["run", rows] if _multi_run(ok) else [rows]
-    table = ok.pivot_table(index=index, columns=cols, values=metric, aggfunc="max")
-    counts = ok.groupby([*index, cols]).size()
+    table = ok.pivot_table(index=index, columns=cols, values=metric, aggfunc="max", observed=True)
+    counts = ok.groupby([*index, cols], observed=True).size()
+    counts = counts[counts > 0]
     notes = [f"{metric}; rows {rows}, columns {cols}"]
+    notes += [f"{axis} n/a: cells without that axis (a local cell has no ps_tasks)" for axis in partial]
     if (counts > 1).any():
         notes.append(f"several cells share some entries (other axes differ); each entry shows the largest {metric}")
     fmt = sig3 if metric.startswith("samples_per_sec") else (lambda v: "" if pd.isna(v) else f"{v:.4g}")
