@@ -337,19 +337,9 @@ def profile_ps_cell(cell: Cell, isolation: str, steps: int, logdir: Path, remote
         done = functions * k
         summary = profile.write_outputs(logdir, cell.cell_id, done, 1000.0 * elapsed / done * workers, note=note,
                                         host_names=host_names)
-        return {
-            "status": "ok",
-            "reason": None,
-            "isolation": isolation,
-            "profile_dir": str(logdir),
-            "profile": summary,
-            "peak_rss_mb": peak_rss_mb(),
-            "grad_type": _grad_type(training.trainer),
-            "update_path": training.trainer.update_path,
-            "phases": prepared.phases,
-            "cluster": cluster_record(cell, cluster, source, local is not None and _private_network(), training,
-                                      dict(watchdog.lost) if watchdog is not None else {}),
-        }
+        return profile_record(isolation, logdir, summary, training.trainer, prepared.phases,
+                              cluster=cluster_record(cell, cluster, source, local is not None and _private_network(),
+                                                     training, dict(watchdog.lost) if watchdog is not None else {}))
 
 
 def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[str, Any]:
@@ -375,21 +365,27 @@ def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[s
         tf.profiler.experimental.stop()
     summary = profile.write_outputs(logdir, cell.cell_id, run.steps, 1000.0 * elapsed / run.steps * cell.workers,
                                     note=profile.GPU_HOST_TIME_NOTE if cell.model.device == "gpu" else None)
-    record = {
+    record = profile_record(isolation, logdir, summary, trainer, prepared.phases, variables_mb=prepared.variables_mb())
+    if cell.model.device == "gpu":
+        record["gpu_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return record
+
+
+def profile_record(isolation: str, logdir: Path, summary: dict[str, Any], trainer, phases: dict[str, float],
+                   **extra: Any) -> dict[str, Any]:
+    """A profiled cell's record: where its profile is, the op summary, and how it ran."""
+    return {
         "status": "ok",
         "reason": None,
         "isolation": isolation,
         "profile_dir": str(logdir),
         "profile": summary,
         "peak_rss_mb": peak_rss_mb(),
-        "variables_mb": prepared.variables_mb(),
-        "grad_type": ",".join(sorted(set(trainer.grad_types.values()))),
+        "grad_type": _grad_type(trainer),
         "update_path": trainer.update_path,
-        "phases": prepared.phases,
+        "phases": phases,
+        **extra,
     }
-    if cell.model.device == "gpu":
-        record["gpu_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    return record
 
 
 def _write_atomic(path: Path, payload: dict[str, Any]) -> None:

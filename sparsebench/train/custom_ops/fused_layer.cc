@@ -317,6 +317,34 @@ static inline float Dot(const float* a, const float* b, int64_t n) {
   return sum;
 }
 
+// Scratch for one key's row gradient: on the stack up to kMaxInlineCols columns.
+class RowScratch {
+ public:
+  explicit RowScratch(int64_t cols) : heap_(cols > kMaxInlineCols ? cols : 0) {}
+  float* data() { return heap_.empty() ? inline_ : heap_.data(); }
+
+ private:
+  float inline_[kMaxInlineCols];
+  std::vector<float> heap_;
+};
+
+// One key's gradients, summed over its entries in batch order from the rows of the
+// output gradient: its row's into gw (cols floats), its bias's returned (when with_bias).
+// Reads the row as the forward pass saw it, so call it before the row is written.
+static inline float SumKeyGradient(const float* row, const int32_t* entries, int64_t count, const int64_t* rows,
+                                   const float* n, const float* g, int64_t cols, bool with_bias, float* gw) {
+  std::fill(gw, gw + cols, 0.0f);
+  float grad_b = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const int64_t e = entries[i];
+    const float* go = g + rows[e] * cols;
+    if (with_bias) grad_b += Dot(row, go, cols);
+    const float ne = n[e];
+    for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
+  }
+  return grad_b;
+}
+
 // ---------------------------------------------------------------------------------
 // Forward.
 
@@ -490,18 +518,9 @@ class FusedSgdUpdateOp : public FusedUpdateOp {
       // The key's gradients, summed over its entries before the row changes: the bias
       // gradient reads the weights the forward pass used.
       float* row = w + k * cols;
-      float grad_w[kMaxInlineCols];
-      std::vector<float> heap_grad;
-      float* gw = cols <= kMaxInlineCols ? grad_w : (heap_grad.resize(cols), heap_grad.data());
-      std::fill(gw, gw + cols, 0.0f);
-      float grad_b = 0.0f;
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t e = entries[i];
-        const float* go = g + batch.rows[e] * cols;
-        if (b != nullptr) grad_b += Dot(row, go, cols);
-        const float ne = n[e];
-        for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
-      }
+      RowScratch scratch(cols);
+      float* gw = scratch.data();
+      const float grad_b = SumKeyGradient(row, entries, count, batch.rows, n, g, cols, b != nullptr, gw);
       for (int64_t j = 0; j < cols; ++j) row[j] -= lr * gw[j];
       if (b != nullptr) b[k] -= lr * grad_b;
     });
@@ -560,18 +579,9 @@ class FusedLazyAdamUpdateOp : public FusedUpdateOp {
       // The key's gradient summed over its entries (weights as the forward pass saw
       // them: the row is written only after), then one Adam update of its row and moments.
       float* row = w + k * cols;
-      float grad_w[kMaxInlineCols];
-      std::vector<float> heap_grad;
-      float* gw = cols <= kMaxInlineCols ? grad_w : (heap_grad.resize(cols), heap_grad.data());
-      std::fill(gw, gw + cols, 0.0f);
-      float gb = 0.0f;
-      for (int64_t i = 0; i < count; ++i) {
-        const int64_t e = entries[i];
-        const float* go = g + batch.rows[e] * cols;
-        if (b != nullptr) gb += Dot(row, go, cols);
-        const float ne = n[e];
-        for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
-      }
+      RowScratch scratch(cols);
+      float* gw = scratch.data();
+      const float gb = SumKeyGradient(row, entries, count, batch.rows, n, g, cols, b != nullptr, gw);
       float* mr = m + k * cols;
       float* vr = v + k * cols;
       for (int64_t j = 0; j < cols; ++j) {
