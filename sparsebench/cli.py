@@ -98,6 +98,25 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
     os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("action", type=click.Choice(["write", "inspect"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def data(action, args):
+    """Write the synthetic data as a file, or describe a data file.
+
+    \b
+    sparsebench data write PATH --format libsvm|criteo|tfrecord --examples N
+        [--feature-bits B] [--mean-active M] [--zipf-exponent S] [--seed S] [--gzip]
+    sparsebench data inspect PATH --format F [--feature-bits B] [--limit N] [--json]
+    """
+    import os
+    import sys
+
+    # TFRecord needs TensorFlow: the tool runs as the worker side's module, replacing this process.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.datatool", action, *args])
+
+
 @cli.command()
 def suites():
     """List the shipped suites with their cell counts."""

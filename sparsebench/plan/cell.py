@@ -112,7 +112,7 @@ class Cell:
             "batch_size": self.batch_size,
             "workers": self.workers,
             "model": asdict(self.model),
-            "data": asdict(self.data),
+            "data": self.data.identity(),
             "threads": asdict(self.threads),
         }
         if not self.distribution.is_local:  # local cells keep the ids they had before the axis existed

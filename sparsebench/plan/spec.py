@@ -42,6 +42,25 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
+DATA_FORMATS = ("libsvm", "criteo", "tfrecord")
+FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "ids_feature", "values_feature", "label_feature")
+
+
+def unreadable(pattern: str) -> str | None:
+    """Why a source file or glob cannot be read (checked when the suite loads), or None."""
+    import glob
+    import os
+
+    matches = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
+    files = [m for m in matches if os.path.isfile(m)]
+    if not files:
+        return f"{pattern}: no such file"
+    for path in files:
+        if not os.access(path, os.R_OK):
+            return f"{path}: not readable"
+    return None
+
+
 @dataclass(frozen=True)
 class DataSpec:
     """Synthetic production-like sparse data (see `sparsebench.train.data` for how it is drawn)."""
@@ -56,6 +75,14 @@ class DataSpec:
     signal_fraction: float = 0.05  # share of keys with a non-zero hidden weight
     signal_scale: float = 2.0  # std of the hidden logit
     seed: int = 0
+    # Examples from files instead (sparsebench.train.datafiles says how keys are mapped):
+    source: str | None = None  # a file or glob, plain or gzip
+    format: str | None = None  # libsvm | criteo | tfrecord
+    eval_source: str | None = None  # held-out examples; default: the last eval_examples of source
+    max_bad_fraction: float = 0.001  # malformed lines / records beyond this fail the cell
+    ids_feature: str = "ids"  # tfrecord feature names
+    values_feature: str = "values"
+    label_feature: str = "label"
 
     @property
     def num_features(self) -> int:
@@ -71,6 +98,26 @@ class DataSpec:
         _require(self.value_decades >= 0, "value_decades", "must be >= 0")
         _require(0 < self.signal_fraction <= 1, "signal_fraction", "must be in (0, 1]")
         _require(self.signal_scale >= 0, "signal_scale", "must be >= 0")
+        _require(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
+        if self.source is None:
+            _require(self.format is None and self.eval_source is None, "source",
+                     "format and eval_source need a source file")
+            return
+        _require(self.format in DATA_FORMATS, "format", f"with a source, one of {', '.join(DATA_FORMATS)}")
+        for key in ("source", "eval_source"):
+            pattern = getattr(self, key)
+            if pattern is not None:
+                problem = unreadable(pattern)
+                _require(problem is None, key, str(problem))
+
+    def identity(self) -> dict[str, Any]:
+        """The settings that make two data sets the same: the file settings only where
+        set, so synthetic cells keep the ids they had before files existed."""
+        data = dataclasses.asdict(self)
+        for name in FILE_FIELDS:
+            if data[name] == getattr(DataSpec, name):
+                del data[name]
+        return data
 
 
 @dataclass(frozen=True)

@@ -83,22 +83,28 @@ class Prepared:
             load()  # built by the parent before any cell started; loading takes milliseconds
             self.phases["custom_op_load_s"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-        data = SyntheticData(cell.data)
-        self.pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
-        self.held_out = data.held_out(cell.measure.eval_examples)
-        calibration = (
-            calibrate(data.sample(max(4 * cell.batch_size, 2048), stream=5), cell.model.n_bin)
-            if cell.model.discretizer else None
-        )
+        self.num_features = cell.data.num_features
+        self.data_facts: dict[str, Any] | None = None
+        if cell.data.source is not None:  # examples from files: the discretizer calibrates on them
+            from .datafiles import cell_examples
+
+            self.pool, self.held_out, train, self.data_facts = cell_examples(
+                cell.data, cell.batch_size, cell.measure.batch_pool, cell.measure.eval_examples)
+            calibration_sample = train.slice(0, min(train.batch_size, max(4 * cell.batch_size, 2048)))
+        else:
+            data = SyntheticData(cell.data)
+            self.pool = data.batches(cell.batch_size, cell.measure.batch_pool, stream=0)
+            self.held_out = data.held_out(cell.measure.eval_examples)
+            calibration_sample = data.sample(max(4 * cell.batch_size, 2048), stream=5) if cell.model.discretizer else None
+        calibration = calibrate(calibration_sample, cell.model.n_bin) if cell.model.discretizer else None
         with tf.device("/CPU:0"):
-            self.batches = [(to_sparse_tensor(b, data.num_features), tf.constant(b.labels)) for b in self.pool]
-            self.held_out_sp = to_sparse_tensor(self.held_out, data.num_features)
-        self.num_features = data.num_features
+            self.batches = [(to_sparse_tensor(b, self.num_features), tf.constant(b.labels)) for b in self.pool]
+            self.held_out_sp = to_sparse_tensor(self.held_out, self.num_features)
         self.calibration = calibration
         self.phases["data_s"] = time.perf_counter() - t0
         if build:
             t0 = time.perf_counter()
-            self.trainer = build_trainer(cell.model, data.num_features, self.device, calibration)
+            self.trainer = build_trainer(cell.model, self.num_features, self.device, calibration)
             self.phases["build_s"] = time.perf_counter() - t0
 
     def variables_mb(self) -> dict[str, float]:
@@ -181,6 +187,7 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
         "update_path": trainer.update_path,
         "phases": phases,
         "variables_mb": prepared.variables_mb(),
+        "data_source": prepared.data_facts,
     }
     if sampler is not None:
         record.update(sampler.summary())

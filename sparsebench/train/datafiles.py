@@ -1,0 +1,312 @@
+"""Examples from files: libsvm, Criteo TSV and TFRecord, plain or gzip, into `SparseBatch`es.
+
+Keys land in `[0, 2**feature_bits)`:
+- libsvm / svmlight (`label key:value ...`): the key modulo `2**feature_bits` (so data
+  written by `sparsebench data write` reads back unchanged); a label > 0 is 1, else 0;
+- Criteo TSV (label, 13 integer columns, 26 hex categorical columns, tab-separated, empty
+  fields allowed): integer column i (0-12) is one key, `hash(i)`, whose value is the
+  integer, so the normalization and the discretizer see the raw counts; categorical
+  column j with hex value h is the key `hash(13 + j, h)` with value 1. The hash is
+  splitmix64 of `column * 2**32 + h`, masked to `feature_bits`;
+- TFRecord of `tf.train.Example`: int64 ids, float values and a label under configurable
+  feature names; ids modulo `2**feature_bits`.
+Within an example, keys are sorted and a repeated key keeps its last value.
+
+A malformed line or record is counted, and the first few are kept as `file:line: why`;
+the caller decides whether the bad fraction is acceptable (`max_bad_fraction`).
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..plan.spec import DATA_FORMATS
+from .data import SparseBatch
+
+FORMATS = DATA_FORMATS
+CRITEO_INT_COLUMNS, CRITEO_CAT_COLUMNS = 13, 26
+FIRST_BAD_KEPT = 5
+
+
+class DataFileError(ValueError):
+    """A source that cannot be used at all (no file matches, unreadable)."""
+
+
+@dataclass
+class ReadReport:
+    """What reading found: examples kept, malformed ones skipped, where the first were."""
+
+    examples: int = 0
+    bad: int = 0
+    first_bad: list[str] = field(default_factory=list)
+
+    @property
+    def bad_fraction(self) -> float:
+        total = self.examples + self.bad
+        return self.bad / total if total else 0.0
+
+    def skip(self, where: str, why: str) -> None:
+        self.bad += 1
+        if len(self.first_bad) < FIRST_BAD_KEPT:
+            self.first_bad.append(f"{where}: {why}")
+
+    def to_dict(self) -> dict:
+        return {"examples": self.examples, "bad": self.bad, "bad_fraction": self.bad_fraction,
+                "first_bad": self.first_bad}
+
+
+def source_files(pattern: str) -> list[Path]:
+    files = sorted(Path(p) for p in glob.glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise DataFileError(f"{pattern}: no such file")
+    return files
+
+
+def is_gzip(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(2) == b"\x1f\x8b"
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    opener = gzip.open if is_gzip(path) else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+        yield from enumerate(fh, start=1)
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return x ^ (x >> 31)
+
+
+def criteo_key(column: int, value: int, feature_bits: int) -> int:
+    return _splitmix64((column << 32) + value) & ((1 << feature_bits) - 1)
+
+
+class _Builder:
+    """Collects examples into CSR arrays."""
+
+    def __init__(self):
+        self.splits, self.keys, self.values, self.labels = [0], [], [], []
+
+    def add(self, label: float, features: dict[int, float]) -> None:
+        for key in sorted(features):
+            self.keys.append(key)
+            self.values.append(features[key])
+        self.splits.append(len(self.keys))
+        self.labels.append(label)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def batch(self) -> SparseBatch:
+        return SparseBatch(np.array(self.splits, np.int64), np.array(self.keys, np.int64),
+                           np.array(self.values, np.float32), np.array(self.labels, np.float32))
+
+
+def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
+    parts = line.split()
+    label = 1.0 if float(parts[0]) > 0 else 0.0
+    features = {}
+    for item in parts[1:]:
+        key, sep, value = item.partition(":")
+        if not sep:
+            raise ValueError(f"{item!r} is not key:value")
+        features[int(key) & mask] = float(value)
+    return label, features
+
+
+def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, float]]:
+    fields = line.rstrip("\n").split("\t")
+    if len(fields) != 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS:
+        raise ValueError(f"{len(fields)} fields, expected {1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS}")
+    label = float(int(fields[0]))
+    features = {}
+    for i, text in enumerate(fields[1:1 + CRITEO_INT_COLUMNS]):
+        if text:
+            features[criteo_key(i, 0, feature_bits)] = float(int(text))
+    for j, text in enumerate(fields[1 + CRITEO_INT_COLUMNS:]):
+        if text:
+            features[criteo_key(CRITEO_INT_COLUMNS + j, int(text, 16), feature_bits)] = 1.0
+    return label, features
+
+
+def read_text(paths: list[Path], fmt: str, feature_bits: int, limit: int | None = None,
+              skip: int = 0) -> tuple[SparseBatch, ReadReport]:
+    """libsvm or Criteo examples `skip`..`skip + limit` from `paths` in order."""
+    mask = (1 << feature_bits) - 1
+    builder, report, seen = _Builder(), ReadReport(), 0
+    for path in paths:
+        for number, line in _lines(path):
+            if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
+                continue
+            try:
+                label, features = _libsvm_example(line, mask) if fmt == "libsvm" else _criteo_example(line, feature_bits)
+            except (ValueError, IndexError) as exc:
+                report.skip(f"{path}:{number}", str(exc))
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            builder.add(label, features)
+            if limit is not None and len(builder) >= limit:
+                report.examples = len(builder)
+                return builder.batch(), report
+    report.examples = len(builder)
+    return builder.batch(), report
+
+
+@dataclass(frozen=True)
+class TFRecordNames:
+    ids: str = "ids"
+    values: str = "values"
+    label: str = "label"
+
+
+def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = TFRecordNames(),
+                  limit: int | None = None, skip: int = 0) -> tuple[SparseBatch, ReadReport]:
+    """`tf.train.Example` records; a record that does not parse or lacks the features is
+    counted bad, a corrupt file (broken framing) ends that file with one bad entry."""
+    import tensorflow as tf
+
+    mask = (1 << feature_bits) - 1
+    builder, report, seen = _Builder(), ReadReport(), 0
+    for path in paths:
+        records = iter(tf.data.TFRecordDataset(str(path), compression_type="GZIP" if is_gzip(path) else ""))
+        number = 0
+        while True:
+            try:
+                raw = next(records)
+            except StopIteration:
+                break
+            except tf.errors.DataLossError as exc:
+                report.skip(f"{path}:record {number + 1}", f"corrupt TFRecord framing ({exc.message.splitlines()[0]})")
+                break
+            number += 1
+            try:
+                example = tf.train.Example.FromString(raw.numpy())
+                feature = example.features.feature
+                ids = list(feature[names.ids].int64_list.value)
+                values = list(feature[names.values].float_list.value)
+                label_values = list(feature[names.label].float_list.value) or list(feature[names.label].int64_list.value)
+                if names.label not in feature or len(label_values) != 1:
+                    raise ValueError(f"no single {names.label!r}")
+                if len(ids) != len(values):
+                    raise ValueError(f"{len(ids)} {names.ids!r} but {len(values)} {names.values!r}")
+            except Exception as exc:  # noqa: BLE001 - a bad record is counted, not fatal
+                report.skip(f"{path}:record {number}", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                continue
+            seen += 1
+            if seen <= skip:
+                continue
+            builder.add(1.0 if label_values[0] > 0 else 0.0, {int(i) & mask: float(v) for i, v in zip(ids, values)})
+            if limit is not None and len(builder) >= limit:
+                report.examples = len(builder)
+                return builder.batch(), report
+    report.examples = len(builder)
+    return builder.batch(), report
+
+
+def read(pattern: str, fmt: str, feature_bits: int, limit: int | None = None, skip: int = 0,
+         names: TFRecordNames = TFRecordNames()) -> tuple[SparseBatch, ReadReport]:
+    if fmt not in FORMATS:
+        raise DataFileError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    paths = source_files(pattern)
+    if fmt == "tfrecord":
+        return read_tfrecord(paths, feature_bits, names, limit, skip)
+    return read_text(paths, fmt, feature_bits, limit, skip)
+
+
+# -- writing -----------------------------------------------------------------------------
+def _open_write(path: Path, compress: bool):
+    return gzip.open(path, "wt", encoding="utf-8") if compress else open(path, "w", encoding="utf-8")
+
+
+def write_libsvm(batch: SparseBatch, path: Path, compress: bool = False) -> None:
+    with _open_write(path, compress) as fh:
+        for b in range(batch.batch_size):
+            lo, hi = batch.row_splits[b], batch.row_splits[b + 1]
+            pairs = " ".join(f"{k}:{v!r}" for k, v in zip(batch.keys[lo:hi].tolist(), batch.values[lo:hi].tolist()))
+            fh.write(f"{int(batch.labels[b])} {pairs}\n")
+
+
+def write_tfrecord(batch: SparseBatch, path: Path, compress: bool = False,
+                   names: TFRecordNames = TFRecordNames()) -> None:
+    import tensorflow as tf
+
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if compress else "")
+    with tf.io.TFRecordWriter(str(path), options) as writer:
+        for b in range(batch.batch_size):
+            lo, hi = batch.row_splits[b], batch.row_splits[b + 1]
+            example = tf.train.Example(features=tf.train.Features(feature={
+                names.ids: tf.train.Feature(int64_list=tf.train.Int64List(value=batch.keys[lo:hi].tolist())),
+                names.values: tf.train.Feature(float_list=tf.train.FloatList(value=batch.values[lo:hi].tolist())),
+                names.label: tf.train.Feature(float_list=tf.train.FloatList(value=[float(batch.labels[b])])),
+            }))
+            writer.write(example.SerializeToString())
+
+
+def write_criteo(batch: SparseBatch, path: Path, compress: bool = False) -> None:
+    """Synthetic examples in Criteo's shape: the first 13 non-binary features' values,
+    rounded, fill the integer columns; the first 26 binary features fill the categorical
+    columns, as their key in hex. (Criteo's hashing maps them to other keys on reading.)"""
+    with _open_write(path, compress) as fh:
+        for b in range(batch.batch_size):
+            lo, hi = batch.row_splits[b], batch.row_splits[b + 1]
+            keys, values = batch.keys[lo:hi], batch.values[lo:hi]
+            counts = [str(int(round(v))) for v in values[values != 1.0][:CRITEO_INT_COLUMNS]]
+            cats = [f"{int(k):08x}" for k in keys[values == 1.0][:CRITEO_CAT_COLUMNS]]
+            counts += [""] * (CRITEO_INT_COLUMNS - len(counts))
+            cats += [""] * (CRITEO_CAT_COLUMNS - len(cats))
+            fh.write("\t".join([str(int(batch.labels[b])), *counts, *cats]) + "\n")
+
+
+WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo}
+
+
+# -- a cell's examples -------------------------------------------------------------------
+def cell_examples(spec, batch_size: int, pool_batches: int, eval_examples: int
+                  ) -> tuple[list[SparseBatch], SparseBatch, SparseBatch, dict]:
+    """(training batches, held-out set, all training examples read, what was read) for a
+    cell whose `[data]` names a source: the first `batch_size * pool_batches` examples
+    train; the held-out set is the first `eval_examples` of `eval_source` or else the
+    last `eval_examples` of the source (then the whole source is read, and training never
+    sees those examples). Too many malformed examples fail the cell, naming the first."""
+    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
+    needed = batch_size * pool_batches
+    if spec.eval_source is not None:
+        train, report = read(spec.source, spec.format, spec.feature_bits, needed, names=names)
+        held, held_report = read(spec.eval_source, spec.format, spec.feature_bits, eval_examples, names=names)
+        _check_bad(spec, "eval_source", held_report)
+        held_from = f"the first {held.batch_size} examples of eval_source"
+    else:
+        whole, report = read(spec.source, spec.format, spec.feature_bits, names=names)
+        if whole.batch_size < eval_examples + batch_size:
+            raise DataFileError(f"{spec.source}: {whole.batch_size} examples; the cell needs at least "
+                                f"{eval_examples + batch_size} (eval_examples {eval_examples} held out + one batch)")
+        held = whole.slice(whole.batch_size - eval_examples, whole.batch_size)
+        train = whole.slice(0, min(needed, whole.batch_size - eval_examples))
+        held_from = f"the last {eval_examples} examples of source"
+    _check_bad(spec, "source", report)
+    if train.batch_size < batch_size:
+        raise DataFileError(f"{spec.source}: {train.batch_size} examples, fewer than one batch of {batch_size}")
+    count = train.batch_size // batch_size
+    pool = [train.slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
+    facts = {"source": spec.source, "format": spec.format, "read": report.to_dict(), "pool_batches": count,
+             "held_out": held_from, "held_out_examples": held.batch_size}
+    return pool, held, train, facts
+
+
+def _check_bad(spec, key: str, report: ReadReport) -> None:
+    if report.bad_fraction > spec.max_bad_fraction:
+        total = report.examples + report.bad
+        raise DataFileError(f"{key}: {report.bad} of {total} examples malformed ({report.bad_fraction:.2%} > "
+                            f"max_bad_fraction {spec.max_bad_fraction:.2%}); first: {report.first_bad[0]}")

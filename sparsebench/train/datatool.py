@@ -1,0 +1,130 @@
+"""`sparsebench data write|inspect`, run here because TFRecord needs TensorFlow.
+
+`write`: the synthetic generator's examples in a file format (to try a file source, and
+for tests). `inspect`: what a data file looks like, in the generator's terms (active
+features per example, key-frequency skew as a Zipf exponent, binary vs continuous
+values), so a user can set the generator to mimic their data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ConfigError
+from ..plan.spec import DATA_FORMATS, DataSpec
+from .data import SparseBatch, SyntheticData
+from .datafiles import WRITERS, DataFileError, TFRecordNames, read
+
+# Ranks used for the Zipf fit: keys seen in at most this share of examples (hotter keys
+# saturate, since a key counts once per example) and at least this many times (rarer ones
+# are noise).
+ZIPF_MAX_SHARE, ZIPF_MIN_COUNT = 0.05, 5
+
+
+def zipf_exponent(keys: np.ndarray, examples: int) -> float | None:
+    """The slope of log(count) over log(rank) of the keys' frequencies, in the range of
+    ranks where it is a power law; None with too few keys to fit."""
+    counts = np.sort(np.bincount(keys))[::-1] if len(keys) else np.array([])
+    counts = counts[counts > 0]
+    ranks = np.arange(1, len(counts) + 1)
+    chosen = (counts / max(examples, 1) <= ZIPF_MAX_SHARE) & (counts >= ZIPF_MIN_COUNT)
+    if chosen.sum() < 10:
+        return None
+    return float(-np.polyfit(np.log(ranks[chosen]), np.log(counts[chosen]), 1)[0])
+
+
+def describe(batch: SparseBatch) -> dict:
+    active = np.diff(batch.row_splits)
+    binary = batch.values == 1.0
+    continuous = batch.values[~binary]
+    return {
+        "examples": batch.batch_size,
+        "positive_labels": float(batch.labels.mean()) if batch.batch_size else None,
+        "active_per_example": {"mean": float(active.mean()), "p50": float(np.percentile(active, 50)),
+                               "p99": float(np.percentile(active, 99)), "max": int(active.max())} if len(active) else None,
+        "distinct_keys": int(len(np.unique(batch.keys))),
+        "zipf_exponent": zipf_exponent(batch.keys, batch.batch_size),
+        "binary_value_share": float(binary.mean()) if batch.nnz else None,
+        "continuous_range": [float(np.abs(continuous).min()), float(np.abs(continuous).max())] if len(continuous) else None,
+    }
+
+
+def _write(args) -> int:
+    spec = DataSpec(feature_bits=args.feature_bits, mean_active=args.mean_active, zipf_exponent=args.zipf_exponent,
+                    seed=args.seed)
+    spec.validate()
+    batch = SyntheticData(spec).sample(args.examples, stream=0)
+    path = Path(args.path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    WRITERS[args.format](batch, path, compress=args.gzip or path.suffix == ".gz")
+    print(f"wrote {batch.batch_size} examples ({batch.nnz} features) to {path} as {args.format}"
+          f"{' (gzip)' if args.gzip or path.suffix == '.gz' else ''}")
+    return 0
+
+
+def _inspect(args) -> int:
+    batch, report = read(args.path, args.format, args.feature_bits, limit=args.limit,
+                         names=TFRecordNames(args.ids_feature, args.values_feature, args.label_feature))
+    facts = {"path": args.path, "format": args.format, **describe(batch), "malformed": report.bad,
+             "first_malformed": report.first_bad}
+    if args.json:
+        print(json.dumps(facts))
+        return 0
+    a = facts["active_per_example"] or {}
+    print(f"{args.path} ({args.format}): {facts['examples']} examples, {report.bad} malformed")
+    if a:
+        print(f"  active features per example: mean {a['mean']:.1f}, p50 {a['p50']:.0f}, p99 {a['p99']:.0f}, max {a['max']}")
+    print(f"  distinct keys: {facts['distinct_keys']}; key-frequency Zipf exponent: "
+          f"{facts['zipf_exponent']:.2f}" if facts["zipf_exponent"] is not None else
+          f"  distinct keys: {facts['distinct_keys']}; too few keys to fit a Zipf exponent")
+    if facts["binary_value_share"] is not None:
+        rng = facts["continuous_range"]
+        print(f"  binary values: {facts['binary_value_share']:.0%}; continuous |values| "
+              f"{rng[0]:.3g} .. {rng[1]:.3g}" if rng else f"  binary values: {facts['binary_value_share']:.0%}")
+    for line in report.first_bad:
+        print(f"  malformed: {line}")
+    if a and facts["zipf_exponent"] is not None:
+        print(f"  to mimic it: [data] mean_active = {a['mean']:.0f}, zipf_exponent = {facts['zipf_exponent']:.2f}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparsebench data")
+    sub = parser.add_subparsers(dest="command", required=True)
+    write = sub.add_parser("write")
+    write.add_argument("path")
+    write.add_argument("--format", choices=DATA_FORMATS, required=True)
+    write.add_argument("--examples", type=int, required=True)
+    write.add_argument("--feature-bits", type=int, default=DataSpec.feature_bits)
+    write.add_argument("--mean-active", type=float, default=DataSpec.mean_active)
+    write.add_argument("--zipf-exponent", type=float, default=DataSpec.zipf_exponent)
+    write.add_argument("--seed", type=int, default=0)
+    write.add_argument("--gzip", action="store_true")
+    inspect = sub.add_parser("inspect")
+    inspect.add_argument("path")
+    inspect.add_argument("--format", choices=DATA_FORMATS, required=True)
+    inspect.add_argument("--feature-bits", type=int, default=DataSpec.feature_bits)
+    inspect.add_argument("--limit", type=int, default=None)
+    inspect.add_argument("--ids-feature", default="ids")
+    inspect.add_argument("--values-feature", default="values")
+    inspect.add_argument("--label-feature", default="label")
+    inspect.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "write":
+            if args.examples < 1:
+                raise ConfigError("--examples: must be >= 1")
+            return _write(args)
+        return _inspect(args)
+    except (ConfigError, DataFileError, OSError) as exc:
+        print(f"sparsebench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Examples from files: the three formats agree, gzip agrees, bad input is counted and
+named, a missing source stops the run before any worker, and `data inspect` recovers the
+generator's settings."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsebench.plan.spec import DataSpec
+from sparsebench.train.data import SyntheticData
+from sparsebench.train.datafiles import WRITERS, read
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def same(a, b):
+    assert a.batch_size == b.batch_size
+    np.testing.assert_array_equal(a.coo_indices(), b.coo_indices())
+    np.testing.assert_array_equal(a.values, b.values)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.fixture(scope="module")
+def examples():
+    return SyntheticData(DataSpec(feature_bits=12, mean_active=20)).sample(300, stream=0)
+
+
+@pytest.mark.parametrize("fmt", ["libsvm", "tfrecord"])
+@pytest.mark.parametrize("compress", [False, True])
+def test_libsvm_and_tfrecord_give_back_the_examples_written(tmp_path, examples, fmt, compress):
+    path = tmp_path / f"x.{fmt}"
+    WRITERS[fmt](examples, path, compress=compress)
+    assert (path.read_bytes()[:2] == b"\x1f\x8b") == compress
+    batch, report = read(str(path), fmt, 12)
+    assert report.bad == 0 and report.examples == 300
+    same(batch, examples)
+
+
+def test_criteo_examples_load_identically_from_all_three_formats_plain_or_gzip(tmp_path, examples):
+    WRITERS["criteo"](examples, tmp_path / "c.tsv")
+    WRITERS["criteo"](examples, tmp_path / "c.tsv.gz", compress=True)
+    criteo, report = read(str(tmp_path / "c.tsv"), "criteo", 12)
+    assert report.bad == 0 and criteo.batch_size == 300
+    same(read(str(tmp_path / "c.tsv.gz"), "criteo", 12)[0], criteo)
+    active = np.diff(criteo.row_splits)
+    assert active.max() <= 39 and criteo.values.min() >= 0
+    for fmt in ("libsvm", "tfrecord"):
+        WRITERS[fmt](criteo, tmp_path / f"c.{fmt}")
+        same(read(str(tmp_path / f"c.{fmt}"), fmt, 12)[0], criteo)
+
+
+def test_criteo_columns_and_empty_fields(tmp_path):
+    line = "1\t5\t\t-1" + "\t" * 10 + "\t68fd1e64" + "\t" * 25 + "\n"  # 3 ints (one empty), 1 category
+    (tmp_path / "c.tsv").write_text(line)
+    batch, report = read(str(tmp_path / "c.tsv"), "criteo", 20)
+    assert report.bad == 0 and batch.labels.tolist() == [1.0]
+    assert sorted(batch.values.tolist()) == [-1.0, 1.0, 5.0] and batch.nnz == 3
+
+
+def test_malformed_lines_are_counted_and_named(tmp_path, examples):
+    good = tmp_path / "x.libsvm"
+    WRITERS["libsvm"](examples.slice(0, 98), good)
+    lines = good.read_text().splitlines()
+    lines.insert(10, "1 12:oops")
+    lines.insert(50, "1 7")
+    (tmp_path / "bad.libsvm").write_text("\n".join(lines) + "\n")
+    batch, report = read(str(tmp_path / "bad.libsvm"), "libsvm", 12)
+    assert batch.batch_size == 98 and report.bad == 2
+    assert report.first_bad[0].startswith(f"{tmp_path / 'bad.libsvm'}:11:") and ":51:" in report.first_bad[1]
+    assert abs(report.bad_fraction - 0.02) < 1e-12
+
+
+SUITE = """
+name = "files"
+[data]
+feature_bits = 12
+source = "{source}"
+format = "libsvm"
+max_bad_fraction = {fraction}
+[model]
+out_dim = 4
+hidden_units = [4]
+[measure]
+warmup_steps = 1
+windows = 1
+steps_per_window = 2
+batch_pool = 2
+eval_examples = 100
+diagnostic_steps = 1
+[matrix]
+batch_size = [64]
+variant = ["embedding_lookup_sparse"]
+"""
+
+
+def _run(tmp_path, source, fraction, name):
+    (tmp_path / f"{name}.toml").write_text(SUITE.format(source=source, fraction=fraction))
+    return subprocess.run([sys.executable, "-m", "sparsebench", "run", "--suite", str(tmp_path / f"{name}.toml"),
+                           "--quiet", "--output", str(tmp_path / f"{name}.jsonl")], capture_output=True, text=True,
+                          env=env(), cwd=tmp_path, timeout=300)
+
+
+@pytest.mark.slow
+def test_the_bad_fraction_threshold_fails_the_cell_and_below_it_trains(tmp_path):
+    batch = SyntheticData(DataSpec(feature_bits=12, mean_active=20)).sample(400, stream=0)
+    WRITERS["libsvm"](batch, tmp_path / "x.libsvm")
+    lines = (tmp_path / "x.libsvm").read_text().splitlines()
+    lines.insert(3, "not a label")
+    (tmp_path / "x.libsvm").write_text("\n".join(lines) + "\n")
+    strict = _run(tmp_path, tmp_path / "x.libsvm", 0.001, "strict")
+    assert strict.returncode == 1
+    record = json.loads((tmp_path / "strict.jsonl").read_text().splitlines()[1])
+    assert record["status"] == "failed" and "1 of 401 examples malformed" in record["reason"]
+    assert f"{tmp_path / 'x.libsvm'}:4" in record["reason"]
+    lenient = _run(tmp_path, tmp_path / "x.libsvm", 0.01, "lenient")
+    assert lenient.returncode == 0, lenient.stderr[-2000:]
+    record = json.loads((tmp_path / "lenient.jsonl").read_text().splitlines()[1])
+    assert record["status"] == "ok" and record["data_source"]["read"]["bad"] == 1
+    assert record["data_source"]["pool_batches"] == 2 and "last 100" in record["data_source"]["held_out"]
+
+
+def test_a_missing_source_is_one_line_exit_2_and_no_results_file(tmp_path):
+    done = _run(tmp_path, tmp_path / "nope.libsvm", 0.001, "missing")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "nope.libsvm: no such file" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "missing.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_inspect_recovers_the_generators_settings(tmp_path):
+    path = tmp_path / "x.tfrecord.gz"
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "data", "write", str(path), "--format", "tfrecord",
+                           "--examples", "20000", "--feature-bits", "18", "--mean-active", "50",
+                           "--zipf-exponent", "1.05"], capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "data", "inspect", str(path), "--format", "tfrecord",
+                           "--feature-bits", "18", "--json"], capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert facts["examples"] == 20000
+    assert abs(facts["active_per_example"]["mean"] - 50) / 50 < 0.10
+    assert abs(facts["zipf_exponent"] - 1.05) < 0.15
