@@ -45,7 +45,7 @@ JSON_KEYS = (
     "step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "peak_rss_mb", "grad_type",
     "rows_touched", "gpu_util_pct", "gpu_mem_used_mb", "isolation",
     "processes", "within_process_cv", "between_process_cv", "run_to_run_measured", "update_path",
-    "strategy", "ps_tasks", "worker_tasks",
+    "strategy", "ps_tasks", "worker_tasks", "input", "data_format", "input_samples_per_sec", "input_bound",
 )
 
 DONE_STATUSES = ("ok", "skipped")

@@ -119,13 +119,13 @@ def test_the_bad_fraction_threshold_fails_the_cell_and_below_it_trains(tmp_path)
     strict = _run(tmp_path, tmp_path / "x.libsvm", 0.001, "strict")
     assert strict.returncode == 1
     record = json.loads((tmp_path / "strict.jsonl").read_text().splitlines()[1])
-    assert record["status"] == "failed" and "1 of 401 examples malformed" in record["reason"]
+    assert record["status"] == "failed" and "1 of 129 examples malformed" in record["reason"]
     assert f"{tmp_path / 'x.libsvm'}:4" in record["reason"]
     lenient = _run(tmp_path, tmp_path / "x.libsvm", 0.01, "lenient")
     assert lenient.returncode == 0, lenient.stderr[-2000:]
     record = json.loads((tmp_path / "lenient.jsonl").read_text().splitlines()[1])
     assert record["status"] == "ok" and record["data_source"]["read"]["bad"] == 1
-    assert record["data_source"]["pool_batches"] == 2 and "last 100" in record["data_source"]["held_out"]
+    assert record["data_source"]["pool_batches"] == 2 and "first 100" in record["data_source"]["held_out"]
 
 
 def test_a_missing_source_is_one_line_exit_2_and_no_results_file(tmp_path):
@@ -149,3 +149,62 @@ def test_inspect_recovers_the_generators_settings(tmp_path):
     assert facts["examples"] == 20000
     assert abs(facts["active_per_example"]["mean"] - 50) / 50 < 0.10
     assert abs(facts["zipf_exponent"] - 1.05) < 0.15
+
+
+# -- the pipeline reads what the memory path reads -----------------------------------------------
+@pytest.mark.parametrize("fmt", ["libsvm", "tfrecord"])
+def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, examples, fmt):
+    """Traced tf.data parsing (the graph the timed loop pulls from) against the Python
+    readers: same examples, held-out ones skipped the same way, malformed lines dropped."""
+    import tensorflow as tf
+
+    from sparsebench.train import pipeline
+    from sparsebench.train.datafiles import cell_examples
+
+    path = tmp_path / f"x.{fmt}.gz"
+    WRITERS[fmt](examples, path, compress=True)
+    if fmt == "libsvm":  # a comment, a blank and a malformed line, all inside the held-out part
+        import gzip
+
+        lines = gzip.open(path, "rt").read().splitlines()
+        lines[5:5] = ["# a comment", "", "1 3:x"]
+        with gzip.open(path, "wt") as fh:
+            fh.write("\n".join(lines) + "\n")
+    spec = DataSpec(feature_bits=12, source=str(path), format=fmt, input="pipeline", max_bad_fraction=0.5)
+    pool, held, _, facts = cell_examples(spec, 64, 2, 50)
+    held_p, skip, facts_p, _ = pipeline.prepare(spec, 64, 50, discretizer=False)
+    same(held_p, held)
+    assert facts_p["read"]["bad"] == (1 if fmt == "libsvm" else 0) and facts_p["read"]["examples"] == 300
+    iterator = iter(pipeline.dataset(spec, 64, skip))
+    for expected in pool:
+        sp, labels = next(iterator)
+        assert isinstance(sp, tf.SparseTensor)
+        np.testing.assert_array_equal(sp.indices.numpy(), expected.coo_indices())
+        np.testing.assert_array_equal(sp.values.numpy(), expected.values)
+        np.testing.assert_array_equal(labels.numpy(), expected.labels)
+
+
+def test_criteo_is_refused_for_the_pipeline_in_one_line():
+    from sparsebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="input: pipeline input reads libsvm and tfrecord"):
+        DataSpec(source="x", format="criteo", input="pipeline").validate()
+
+
+@pytest.mark.slow
+def test_a_pipeline_cell_trains_and_says_whether_it_is_input_bound(tmp_path):
+    batch = SyntheticData(DataSpec(feature_bits=12, mean_active=20)).sample(1200, stream=0)
+    WRITERS["tfrecord"](batch, tmp_path / "x.tfrecord")
+    suite = SUITE.replace('format = "libsvm"', 'format = "tfrecord"').replace(
+        'variant = ["embedding_lookup_sparse"]', 'variant = ["embedding_lookup_sparse"]\ninput = ["memory", "pipeline"]')
+    (tmp_path / "p.toml").write_text(suite.format(source=tmp_path / "x.tfrecord", fraction=0.001))
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "run", "--suite", str(tmp_path / "p.toml"), "--output",
+                           str(tmp_path / "p.jsonl")], capture_output=True, text=True, env=env(), cwd=tmp_path,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = {r["axes"]["input"]: r for r in map(json.loads, (tmp_path / "p.jsonl").read_text().splitlines()[1:])}
+    assert records["memory"]["status"] == records["pipeline"]["status"] == "ok"
+    pipe = records["pipeline"]
+    assert pipe["data_source"]["input"] == "pipeline" and pipe["input_samples_per_sec"] > 0
+    assert isinstance(pipe["input_bound"], bool) and 0 <= pipe["input_wait_share"] <= 1
+    assert "input alone" in done.stdout and records["memory"].get("input_samples_per_sec") is None

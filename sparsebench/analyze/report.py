@@ -33,6 +33,7 @@ AXIS_COLUMNS = (
     "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
     "inter_op_threads", "omp_num_threads", "mkl_num_threads", "kmp_blocktime", "onednn", "workers",
     "learning_rate", "out_dim", "discretizer", "normalization", "strategy", "ps_tasks", "worker_tasks",
+    "input", "data_format",
 )
 VARIANT_AXES = ("variant", "shards", "partition_strategy")  # how sp @ W is computed
 NOISY_MARK = "*"

@@ -46,8 +46,17 @@ def describe_record(record: dict) -> str:
     return (
         f"{format_rate(record.get('samples_per_sec'))} samples/s{spread} over {len(windows)} windows, "
         f"step p50 {record.get('step_ms_p50', float('nan')):.1f} ms, AUC {record.get('auc') or float('nan'):.3f}"
-        f"{describe_cluster(record.get('cluster'))}{noisy}"
+        f"{describe_cluster(record.get('cluster'))}{describe_input(record)}{noisy}"
     )
+
+
+def describe_input(record: dict) -> str:
+    """For a pipeline cell: the pipeline's own rate, the wait share, and the verdict."""
+    if record.get("input_samples_per_sec") is None:
+        return ""
+    verdict = "  INPUT-BOUND" if record.get("input_bound") else ""
+    return (f", input alone {format_rate(record['input_samples_per_sec'])}/s, waited "
+            f"{record.get('input_wait_share', float('nan')):.0%} of the windows{verdict}")
 
 
 def describe_cluster(cluster: dict | None) -> str:

@@ -82,11 +82,21 @@ def git_revision() -> dict[str, Any] | None:
         return None
 
 
-def prepare(suite_arg: str, overrides: list[str]) -> tuple[Suite, list[Cell]]:
+def prepare(suite_arg: str, overrides: list[str], check_files: bool = True) -> tuple[Suite, list[Cell]]:
+    """The suite with its overrides, expanded; with `check_files`, every data file the
+    cells name must be readable (one line naming the file, before anything is written)."""
     suite = load_suite(suite_arg)
     for assignment in overrides:
         suite.override(assignment)
-    return suite, suite.cells()
+    cells = suite.cells()
+    if check_files:
+        check_data_files(cells)
+    return suite, cells
+
+
+def check_data_files(cells: list[Cell]) -> None:
+    for data in {cell.data for cell in cells}:
+        data.check_files()
 
 
 def default_output(suite: Suite) -> Path:
@@ -173,6 +183,7 @@ def run(
     custom_op = run_meta.get("custom_op") if resume is None else prebuild([c for _, cs in todo for c in cs])
     if remote is None and resume is not None:
         remote = run_meta.get("cluster")  # a resumed run goes back to the cluster it started on
+        check_data_files([c for _, cs in todo for c in cs])
     check_cluster_isolation([c for _, cs in todo for c in cs], remote)
 
     def require(record: dict[str, Any]) -> dict[str, Any]:

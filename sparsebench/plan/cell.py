@@ -102,6 +102,7 @@ class Cell:
                 raise ConfigError("device: parameter-server cells run on the CPU")
         self.model.validate()
         self.data.validate()
+        self.data.validate_source()
         self.threads.validate()
         self.measure.validate()
 
@@ -158,6 +159,8 @@ class Cell:
         d = self.distribution
         if not d.is_local:
             parts.append(f"ps{d.ps_tasks}w{d.worker_tasks}")
+        if self.data.source is not None:
+            parts.append(f"{self.data.format}-{self.data.input}")
         return "-".join(parts)
 
     # -- process settings --------------------------------------------------------
@@ -212,7 +215,8 @@ class Cell:
             "learning_rate": m.effective_learning_rate, "discretizer": m.discretizer,
             "normalization": m.normalization, "out_dim": m.out_dim, **asdict(self.threads),
             "strategy": self.distribution.strategy, "ps_tasks": self.distribution.ps_tasks,
-            "worker_tasks": self.distribution.worker_tasks,
+            "worker_tasks": self.distribution.worker_tasks, "input": self.data.input, "source": self.data.source,
+            "format": self.data.format,
         }
 
     def axes(self) -> dict[str, Any]:
@@ -241,4 +245,6 @@ class Cell:
             "strategy": self.distribution.strategy,
             "ps_tasks": self.distribution.ps_tasks if not self.distribution.is_local else None,
             "worker_tasks": self.distribution.worker_tasks if not self.distribution.is_local else None,
+            "input": self.data.input if self.data.source is not None else None,
+            "data_format": self.data.format,
         }

@@ -43,7 +43,10 @@ DEFAULT_LEARNING_RATES = {
 
 
 DATA_FORMATS = ("libsvm", "criteo", "tfrecord")
-FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "ids_feature", "values_feature", "label_feature")
+FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "input", "ids_feature", "values_feature",
+               "label_feature")
+INPUTS = ("memory", "pipeline")
+PIPELINE_FORMATS = ("libsvm", "tfrecord")  # criteo's hex columns are parsed in memory only, for now
 
 
 def unreadable(pattern: str) -> str | None:
@@ -80,6 +83,9 @@ class DataSpec:
     format: str | None = None  # libsvm | criteo | tfrecord
     eval_source: str | None = None  # held-out examples; default: the last eval_examples of source
     max_bad_fraction: float = 0.001  # malformed lines / records beyond this fail the cell
+    # memory: the examples are loaded before timing; pipeline: a tf.data pipeline reads,
+    # parses and batches them inside the timed loop (streaming: files may exceed memory)
+    input: str = "memory"
     ids_feature: str = "ids"  # tfrecord feature names
     values_feature: str = "values"
     label_feature: str = "label"
@@ -99,16 +105,26 @@ class DataSpec:
         _require(0 < self.signal_fraction <= 1, "signal_fraction", "must be in (0, 1]")
         _require(self.signal_scale >= 0, "signal_scale", "must be >= 0")
         _require(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
+        _require(self.input in INPUTS, "input", f"must be one of {', '.join(INPUTS)}")
+        _require(self.format is None or self.format in DATA_FORMATS, "format", f"one of {', '.join(DATA_FORMATS)}")
+        _require(self.input == "memory" or self.format is None or self.format in PIPELINE_FORMATS, "input",
+                 f"pipeline input reads {' and '.join(PIPELINE_FORMATS)}; use input = \"memory\" for {self.format}")
+
+    def validate_source(self) -> None:
+        """The file settings together (a cell's data, where every axis is resolved)."""
         if self.source is None:
-            _require(self.format is None and self.eval_source is None, "source",
-                     "format and eval_source need a source file")
-            return
-        _require(self.format in DATA_FORMATS, "format", f"with a source, one of {', '.join(DATA_FORMATS)}")
+            _require(self.input == "memory", "input", "pipeline reads a source file: set source and format")
+            _require(self.eval_source is None, "eval_source", "needs a source file")
+        else:
+            _require(self.format is not None, "format", f"with a source, one of {', '.join(DATA_FORMATS)}")
+
+    def check_files(self) -> None:
+        """Before a run starts (not when a suite is listed): every file it names is readable."""
         for key in ("source", "eval_source"):
             pattern = getattr(self, key)
             if pattern is not None:
                 problem = unreadable(pattern)
-                _require(problem is None, key, str(problem))
+                _require(problem is None, f"data.{key}", str(problem))
 
     def identity(self) -> dict[str, Any]:
         """The settings that make two data sets the same: the file settings only where

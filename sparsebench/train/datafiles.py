@@ -8,8 +8,8 @@ Keys land in `[0, 2**feature_bits)`:
   integer, so the normalization and the discretizer see the raw counts; categorical
   column j with hex value h is the key `hash(13 + j, h)` with value 1. The hash is
   splitmix64 of `column * 2**32 + h`, masked to `feature_bits`;
-- TFRecord of `tf.train.Example`: int64 ids, float values and a label under configurable
-  feature names; ids modulo `2**feature_bits`.
+- TFRecord of `tf.train.Example`: int64 ids, float values and one float label under
+  configurable feature names; ids modulo `2**feature_bits`.
 Within an example, keys are sorted and a repeated key keeps its last value.
 
 A malformed line or record is counted, and the first few are kept as `file:line: why`;
@@ -112,6 +112,22 @@ class _Builder:
                            np.array(self.values, np.float32), np.array(self.labels, np.float32))
 
 
+class _Counter:
+    """Counts examples without keeping them: a source checked before a pipeline streams it."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, label: float, features: dict[int, float]) -> None:
+        self.count += 1
+
+    def __len__(self) -> int:
+        return self.count
+
+    def batch(self) -> None:
+        return None
+
+
 def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
     parts = line.split()
     label = 1.0 if float(parts[0]) > 0 else 0.0
@@ -140,10 +156,11 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
 
 
 def read_text(paths: list[Path], fmt: str, feature_bits: int, limit: int | None = None,
-              skip: int = 0) -> tuple[SparseBatch, ReadReport]:
-    """libsvm or Criteo examples `skip`..`skip + limit` from `paths` in order."""
+              skip: int = 0, keep: bool = True) -> tuple[SparseBatch, ReadReport]:
+    """libsvm or Criteo examples `skip`..`skip + limit` from `paths` in order (`keep=False`:
+    only counted, in constant memory)."""
     mask = (1 << feature_bits) - 1
-    builder, report, seen = _Builder(), ReadReport(), 0
+    builder, report, seen = _Builder() if keep else _Counter(), ReadReport(), 0
     for path in paths:
         for number, line in _lines(path):
             if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
@@ -172,13 +189,13 @@ class TFRecordNames:
 
 
 def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = TFRecordNames(),
-                  limit: int | None = None, skip: int = 0) -> tuple[SparseBatch, ReadReport]:
+                  limit: int | None = None, skip: int = 0, keep: bool = True) -> tuple[SparseBatch, ReadReport]:
     """`tf.train.Example` records; a record that does not parse or lacks the features is
     counted bad, a corrupt file (broken framing) ends that file with one bad entry."""
     import tensorflow as tf
 
     mask = (1 << feature_bits) - 1
-    builder, report, seen = _Builder(), ReadReport(), 0
+    builder, report, seen = _Builder() if keep else _Counter(), ReadReport(), 0
     for path in paths:
         records = iter(tf.data.TFRecordDataset(str(path), compression_type="GZIP" if is_gzip(path) else ""))
         number = 0
@@ -196,9 +213,9 @@ def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = T
                 feature = example.features.feature
                 ids = list(feature[names.ids].int64_list.value)
                 values = list(feature[names.values].float_list.value)
-                label_values = list(feature[names.label].float_list.value) or list(feature[names.label].int64_list.value)
+                label_values = list(feature[names.label].float_list.value)
                 if names.label not in feature or len(label_values) != 1:
-                    raise ValueError(f"no single {names.label!r}")
+                    raise ValueError(f"no single float {names.label!r}")
                 if len(ids) != len(values):
                     raise ValueError(f"{len(ids)} {names.ids!r} but {len(values)} {names.values!r}")
             except Exception as exc:  # noqa: BLE001 - a bad record is counted, not fatal
@@ -216,13 +233,13 @@ def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = T
 
 
 def read(pattern: str, fmt: str, feature_bits: int, limit: int | None = None, skip: int = 0,
-         names: TFRecordNames = TFRecordNames()) -> tuple[SparseBatch, ReadReport]:
+         names: TFRecordNames = TFRecordNames(), keep: bool = True) -> tuple[SparseBatch, ReadReport]:
     if fmt not in FORMATS:
         raise DataFileError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     paths = source_files(pattern)
     if fmt == "tfrecord":
-        return read_tfrecord(paths, feature_bits, names, limit, skip)
-    return read_text(paths, fmt, feature_bits, limit, skip)
+        return read_tfrecord(paths, feature_bits, names, limit, skip, keep)
+    return read_text(paths, fmt, feature_bits, limit, skip, keep)
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -275,37 +292,43 @@ WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_c
 # -- a cell's examples -------------------------------------------------------------------
 def cell_examples(spec, batch_size: int, pool_batches: int, eval_examples: int
                   ) -> tuple[list[SparseBatch], SparseBatch, SparseBatch, dict]:
-    """(training batches, held-out set, all training examples read, what was read) for a
-    cell whose `[data]` names a source: the first `batch_size * pool_batches` examples
-    train; the held-out set is the first `eval_examples` of `eval_source` or else the
-    last `eval_examples` of the source (then the whole source is read, and training never
-    sees those examples). Too many malformed examples fail the cell, naming the first."""
+    """(training batches, held-out set, the training examples, what was read) for a cell
+    whose `[data]` names a source, loaded into memory: the held-out set is the first
+    `eval_examples` of `eval_source`, or else the first `eval_examples` of the source
+    (then training starts after them: a pipeline can stream a file it cannot hold, and
+    the end of such a file is only known after reading it all); the next
+    `batch_size * pool_batches` examples train. Too many malformed examples fail the cell,
+    naming the first."""
     names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
     needed = batch_size * pool_batches
-    if spec.eval_source is not None:
-        train, report = read(spec.source, spec.format, spec.feature_bits, needed, names=names)
-        held, held_report = read(spec.eval_source, spec.format, spec.feature_bits, eval_examples, names=names)
-        _check_bad(spec, "eval_source", held_report)
-        held_from = f"the first {held.batch_size} examples of eval_source"
-    else:
-        whole, report = read(spec.source, spec.format, spec.feature_bits, names=names)
-        if whole.batch_size < eval_examples + batch_size:
-            raise DataFileError(f"{spec.source}: {whole.batch_size} examples; the cell needs at least "
-                                f"{eval_examples + batch_size} (eval_examples {eval_examples} held out + one batch)")
-        held = whole.slice(whole.batch_size - eval_examples, whole.batch_size)
-        train = whole.slice(0, min(needed, whole.batch_size - eval_examples))
-        held_from = f"the last {eval_examples} examples of source"
-    _check_bad(spec, "source", report)
+    held, skip, held_from = held_out_examples(spec, eval_examples)
+    train, report = read(spec.source, spec.format, spec.feature_bits, needed, skip=skip, names=names)
+    check_bad(spec, "source", report)
     if train.batch_size < batch_size:
-        raise DataFileError(f"{spec.source}: {train.batch_size} examples, fewer than one batch of {batch_size}")
+        raise DataFileError(f"{spec.source}: {train.batch_size} examples to train on after the {skip} held out, "
+                            f"fewer than one batch of {batch_size}")
     count = train.batch_size // batch_size
     pool = [train.slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
-    facts = {"source": spec.source, "format": spec.format, "read": report.to_dict(), "pool_batches": count,
-             "held_out": held_from, "held_out_examples": held.batch_size}
+    facts = {"source": spec.source, "format": spec.format, "input": spec.input, "read": report.to_dict(),
+             "pool_batches": count, "held_out": held_from, "held_out_examples": held.batch_size}
     return pool, held, train, facts
 
 
-def _check_bad(spec, key: str, report: ReadReport) -> None:
+def held_out_examples(spec, eval_examples: int) -> tuple[SparseBatch, int, str]:
+    """(held-out set, examples of the source training must skip, where it came from)."""
+    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
+    if spec.eval_source is not None:
+        held, report = read(spec.eval_source, spec.format, spec.feature_bits, eval_examples, names=names)
+        check_bad(spec, "eval_source", report)
+        return held, 0, f"the first {held.batch_size} examples of eval_source"
+    held, report = read(spec.source, spec.format, spec.feature_bits, eval_examples, names=names)
+    if held.batch_size < eval_examples:
+        raise DataFileError(f"{spec.source}: {held.batch_size} examples, not even the {eval_examples} held out "
+                            f"(eval_examples) and a batch")
+    return held, eval_examples, f"the first {eval_examples} examples of source (training starts after them)"
+
+
+def check_bad(spec, key: str, report: ReadReport) -> None:
     if report.bad_fraction > spec.max_bad_fraction:
         total = report.examples + report.bad
         raise DataFileError(f"{key}: {report.bad} of {total} examples malformed ({report.bad_fraction:.2%} > "

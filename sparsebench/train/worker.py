@@ -38,6 +38,8 @@ from ..plan.spec import CUSTOM_OP_VARIANTS
 from .tf_facts import tensorflow_info, threads_in_effect
 
 _PROCESS_START = time.perf_counter()
+INPUT_BOUND_MARGIN = 1.2  # a pipeline alone below this multiple of the training rate: input-bound
+INPUT_WAIT_BOUND = 0.2  # or the timed steps waited this share of the windows for their batches
 _PRIVATE_NETWORK = False  # set when the orchestrator started this worker in its own network namespace
 
 
@@ -85,7 +87,16 @@ class Prepared:
             t0 = time.perf_counter()
         self.num_features = cell.data.num_features
         self.data_facts: dict[str, Any] | None = None
-        if cell.data.source is not None:  # examples from files: the discretizer calibrates on them
+        self.stream = None
+        if cell.data.source is not None and cell.data.input == "pipeline":  # read inside the timed loop
+            from . import pipeline
+
+            self.held_out, skip, self.data_facts, calibration_sample = pipeline.prepare(
+                cell.data, cell.batch_size, cell.measure.eval_examples, cell.model.discretizer)
+            self.pool = []
+            self.dataset = lambda: pipeline.dataset(cell.data, cell.batch_size, skip)
+            self.stream = pipeline.Stream(self.dataset())
+        elif cell.data.source is not None:  # examples from files: the discretizer calibrates on them
             from .datafiles import cell_examples
 
             self.pool, self.held_out, train, self.data_facts = cell_examples(
@@ -98,7 +109,8 @@ class Prepared:
             calibration_sample = data.sample(max(4 * cell.batch_size, 2048), stream=5) if cell.model.discretizer else None
         calibration = calibrate(calibration_sample, cell.model.n_bin) if cell.model.discretizer else None
         with tf.device("/CPU:0"):
-            self.batches = [(to_sparse_tensor(b, self.num_features), tf.constant(b.labels)) for b in self.pool]
+            self.batches = self.stream or [(to_sparse_tensor(b, self.num_features), tf.constant(b.labels))
+                                           for b in self.pool]
             self.held_out_sp = to_sparse_tensor(self.held_out, self.num_features)
         self.calibration = calibration
         self.phases["data_s"] = time.perf_counter() - t0
@@ -137,6 +149,14 @@ def measured_fields(measurement, losses: list[float]) -> dict[str, Any]:
     }
 
 
+def _windows_start(sampler, stream) -> None:
+    """Between warm-up and the timed windows: start the GPU sampler, zero the input wait."""
+    if sampler is not None:
+        sampler.start()
+    if stream is not None:
+        stream.waited = 0.0
+
+
 def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     """Train and time one cell; returns its result record (status `ok`)."""
     import tensorflow as tf
@@ -160,7 +180,7 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
             cell.measure,
             workers=cell.workers,
             sync=lambda loss: losses.append(float(loss)),
-            on_windows_start=sampler.start if sampler is not None else lambda: None,
+            on_windows_start=lambda: _windows_start(sampler, prepared.stream),
         )
     finally:
         if sampler is not None:
@@ -170,6 +190,19 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
 
     rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
     logits = trainer.predict_logits(prepared.held_out_sp)
+    input_fields = {}
+    if prepared.stream is not None:
+        from .pipeline import input_alone
+
+        wait_share = prepared.stream.waited / max(sum(measurement.window_seconds), 1e-9)
+        _, seconds = cell.measure.window_limits()
+        rates = input_alone(prepared.dataset(), cell.batch_size, seconds or 1.0, cell.measure.windows)
+        alone = stats.summarize_throughput(rates)["median"]
+        trained = stats.summarize_throughput(measurement.window_samples_per_sec)["median"]
+        # Input-bound: the timed steps spent a fifth or more of the windows waiting for a
+        # batch, or the pipeline alone delivers less than 1.2x what training consumed.
+        input_fields = {"input_samples_per_sec": alone, "input_windows": rates, "input_wait_share": wait_share,
+                        "input_bound": bool(wait_share >= INPUT_WAIT_BOUND or alone < INPUT_BOUND_MARGIN * trained)}
     record = {
         "status": "ok",
         "reason": None,
@@ -182,12 +215,13 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
         "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
         "rows_touched_per_step": rows_touched,
         "num_features": prepared.num_features,
-        "avg_nnz_per_batch": float(np.mean([b.nnz for b in pool])),
+        "avg_nnz_per_batch": float(np.mean([b.nnz for b in pool])) if pool else None,
         "threads_in_effect": threads_in_effect(),
         "update_path": trainer.update_path,
         "phases": phases,
         "variables_mb": prepared.variables_mb(),
         "data_source": prepared.data_facts,
+        **input_fields,
     }
     if sampler is not None:
         record.update(sampler.summary())

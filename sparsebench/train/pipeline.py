@@ -1,0 +1,149 @@
+"""`input = "pipeline"`: a tf.data pipeline reads, parses and batches a source inside the
+timed loop, as real training does.
+
+The pipeline: files read in parallel (`num_parallel_reads`), the held-out examples
+skipped, malformed examples dropped (the source is checked first, in constant memory,
+and a cell whose bad fraction exceeds `max_bad_fraction` fails before timing), repeated,
+batched, parsed into a `SparseTensor` in parallel and prefetched. It streams: memory does
+not grow with the file. Each pipeline cell also times the pipeline alone, so the record
+can say whether training waited for its input.
+
+Parsing matches `datafiles` (the memory path): libsvm keys modulo `2**feature_bits`,
+label > 0 is 1; TFRecord ids modulo `2**feature_bits`. Two differences, documented:
+a libsvm number must be a plain numeric literal here (Python also accepts `nan`/`inf`),
+and a key repeated within an example is kept twice (the memory path keeps its last value).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..plan.spec import DataSpec
+from .datafiles import (
+    DataFileError,
+    ReadReport,
+    TFRecordNames,
+    check_bad,
+    held_out_examples,
+    is_gzip,
+    read,
+    source_files,
+)
+
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+LIBSVM_LINE = rf"\s*{_NUMBER}(?:\s+[+-]?[0-9]+:{_NUMBER})*\s*"
+
+
+def check_source(spec: DataSpec) -> dict[str, Any]:
+    """Count the source's examples and malformed ones without keeping them."""
+    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
+    _, report = read(spec.source, spec.format, spec.feature_bits, names=names, keep=False)
+    return report.to_dict()
+
+
+def prepare(spec: DataSpec, batch_size: int, eval_examples: int, discretizer: bool):
+    """Before timing: (held-out set, examples the pipeline skips, what was checked, the
+    discretizer's calibration sample or None). Fails the cell on too many malformed
+    examples or too few to train on."""
+    held_out, skip, held_from = held_out_examples(spec, eval_examples)
+    checked = check_source(spec)
+    check_bad(spec, "source", ReadReport(checked["examples"], checked["bad"], checked["first_bad"]))
+    if checked["examples"] - skip < batch_size:
+        raise DataFileError(f"{spec.source}: {checked['examples'] - skip} examples to train on after the {skip} "
+                            f"held out, fewer than one batch of {batch_size}")
+    facts = {"source": spec.source, "format": spec.format, "input": "pipeline", "read": checked,
+             "held_out": held_from, "held_out_examples": held_out.batch_size}
+    calibration = (read(spec.source, spec.format, spec.feature_bits, max(4 * batch_size, 2048), skip=skip)[0]
+                   if discretizer else None)
+    return held_out, skip, facts, calibration
+
+
+def dataset(spec: DataSpec, batch_size: int, skip: int):
+    """(SparseTensor [batch, 2**feature_bits], labels [batch]) batches, forever."""
+    import tensorflow as tf
+
+    paths = [str(p) for p in source_files(spec.source)]
+    compression = "GZIP" if is_gzip(source_files(spec.source)[0]) else ""
+    num_features = spec.num_features
+    if spec.format == "libsvm":
+        lines = tf.data.TextLineDataset(paths, compression_type=compression, num_parallel_reads=min(len(paths), 4))
+        # The same examples the memory path counts: no blank or comment lines, then the held-out ones skipped.
+        lines = lines.filter(lambda line: tf.logical_not(tf.strings.regex_full_match(line, r"\s*(#.*)?")))
+        lines = lines.filter(lambda line: tf.strings.regex_full_match(line, LIBSVM_LINE)).skip(skip)
+        batches = lines.repeat().batch(batch_size, drop_remainder=True)
+        parsed = batches.map(lambda b: _parse_libsvm(b, num_features), num_parallel_calls=tf.data.AUTOTUNE)
+    else:
+        records = tf.data.TFRecordDataset(paths, compression_type=compression, num_parallel_reads=min(len(paths), 4))
+        features = {spec.ids_feature: tf.io.VarLenFeature(tf.int64),
+                    spec.values_feature: tf.io.VarLenFeature(tf.float32),
+                    spec.label_feature: tf.io.FixedLenFeature([1], tf.float32)}
+        examples = records.map(lambda r: tf.io.parse_single_example(r, features),
+                               num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()  # malformed: counted before
+        examples = examples.skip(skip).repeat()
+        parsed = examples.batch(batch_size, drop_remainder=True).map(
+            lambda b: _from_example_batch(b, spec, num_features), num_parallel_calls=tf.data.AUTOTUNE)
+    return parsed.prefetch(tf.data.AUTOTUNE)
+
+
+def _parse_libsvm(lines, num_features: int):
+    import tensorflow as tf
+
+    tokens = tf.strings.split(tf.strings.strip(lines))  # ragged [batch, 1 + features]
+    firsts = tokens.row_splits[:-1]
+    labels = tf.cast(tf.strings.to_number(tf.gather(tokens.values, firsts)) > 0, tf.float32)
+    is_pair = tf.tensor_scatter_nd_update(tf.ones_like(tokens.values, tf.bool), firsts[:, None],
+                                          tf.zeros_like(firsts, tf.bool))
+    pairs = tf.boolean_mask(tokens.values, is_pair)
+    rows = tf.boolean_mask(tokens.value_rowids(), is_pair)
+    key_value = tf.strings.split(pairs, ":").to_tensor()  # [nnz, 2]: every pair matched the line pattern
+    keys = tf.math.floormod(tf.strings.to_number(key_value[:, 0], tf.int64), num_features)
+    values = tf.strings.to_number(key_value[:, 1], tf.float32)
+    indices = tf.stack([rows, keys], axis=1)
+    sp = tf.SparseTensor(indices, values, [tf.shape(lines, out_type=tf.int64)[0], num_features])
+    return tf.sparse.reorder(sp), labels
+
+
+def _from_example_batch(batch, spec: DataSpec, num_features: int):
+    import tensorflow as tf
+
+    ids, values = batch[spec.ids_feature], batch[spec.values_feature]
+    keys = tf.math.floormod(ids.values, num_features)
+    indices = tf.stack([ids.indices[:, 0], keys], axis=1)
+    sp = tf.SparseTensor(indices, values.values, [tf.shape(batch[spec.label_feature], out_type=tf.int64)[0],
+                                                  num_features])
+    labels = tf.cast(batch[spec.label_feature][:, 0] > 0, tf.float32)
+    return tf.sparse.reorder(sp), labels
+
+
+class Stream:
+    """Batches for `measure()`: whatever index is asked for, the pipeline's next batch
+    (threads share the one iterator, as Hogwild workers share one input in practice).
+    `waited` sums the seconds the train loop spent waiting for a batch."""
+
+    def __init__(self, ds):
+        self.iterator = iter(ds)
+        self.waited = 0.0
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def __getitem__(self, index: int):
+        start = time.perf_counter()
+        batch = next(self.iterator)
+        self.waited += time.perf_counter() - start
+        return batch
+
+
+def input_alone(ds, batch_size: int, seconds: float, windows: int) -> list[float]:
+    """Samples/s the pipeline delivers with nothing consuming it but a loop, per window."""
+    iterator = iter(ds)
+    next(iterator)  # the first batch pays the pipeline's start
+    rates = []
+    for _ in range(windows):
+        start, batches = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            next(iterator)
+            batches += 1
+        rates.append(batches * batch_size / (time.perf_counter() - start))
+    return rates
