@@ -46,7 +46,7 @@ DATA_FORMATS = ("libsvm", "criteo", "tfrecord")
 FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "input", "ids_feature", "values_feature",
                "label_feature")
 INPUTS = ("memory", "pipeline")
-PIPELINE_FORMATS = ("libsvm", "tfrecord")  # criteo's hex columns are parsed in memory only, for now
+PIPELINE_FORMATS = DATA_FORMATS
 
 
 def unreadable(pattern: str) -> str | None:

@@ -144,7 +144,7 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
     fields = line.rstrip("\n").split("\t")
     if len(fields) != 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS:
         raise ValueError(f"{len(fields)} fields, expected {1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS}")
-    label = float(int(fields[0]))
+    label = 1.0 if int(fields[0]) > 0 else 0.0
     features = {}
     for i, text in enumerate(fields[1:1 + CRITEO_INT_COLUMNS]):
         if text:

@@ -9,9 +9,10 @@ not grow with the file. Each pipeline cell also times the pipeline alone, so the
 can say whether training waited for its input.
 
 Parsing matches `datafiles` (the memory path): libsvm keys modulo `2**feature_bits`,
-label > 0 is 1; TFRecord ids modulo `2**feature_bits`. Two differences, documented:
-a libsvm number must be a plain numeric literal here (Python also accepts `nan`/`inf`),
-and a key repeated within an example is kept twice (the memory path keeps its last value).
+label > 0 is 1; Criteo's splitmix64 keys, computed on uint64 tensors; TFRecord ids modulo
+`2**feature_bits`. Differences, documented: a number must be a plain literal here
+(Python's parsers also accept `nan`, `inf`, spaces or a `0x` prefix), and a key repeated
+within an example is kept twice (the memory path keeps its last value).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from .datafiles import (
 
 _NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 LIBSVM_LINE = rf"\s*{_NUMBER}(?:\s+[+-]?[0-9]+:{_NUMBER})*\s*"
+CRITEO_LINE = r"[+-]?[0-9]+(?:\t[+-]?[0-9]*){13}(?:\t[0-9a-fA-F]*){26}"
 
 
 def check_source(spec: DataSpec) -> dict[str, Any]:
@@ -66,13 +68,20 @@ def dataset(spec: DataSpec, batch_size: int, skip: int):
     paths = [str(p) for p in source_files(spec.source)]
     compression = "GZIP" if is_gzip(source_files(spec.source)[0]) else ""
     num_features = spec.num_features
-    if spec.format == "libsvm":
+    if spec.format in ("libsvm", "criteo"):
         lines = tf.data.TextLineDataset(paths, compression_type=compression, num_parallel_reads=min(len(paths), 4))
-        # The same examples the memory path counts: no blank or comment lines, then the held-out ones skipped.
-        lines = lines.filter(lambda line: tf.logical_not(tf.strings.regex_full_match(line, r"\s*(#.*)?")))
-        lines = lines.filter(lambda line: tf.strings.regex_full_match(line, LIBSVM_LINE)).skip(skip)
-        batches = lines.repeat().batch(batch_size, drop_remainder=True)
-        parsed = batches.map(lambda b: _parse_libsvm(b, num_features), num_parallel_calls=tf.data.AUTOTUNE)
+        # The same examples the memory path counts: no blank (or libsvm comment) lines, no
+        # malformed ones, then the held-out ones skipped.
+        if spec.format == "libsvm":
+            lines = lines.filter(lambda line: tf.logical_not(tf.strings.regex_full_match(line, r"\s*(#.*)?")))
+            lines = lines.filter(lambda line: tf.strings.regex_full_match(line, LIBSVM_LINE))
+            parse = lambda b: _parse_libsvm(b, num_features)  # noqa: E731
+        else:
+            lines = lines.filter(lambda line: tf.logical_not(tf.strings.regex_full_match(line, r"\s*")))
+            lines = lines.filter(lambda line: tf.strings.regex_full_match(line, CRITEO_LINE))
+            parse = lambda b: _parse_criteo(b, spec.feature_bits)  # noqa: E731
+        batches = lines.skip(skip).repeat().batch(batch_size, drop_remainder=True)
+        parsed = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     else:
         records = tf.data.TFRecordDataset(paths, compression_type=compression, num_parallel_reads=min(len(paths), 4))
         features = {spec.ids_feature: tf.io.VarLenFeature(tf.int64),
@@ -101,6 +110,63 @@ def _parse_libsvm(lines, num_features: int):
     values = tf.strings.to_number(key_value[:, 1], tf.float32)
     indices = tf.stack([rows, keys], axis=1)
     sp = tf.SparseTensor(indices, values, [tf.shape(lines, out_type=tf.int64)[0], num_features])
+    return tf.sparse.reorder(sp), labels
+
+
+def _splitmix64(x):
+    """`datafiles._splitmix64` on uint64 tensors (multiplication and addition wrap)."""
+    import tensorflow as tf
+
+    def const(v):
+        return tf.constant(v, tf.uint64)
+
+    x = x + const(0x9E3779B97F4A7C15)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, const(30))) * const(0xBF58476D1CE4E5B9)
+    x = tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, const(27))) * const(0x94D049BB133111EB)
+    return tf.bitwise.bitwise_xor(x, tf.bitwise.right_shift(x, const(31)))
+
+
+def _hex_values(strings):
+    """Hex strings (Criteo's categories) -> int64, digit by digit (TensorFlow parses no hex)."""
+    import tensorflow as tf
+
+    codes = tf.strings.unicode_decode(strings, "UTF-8")  # ragged [n, digits]
+    c = tf.cast(codes.values, tf.int64)
+    digit = tf.where(c >= 97, c - 87, tf.where(c >= 65, c - 55, c - 48))
+    lengths = codes.row_lengths()
+    position = tf.ragged.range(lengths).values
+    power = tf.repeat(lengths, lengths) - 1 - position
+    return tf.math.segment_sum(tf.bitwise.left_shift(digit, 4 * power), codes.value_rowids())
+
+
+def _parse_criteo(lines, feature_bits: int):
+    """Criteo lines -> the keys and values `datafiles` gives them (its splitmix64 scheme)."""
+    import tensorflow as tf
+
+    from .datafiles import CRITEO_CAT_COLUMNS, CRITEO_INT_COLUMNS
+
+    width = 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS
+    fields = tf.strings.split(lines, sep="\t").to_tensor(default_value="", shape=[None, width])
+    labels = tf.cast(tf.strings.to_number(fields[:, 0], tf.int64) > 0, tf.float32)
+    mask = tf.constant((1 << feature_bits) - 1, tf.uint64)
+    batch = tf.shape(fields, out_type=tf.int64)[0]
+    # Integer columns: one key per column, the count as its value.
+    ints = fields[:, 1:1 + CRITEO_INT_COLUMNS]
+    int_where = tf.where(ints != "")
+    int_values = tf.strings.to_number(tf.gather_nd(ints, int_where), tf.float32)
+    int_keys = tf.bitwise.bitwise_and(_splitmix64(tf.bitwise.left_shift(tf.cast(int_where[:, 1], tf.uint64),
+                                                                        tf.constant(32, tf.uint64))), mask)
+    # Categorical columns: (column, hex value) hashed, value 1.
+    cats = fields[:, 1 + CRITEO_INT_COLUMNS:]
+    cat_where = tf.where(cats != "")
+    column = tf.cast(cat_where[:, 1] + CRITEO_INT_COLUMNS, tf.uint64)
+    hashed = tf.bitwise.left_shift(column, tf.constant(32, tf.uint64)) + tf.cast(_hex_values(tf.gather_nd(cats, cat_where)),
+                                                                               tf.uint64)
+    cat_keys = tf.bitwise.bitwise_and(_splitmix64(hashed), mask)
+    rows = tf.concat([int_where[:, 0], cat_where[:, 0]], 0)
+    keys = tf.cast(tf.concat([int_keys, cat_keys], 0), tf.int64)
+    values = tf.concat([int_values, tf.ones_like(cat_keys, tf.float32)], 0)
+    sp = tf.SparseTensor(tf.stack([rows, keys], axis=1), values, [batch, 1 << feature_bits])
     return tf.sparse.reorder(sp), labels
 
 
