@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -128,7 +129,18 @@ class _Counter:
         return None
 
 
+# What a well-formed line is, for both paths: the Python readers reject what these do not
+# match, and the tf.data pipeline filters with the same patterns (RE2 reads them alike), so
+# a line is counted malformed exactly where it is dropped.
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+LIBSVM_LINE = rf"[ \t]*{_NUMBER}(?:[ \t]+[+-]?[0-9]+:{_NUMBER})*[ \t]*\r?"  # \r: CRLF files
+CRITEO_LINE = r"[+-]?[0-9]+(?:\t[+-]?[0-9]*){13}(?:\t[0-9a-fA-F]*){26}\r?"
+_LIBSVM, _CRITEO = re.compile(LIBSVM_LINE), re.compile(CRITEO_LINE)
+
+
 def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
+    if not _LIBSVM.fullmatch(line.rstrip("\n")):
+        raise ValueError("not `label key:value ...` with plain numbers")
     parts = line.split()
     label = 1.0 if float(parts[0]) > 0 else 0.0
     features = {}
@@ -141,7 +153,12 @@ def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
 
 
 def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, float]]:
-    fields = line.rstrip("\n").split("\t")
+    if not _CRITEO.fullmatch(line.rstrip("\n")):
+        fields = line.rstrip("\r\n").split("\t")
+        width = 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS
+        raise ValueError(f"{len(fields)} fields, expected {width}" if len(fields) != width else
+                         "not an integer label, 13 integers and 26 hex values")
+    fields = line.rstrip("\r\n").split("\t")
     if len(fields) != 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS:
         raise ValueError(f"{len(fields)} fields, expected {1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS}")
     label = 1.0 if int(fields[0]) > 0 else 0.0

@@ -10,9 +10,10 @@ can say whether training waited for its input.
 
 Parsing matches `datafiles` (the memory path): libsvm keys modulo `2**feature_bits`,
 label > 0 is 1; Criteo's splitmix64 keys, computed on uint64 tensors; TFRecord ids modulo
-`2**feature_bits`. Differences, documented: a number must be a plain literal here
-(Python's parsers also accept `nan`, `inf`, spaces or a `0x` prefix), and a key repeated
-within an example is kept twice (the memory path keeps its last value).
+`2**feature_bits`. Both paths call a line well-formed by the same
+patterns (`datafiles.LIBSVM_LINE`, `CRITEO_LINE`: plain numeric literals), so a line is
+counted malformed exactly where the pipeline drops it. One difference, documented: a key
+repeated within an example is kept twice here (the memory path keeps its last value).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 from ..plan.spec import DataSpec
 from .datafiles import (
+    CRITEO_LINE,
+    LIBSVM_LINE,
     DataFileError,
     ReadReport,
     TFRecordNames,
@@ -31,10 +34,6 @@ from .datafiles import (
     read,
     source_files,
 )
-
-_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-LIBSVM_LINE = rf"\s*{_NUMBER}(?:\s+[+-]?[0-9]+:{_NUMBER})*\s*"
-CRITEO_LINE = r"[+-]?[0-9]+(?:\t[+-]?[0-9]*){13}(?:\t[0-9a-fA-F]*){26}"
 
 
 def check_source(spec: DataSpec) -> dict[str, Any]:
@@ -80,6 +79,7 @@ def dataset(spec: DataSpec, batch_size: int, skip: int):
             lines = lines.filter(lambda line: tf.logical_not(tf.strings.regex_full_match(line, r"\s*")))
             lines = lines.filter(lambda line: tf.strings.regex_full_match(line, CRITEO_LINE))
             parse = lambda b: _parse_criteo(b, spec.feature_bits)  # noqa: E731
+        lines = lines.map(lambda line: tf.strings.regex_replace(line, "\r$", ""))  # CRLF files
         batches = lines.skip(skip).repeat().batch(batch_size, drop_remainder=True)
         parsed = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
     else:
