@@ -69,6 +69,16 @@ def test_a_pivot_on_an_axis_some_cells_lack_labels_them_na():
     assert any("ps_tasks n/a" in note for note in pivot.notes)
 
 
+def test_the_matrix_says_which_pipeline_cells_are_input_bound():
+    loaded = report.load([THREADS])
+    frame = loaded.frame.copy()
+    frame["input_samples_per_sec"] = [17134.0, 90000.0] + [None] * (len(frame) - 2)
+    frame["input_bound"] = [True, False] + [None] * (len(frame) - 2)
+    table = report.build_view(report.Loaded(frame, loaded.runs, loaded.warnings), "matrix").table
+    assert list(table["input"][:3]) == ["input-bound (alone 17,100)", "not input-bound (alone 90,000)", ""]
+    assert "input" not in report.build_view(loaded, "matrix").table.columns  # no pipeline cell, no column
+
+
 @pytest.mark.parametrize("value,text", [(12345.6, "12,300"), (999.5, "1,000"), (1.234, "1.23"), (0.0, "0"), (None, "")])
 def test_three_significant_digits(value, text):
     assert report.sig3(value) == text

@@ -188,6 +188,7 @@ def _multi_run(frame: pd.DataFrame) -> bool:
 # -- views -----------------------------------------------------------------------------
 def view_matrix(frame: pd.DataFrame) -> View:
     rows = []
+    has_pipeline = frame["input_samples_per_sec"].notna().any()
     for _, row in frame.iterrows():
         ok = row["status"] == "ok"
         rows.append({
@@ -202,8 +203,20 @@ def view_matrix(frame: pd.DataFrame) -> View:
             "AUC": f"{row['auc']:.3f}" if ok and row["auc"] is not None else "",
             "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",
             "grad": row["grad_type"] if ok else "",
+            **({"input": _input_text(row) if ok else ""} if has_pipeline else {}),
         })
-    return View("All cells", pd.DataFrame(rows), _noisy_note(frame) + _one_process_note(frame), frame)
+    notes = _noisy_note(frame) + _one_process_note(frame)
+    if has_pipeline:
+        notes.append("input: for pipeline cells, the pipeline's own samples/s and whether training waited for it "
+                     "(input-bound: waited >= 20% of the windows, or the pipeline alone < 1.2x the training rate)")
+    return View("All cells", pd.DataFrame(rows), notes, frame)
+
+
+def _input_text(row) -> str:
+    alone = row.get("input_samples_per_sec")
+    if alone is None or pd.isna(alone):
+        return ""
+    return f"{'input-bound' if row.get('input_bound') else 'not input-bound'} (alone {sig3(alone)})"
 
 
 def view_talk(frame: pd.DataFrame) -> View:
