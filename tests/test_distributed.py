@@ -75,6 +75,10 @@ def test_bad_distribution_settings_are_one_line_errors():
     suite = parse_suite('[matrix]\nstrategy = ["parameter_server"]\ndevice = ["gpu"]\n', "g.toml", "g")
     with pytest.raises(ConfigError, match="CPU"):
         suite.cells()
+    suite = parse_suite('[data]\nsource = "x"\nformat = "libsvm"\n[matrix]\nstrategy = ["parameter_server"]\n'
+                        'input = ["pipeline"]\n', "p.toml", "p")
+    with pytest.raises(ConfigError, match="pipeline input is a local setting"):
+        suite.cells()
 
 
 def test_cluster_files_and_tf_config(tmp_path):

@@ -100,6 +100,9 @@ class Cell:
                 raise ConfigError("workers: Hogwild threads are a local setting; on parameter servers use worker_tasks")
             if self.model.device != "cpu":
                 raise ConfigError("device: parameter-server cells run on the CPU")
+            if self.data.input != "memory":
+                raise ConfigError("input: parameter-server cells ship their batches to the workers from memory; "
+                                  "pipeline input is a local setting")
         self.model.validate()
         self.data.validate()
         self.data.validate_source()
