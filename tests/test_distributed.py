@@ -322,6 +322,9 @@ def test_a_killed_worker_task_is_recovered_and_recorded(private_network, tmp_pat
     assert [r["status"] for r in records] == ["ok"], (records[0].get("reason"), err[-2000:])
     cluster = records[0]["cluster"]
     assert cluster["recovered"] and "worker:1" in cluster["worker_tasks_lost"]
+    per_worker = records[0]["samples_per_sec_per_worker"]
+    assert set(per_worker) == {"worker:0", "worker:1"} and per_worker["worker:0"] > 0
+    assert per_worker["worker:1"] is None  # lost mid-window: its count is gone with it
     assert _gone(tasks.values())
 
 

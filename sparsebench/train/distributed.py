@@ -15,7 +15,8 @@ each worker reading batches from its own copy of the cell's batch pool.
 
 Throughput: a window schedules enough functions to last about the window's seconds (the
 rate is estimated after warm-up) and ends when all of them are done (`join`): its
-samples/s is every worker's samples over that wall time.
+samples/s is every worker's samples over that wall time. Each worker task also counts its
+own steps (a per-worker variable), which gives each worker's samples/s over the windows.
 """
 
 from __future__ import annotations
@@ -87,7 +88,11 @@ class PsTraining:
         self.strategy, self.coordinator = connect(cluster)
         with self.strategy.scope():
             self.trainer = build()
-        trainer, strategy = self.trainer, self.strategy
+            # Each worker task's own count of the steps it ran (TensorFlow's experimental
+            # per-worker variables): per-worker throughput, where the coordinator only
+            # knows how many functions finished in total.
+            self.steps_done = tf.Variable(tf.constant(0, tf.int64), per_worker_variable=True)
+        trainer, strategy, steps_done = self.trainer, self.strategy, self.steps_done
         self.dataset = self.coordinator.create_per_worker_dataset(_dataset_fn(pool[:POOL_CAP], num_features))
         self.iterator = iter(self.dataset)
         k = self.steps_per_execution
@@ -98,7 +103,9 @@ class PsTraining:
             for _ in tf.range(k):
                 sp, labels = next(iterator)
                 loss = strategy.run(trainer._train_step, args=(sp, labels))
-            return loss
+            # Tied to the result: per-worker variables get no automatic control dependencies.
+            with tf.control_dependencies([steps_done.assign_add(k)]):
+                return tf.identity(loss)
 
         self.run_steps = run_steps
 
@@ -107,6 +114,21 @@ class PsTraining:
         variables = list(model.train_variables) + ([model.norm.max_x] if model.norm is not None else [])
         variables += self.trainer.optimizer.slot_variables() + [self.trainer.optimizer.iterations]
         return [{"variable": v.name, "shape": v.shape.as_list(), "device": v.device} for v in variables]
+
+    def worker_steps(self) -> list[int | None]:
+        """Steps each worker task has run so far, in task order (None for a lost task).
+
+        Read one worker at a time, as `PerWorkerVariable.read_all()` does inside, so that a
+        dead worker costs only its own count."""
+        import tensorflow as tf
+
+        steps: list[int | None] = []
+        for value in self.steps_done._per_worker_vars._values:  # noqa: SLF001 - read_all() fails as a whole
+            try:
+                steps.append(int(value.get()))
+            except (tf.errors.OpError, tf.errors.CancelledError):
+                steps.append(None)
+        return steps
 
     def schedule(self, functions: int) -> list:
         return [self.coordinator.schedule(self.run_steps, args=(self.iterator,)) for _ in range(functions)]
@@ -136,6 +158,7 @@ class PsTraining:
         functions = max(1, min(per_window))
         losses: list[float] = []
         on_windows_start()
+        steps_before = self.worker_steps()
         for _ in range(settings.windows):
             start = clock()
             remote = self.schedule(functions)
@@ -147,6 +170,11 @@ class PsTraining:
             result.window_samples_per_sec.append(steps * batch_size / elapsed if elapsed > 0 else float("nan"))
             result.step_seconds.extend([elapsed / steps * workers] * steps)
             losses.append(float(remote[-1].fetch()))
+        seconds = sum(result.window_seconds)
+        self.per_worker_samples_per_sec = {
+            f"worker:{i}": (after - before) * batch_size / seconds
+            if seconds > 0 and before is not None and after is not None else None
+            for i, (before, after) in enumerate(zip(steps_before, self.worker_steps()))}
         return result, losses
 
 

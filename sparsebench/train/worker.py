@@ -309,6 +309,7 @@ def run_ps_cell(cell: Cell, isolation: str, remote: dict[str, Any] | None, clust
             "isolation": isolation,
             **fields,
             "samples_per_sec_per_worker_mean": fields["samples_per_sec"] / d.worker_tasks,
+            "samples_per_sec_per_worker": training.per_worker_samples_per_sec,
             "eval_loss": float(loss_fn(logits, tf.constant(held_out.labels))),
             "auc": stats.auc(held_out.labels, logits.numpy()),
             "peak_rss_mb": peak_rss_mb(),
