@@ -309,12 +309,9 @@ def _div(a: float | None, b: float | None) -> float | None:
 
 def _labelled(values: pd.Series) -> pd.Categorical:
     """An axis some cells do not have (ps_tasks of a local cell): its values in order, as
-    text (whole numbers without ".0"), then "n/a" for the cells without it."""
-    def text(v):
-        return str(int(v)) if isinstance(v, float) and v.is_integer() else str(v)
-    present = sorted(values.dropna().unique())
-    labels = [text(v) for v in present] + ["n/a"]
-    return pd.Categorical(values.map(lambda v: "n/a" if pd.isna(v) else text(v)), categories=labels, ordered=True)
+    text (whole numbers without ".0", as `--where` sees them), then "n/a" for the cells without it."""
+    labels = [_as_text(v) for v in sorted(values.dropna().unique())] + ["n/a"]
+    return pd.Categorical(values.map(_as_text), categories=labels, ordered=True)
 
 
 def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:

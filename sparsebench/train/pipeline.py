@@ -64,8 +64,9 @@ def dataset(spec: DataSpec, batch_size: int, skip: int):
     """(SparseTensor [batch, 2**feature_bits], labels [batch]) batches, forever."""
     import tensorflow as tf
 
-    paths = [str(p) for p in source_files(spec.source)]
-    compression = "GZIP" if is_gzip(source_files(spec.source)[0]) else ""
+    files = source_files(spec.source)
+    paths = [str(p) for p in files]
+    compression = "GZIP" if is_gzip(files[0]) else ""
     num_features = spec.num_features
     if spec.format in ("libsvm", "criteo"):
         lines = tf.data.TextLineDataset(paths, compression_type=compression, num_parallel_reads=min(len(paths), 4))
