@@ -91,7 +91,7 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
     else:
         spec = read_cluster(cluster)
     parse_task(task, spec)
-    command = [sys.executable, "-m", "sparsebench.train.cluster_task", "--cluster", json.dumps(spec), "--task", task,
+    command = [sys.executable, "-m", "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec), "--task", task,
                "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads)]
     click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
                err=True)
@@ -114,7 +114,7 @@ def data(action, args):
 
     # TFRecord needs TensorFlow: the tool runs as the worker side's module, replacing this process.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.datatool", action, *args])
+    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.inputs.datatool", action, *args])
 
 
 @cli.command()

@@ -105,8 +105,8 @@ FUSED_VS_OPTIMIZER = textwrap.dedent("""
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from sparsebench.plan.spec import DataSpec, ModelSpec
-    from sparsebench.train.data import SyntheticData
-    from sparsebench.train.model import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import SyntheticData
+    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
 
     optimizer = sys.argv[1]
     data = SyntheticData(DataSpec(feature_bits=12, mean_active=20))
@@ -157,8 +157,8 @@ FUSED_AT_THREADS = textwrap.dedent("""
     import tensorflow as tf
     tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[2]))
     from sparsebench.plan.spec import DataSpec, ModelSpec
-    from sparsebench.train.data import SyntheticData
-    from sparsebench.train.model import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import SyntheticData
+    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
 
     data = SyntheticData(DataSpec(feature_bits=10, mean_active=40))
     trainer = build_trainer(ModelSpec(out_dim=8, variant="fused_custom_op", optimizer=sys.argv[1]),
@@ -191,7 +191,7 @@ def test_the_traced_step_runs_the_fused_ops(custom_op):
     from collections import Counter
 
     from sparsebench.plan.spec import ModelSpec
-    from sparsebench.train.model import build_trainer
+    from sparsebench.train.model.trainer import build_trainer
 
     def ops(optimizer):
         trainer = build_trainer(ModelSpec(out_dim=4, variant="fused_custom_op", optimizer=optimizer), 2**10, "/CPU:0")

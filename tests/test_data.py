@@ -4,7 +4,7 @@ import numpy as np
 
 from sparsebench.plan.spec import DataSpec
 from sparsebench.stats import auc
-from sparsebench.train.data import SyntheticData
+from sparsebench.train.inputs.data import SyntheticData
 
 
 def test_same_seed_same_data_other_seed_other_data():

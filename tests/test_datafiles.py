@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from sparsebench.plan.spec import DataSpec
-from sparsebench.train.data import SyntheticData
-from sparsebench.train.datafiles import WRITERS, read
+from sparsebench.train.inputs.data import SyntheticData
+from sparsebench.train.inputs.datafiles import WRITERS, read
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -158,8 +158,8 @@ def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, example
     readers: same examples, held-out ones skipped the same way, malformed lines dropped."""
     import tensorflow as tf
 
-    from sparsebench.train import pipeline
-    from sparsebench.train.datafiles import cell_examples
+    from sparsebench.train.inputs import pipeline
+    from sparsebench.train.inputs.datafiles import cell_examples
 
     path = tmp_path / f"x.{fmt}.gz"
     WRITERS[fmt](examples, path, compress=True)

@@ -134,15 +134,15 @@ def test_without_namespaces_ps_cells_are_refused_with_how_to_opt_in(tmp_path, mo
 ONE_STEP = textwrap.dedent("""
     import json, sys, tempfile
     from pathlib import Path
-    from sparsebench.train.cluster import LocalCluster, bring_loopback_up
+    from sparsebench.train.ps.cluster import LocalCluster, bring_loopback_up
     bring_loopback_up()
     import numpy as np
     import tensorflow as tf
     from sparsebench.plan.cell import Cell, Distribution
     from sparsebench.plan.spec import DataSpec, ModelSpec
-    from sparsebench.train.data import SyntheticData
-    from sparsebench.train.distributed import PsTraining
-    from sparsebench.train.model import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import SyntheticData
+    from sparsebench.train.ps.distributed import PsTraining
+    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
 
     variant, optimizer = sys.argv[1], sys.argv[2]
     spec = ModelSpec(variant=variant, shards=2, out_dim=8, hidden_units=(4,), optimizer=optimizer)
@@ -225,7 +225,7 @@ def _cluster_tasks(root: psutil.Process) -> dict[str, psutil.Process]:
             command = child.cmdline()
         except psutil.Error:
             continue
-        if "sparsebench.train.cluster_task" in command:
+        if "sparsebench.train.ps.cluster_task" in command:
             tasks[command[command.index("--task") + 1]] = child
     return tasks
 
@@ -347,7 +347,7 @@ def test_profile_traces_every_task_of_a_ps_cell(private_network, tmp_path):
 REAL_CLUSTER = textwrap.dedent("""
     import json, socket, subprocess, sys, time
     from pathlib import Path
-    from sparsebench.train.cluster import bring_loopback_up, free_loopback_ports
+    from sparsebench.train.ps.cluster import bring_loopback_up, free_loopback_ports
     bring_loopback_up()  # this whole script runs in its own network namespace
     folder = Path(sys.argv[1])
     chief, ps, worker = free_loopback_ports(3)

@@ -7,7 +7,7 @@ from conftest import require_custom_op
 
 from sparsebench.errors import ConfigError
 from sparsebench.plan import spec
-from sparsebench.train.kernels import REGISTRY, build_kernel
+from sparsebench.train.model.kernels import REGISTRY, build_kernel
 
 NUM_FEATURES = 37  # not a multiple of any shard count below: uneven div shards
 OUT_DIM = 6

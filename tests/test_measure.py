@@ -5,8 +5,8 @@ import pytest
 
 from sparsebench import stats
 from sparsebench.plan.spec import MeasureSpec
-from sparsebench.train.hogwild import run_hogwild
-from sparsebench.train.measure import measure
+from sparsebench.train.measure.hogwild import run_hogwild
+from sparsebench.train.measure.windows import measure
 
 
 class FakeClock:

@@ -11,10 +11,10 @@ from sparsebench.errors import NoGPUError
 from sparsebench.plan import spec as specs
 from sparsebench.plan.spec import DataSpec, ModelSpec
 from sparsebench.stats import auc
-from sparsebench.train.data import SyntheticData
-from sparsebench.train.devices import resolve_device
-from sparsebench.train.hogwild import run_hogwild
-from sparsebench.train.model import build_trainer, calibrate, to_sparse_tensor
+from sparsebench.train.inputs.data import SyntheticData
+from sparsebench.train.model.devices import resolve_device
+from sparsebench.train.measure.hogwild import run_hogwild
+from sparsebench.train.model.trainer import build_trainer, calibrate, to_sparse_tensor
 
 SMALL = DataSpec(feature_bits=14, mean_active=30)
 

@@ -6,7 +6,7 @@ import tensorflow as tf
 
 from sparsebench.errors import ConfigError
 from sparsebench.plan import spec
-from sparsebench.train.optimizers import REGISTRY, build_optimizer
+from sparsebench.train.model.optimizers import REGISTRY, build_optimizer
 
 ROWS, COLS = 10, 3
 TOUCHED = [1, 4, 4, 7]  # row 4 appears twice: its slices must be summed

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sparsebench.train import profiler
+from sparsebench.train.measure import profiler
 
 pytestmark = pytest.mark.slow
 

@@ -1,7 +1,7 @@
 """Op tables of profiled cells, as text: per cell, and the same ops side by side.
 
 The worker writes each profiled cell's summary (`ops.json`, also stored in the record
-under `profile`; see `sparsebench.train.profiler`); this module only reads and prints
+under `profile`; see `sparsebench.train.measure.profiler`); this module only reads and prints
 them, so the CLI can show a profile without importing TensorFlow.
 """
 

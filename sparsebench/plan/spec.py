@@ -66,7 +66,7 @@ def unreadable(pattern: str) -> str | None:
 
 @dataclass(frozen=True)
 class DataSpec:
-    """Synthetic production-like sparse data (see `sparsebench.train.data` for how it is drawn)."""
+    """Synthetic production-like sparse data (see `sparsebench.train.inputs.data` for how it is drawn)."""
 
     feature_bits: int = 20
     mean_active: float = 100.0  # mean number of active features per example
@@ -78,7 +78,7 @@ class DataSpec:
     signal_fraction: float = 0.05  # share of keys with a non-zero hidden weight
     signal_scale: float = 2.0  # std of the hidden logit
     seed: int = 0
-    # Examples from files instead (sparsebench.train.datafiles says how keys are mapped):
+    # Examples from files instead (sparsebench.train.inputs.datafiles says how keys are mapped):
     source: str | None = None  # a file or glob, plain or gzip
     format: str | None = None  # libsvm | criteo | tfrecord
     eval_source: str | None = None  # held-out examples; default: the last eval_examples of source

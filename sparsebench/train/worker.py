@@ -35,7 +35,7 @@ from .. import WORKER_PROTOCOL, stats
 from ..errors import CellSkipped
 from ..plan.cell import Cell, Threads
 from ..plan.spec import CUSTOM_OP_VARIANTS
-from .tf_facts import tensorflow_info, threads_in_effect
+from .measure.tf_facts import tensorflow_info, threads_in_effect
 
 _PROCESS_START = time.perf_counter()
 INPUT_BOUND_MARGIN = 1.2  # a pipeline alone below this multiple of the training rate: input-bound
@@ -70,9 +70,9 @@ class Prepared:
         strategy's scope)."""
         import tensorflow as tf
 
-        from .data import SyntheticData
-        from .devices import resolve_device
-        from .model import build_trainer, calibrate, to_sparse_tensor
+        from .inputs.data import SyntheticData
+        from .model.devices import resolve_device
+        from .model.trainer import build_trainer, calibrate, to_sparse_tensor
 
         self.phases: dict[str, float] = {}
         t0 = time.perf_counter()
@@ -89,7 +89,7 @@ class Prepared:
         self.data_facts: dict[str, Any] | None = None
         self.stream = None
         if cell.data.source is not None and cell.data.input == "pipeline":  # read inside the timed loop
-            from . import pipeline
+            from .inputs import pipeline
 
             self.held_out, skip, self.data_facts, calibration_sample = pipeline.prepare(
                 cell.data, cell.batch_size, cell.measure.eval_examples, cell.model.discretizer)
@@ -97,7 +97,7 @@ class Prepared:
             self.dataset = lambda: pipeline.dataset(cell.data, cell.batch_size, skip)
             self.stream = pipeline.Stream(self.dataset())
         elif cell.data.source is not None:  # examples from files: the discretizer calibrates on them
-            from .datafiles import cell_examples
+            from .inputs.datafiles import cell_examples
 
             self.pool, self.held_out, train, self.data_facts = cell_examples(
                 cell.data, cell.batch_size, cell.measure.batch_pool, cell.measure.eval_examples)
@@ -161,9 +161,9 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     """Train and time one cell; returns its result record (status `ok`)."""
     import tensorflow as tf
 
-    from .gpumon import GpuSampler
-    from .measure import measure
-    from .model import loss_fn
+    from .measure.gpumon import GpuSampler
+    from .measure.windows import measure
+    from .model.trainer import loss_fn
 
     prepared = Prepared(cell)
     trainer, batches, pool, held_out = prepared.trainer, prepared.batches, prepared.pool, prepared.held_out
@@ -192,7 +192,7 @@ def run_cell(cell: Cell, isolation: str) -> dict[str, Any]:
     logits = trainer.predict_logits(prepared.held_out_sp)
     input_fields = {}
     if prepared.stream is not None:
-        from .pipeline import input_alone
+        from .inputs.pipeline import input_alone
 
         wait_share = prepared.stream.waited / max(sum(measurement.window_seconds), 1e-9)
         _, seconds = cell.measure.window_limits()
@@ -237,9 +237,9 @@ def ps_session(cell: Cell, remote: dict[str, Any] | None, cluster_dir: Path, fai
     cluster is started for the cell (in the worker's private network namespace, where the
     orchestrator made one) and stopped at the end, whatever happens. A PS task that dies
     mid-cell ends the cell at once through `fail_now`, naming the task."""
-    from .cluster import LocalCluster, Watchdog
-    from .distributed import PsTraining, check_supported
-    from .model import build_trainer
+    from .ps.cluster import LocalCluster, Watchdog
+    from .ps.distributed import PsTraining, check_supported
+    from .model.trainer import build_trainer
 
     check_supported(cell)
     prepared = Prepared(cell, build=False)
@@ -281,8 +281,8 @@ def run_ps_cell(cell: Cell, isolation: str, remote: dict[str, Any] | None, clust
     """Train and time one cell on a parameter-server cluster, this process coordinating."""
     import tensorflow as tf
 
-    from .distributed import cluster_record
-    from .model import loss_fn
+    from .ps.distributed import cluster_record
+    from .model.trainer import loss_fn
 
     with ps_session(cell, remote, cluster_dir, fail_now) as (prepared, training, cluster, source, local, watchdog):
         phases, held_out, d = prepared.phases, prepared.held_out, cell.distribution
@@ -344,8 +344,8 @@ def profile_ps_cell(cell: Cell, isolation: str, steps: int, logdir: Path, remote
     The tasks' own op times are not in this trace (TensorFlow's profiler traces one process)."""
     import tensorflow as tf
 
-    from . import profiler as profile
-    from .distributed import cluster_record
+    from .measure import profiler as profile
+    from .ps.distributed import cluster_record
 
     with ps_session(cell, remote, cluster_dir, fail_now) as (prepared, training, cluster, source, local, watchdog):
         k, workers = training.steps_per_execution, cell.distribution.worker_tasks
@@ -388,8 +388,8 @@ def profile_cell(cell: Cell, isolation: str, steps: int, logdir: Path) -> dict[s
     """Warm up, then run `steps` steps under TensorFlow's profiler; write the op tables."""
     import tensorflow as tf
 
-    from . import profiler as profile
-    from .hogwild import run_hogwild
+    from .measure import profiler as profile
+    from .measure.hogwild import run_hogwild
 
     prepared = Prepared(cell)
     trainer, batches = prepared.trainer, prepared.batches
@@ -442,7 +442,7 @@ def _write_atomic(path: Path, payload: dict[str, Any]) -> None:
 def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     global _PRIVATE_NETWORK
     from ..lifetime import die_with_parent
-    from .cluster import bring_loopback_up
+    from .ps.cluster import bring_loopback_up
 
     die_with_parent()  # a kill -9 of the orchestrator takes this worker (and its cluster) with it
     job = json.loads(jobs_path.read_text())

@@ -3,7 +3,7 @@
 The forward op takes the variables' resource handles (so nothing reads or copies the
 whole table) and returns the layer's output and each entry's normalized value. Its
 registered gradient returns `IndexedSlices` for the table and `bias_x` (one slice per
-entry), so every optimizer of `sparsebench.train.optimizers` works unchanged; the fused
+entry), so every optimizer of `sparsebench.train.model.optimizers` works unchanged; the fused
 updates skip that gradient and apply SGD or Lazy Adam straight from the output gradient.
 """
 

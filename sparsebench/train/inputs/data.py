@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..plan.spec import DataSpec
+from ...plan.spec import DataSpec
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 # Odd multiplier: a bijection on [0, 2**bits) that scatters popularity ranks over the keys.

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-from ..plan.spec import ModelSpec
-from .data import SparseBatch
+from ...plan.spec import ModelSpec
+from ..inputs.data import SparseBatch
 from .kernels import SparseKernel, build_kernel
 from .optimizers import Optimizer, build_optimizer
 

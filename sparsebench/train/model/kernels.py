@@ -27,7 +27,7 @@ from typing import Callable
 
 import tensorflow as tf
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 def _lookup_ids(sp: tf.SparseTensor) -> tf.SparseTensor:
@@ -248,7 +248,7 @@ class FusedCustomOp(SparseKernel):
     fuses_normalization = True
 
     def __call__(self, sp):
-        from .custom_ops.ops import fused_layer
+        from ..custom_ops.ops import fused_layer
 
         out, _ = fused_layer(self.tables[0], sp.indices[:, 0], sp.indices[:, 1], sp.values, sp.dense_shape[0])
         return out
@@ -256,7 +256,7 @@ class FusedCustomOp(SparseKernel):
     def fused(self, rows, keys, values, batch_size, bias_x, max_x, training: bool, watch: bool = True):
         """(output [B, out_dim], each entry's normalized value) with the normalization inside;
         `watch=False` builds no gradient for the table and bias_x (the fused updates)."""
-        from .custom_ops.ops import fused_layer
+        from ..custom_ops.ops import fused_layer
 
         return fused_layer(self.tables[0], rows, keys, values, batch_size, bias_x, max_x, training, watch)
 

@@ -1,4 +1,4 @@
-"""One task of a parameter-server cluster: `python -m sparsebench.train.cluster_task`.
+"""One task of a parameter-server cluster: `python -m sparsebench.train.ps.cluster_task`.
 
 It runs TensorFlow's own server (`tf.distribute.Server`) for a `ps` or `worker` task and
 serves until killed; the coordinator (a cell's worker) places variables on the PS tasks
@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import ConfigError
-from ..plan.cluster_file import from_tf_config, parse_task, read_cluster
+from ...errors import ConfigError
+from ...plan.cluster_file import from_tf_config, parse_task, read_cluster
 
 
 def serve(cluster: dict[str, list[str]], job: str, index: int, intra_op_threads: int = 0,
@@ -36,7 +36,7 @@ def serve(cluster: dict[str, list[str]], job: str, index: int, intra_op_threads:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sparsebench.train.cluster_task")
+    parser = argparse.ArgumentParser(prog="python -m sparsebench.train.ps.cluster_task")
     parser.add_argument("--cluster", help="JSON text or file: {job: [host:port]} or TF_CONFIG-style")
     parser.add_argument("--task", help="ps:N or worker:N")
     parser.add_argument("--intra-op-threads", type=int, default=0)

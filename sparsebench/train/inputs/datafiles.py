@@ -27,7 +27,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..plan.spec import DATA_FORMATS
+from ...plan.spec import DATA_FORMATS
 from .data import SparseBatch
 
 FORMATS = DATA_FORMATS

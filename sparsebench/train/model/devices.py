@@ -6,7 +6,7 @@ raises `NoGPUError`, which the runner records as `skipped: no GPU` instead of a 
 
 from __future__ import annotations
 
-from ..errors import ConfigError, NoGPUError
+from ...errors import ConfigError, NoGPUError
 
 
 def resolve_device(device: str) -> str:

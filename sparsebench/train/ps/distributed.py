@@ -27,10 +27,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ..errors import CellSkipped
-from ..plan.cell import Cell
-from ..plan.spec import CUSTOM_OP_VARIANTS
-from .measure import Measurement
+from ...errors import CellSkipped
+from ...plan.cell import Cell
+from ...plan.spec import CUSTOM_OP_VARIANTS
+from ..measure.windows import Measurement
 
 POOL_CAP = 8  # batches shipped to each worker inside its dataset function (they travel as constants)
 

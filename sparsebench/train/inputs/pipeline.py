@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ..plan.spec import DataSpec
+from ...plan.spec import DataSpec
 from .datafiles import (
     CRITEO_LINE,
     LIBSVM_LINE,

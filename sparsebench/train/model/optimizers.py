@@ -32,7 +32,7 @@ from typing import Iterable
 
 import tensorflow as tf
 
-from ..errors import ConfigError
+from ...errors import ConfigError
 
 
 def dedupe(grad: tf.IndexedSlices) -> tuple[tf.Tensor, tf.Tensor]:
@@ -111,7 +111,7 @@ class SGD(Optimizer):
     fused = True
 
     def apply_fused(self, table, bias_x, rows, keys, normalized, grad_out):
-        from .custom_ops.ops import fused_sgd
+        from ..custom_ops.ops import fused_sgd
 
         fused_sgd(table, bias_x, rows, keys, normalized, grad_out, self.learning_rate)
 
@@ -168,7 +168,7 @@ class LazyAdam(Adam):
     fused = True
 
     def apply_fused(self, table, bias_x, rows, keys, normalized, grad_out):
-        from .custom_ops.ops import fused_lazy_adam
+        from ..custom_ops.ops import fused_lazy_adam
 
         beta_1_power, beta_2_power = self._powers(tf.float32)
         table_slots = self.slots(table)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ..machine import cpu_count
+from ...machine import cpu_count
 
 
 def tensorflow_info() -> dict[str, Any]:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ConfigError
-from ..plan.spec import DATA_FORMATS, DataSpec
+from ...errors import ConfigError
+from ...plan.spec import DATA_FORMATS, DataSpec
 from .data import SparseBatch, SyntheticData
 from .datafiles import WRITERS, DataFileError, TFRecordNames, read
 

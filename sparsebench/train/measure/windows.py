@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from ..plan.spec import MeasureSpec
+from ...plan.spec import MeasureSpec
 from .hogwild import run_hogwild
 
 

@@ -1,7 +1,7 @@
 """A cell's parameter-server cluster: TensorFlow's own servers as processes, and their end.
 
 `LocalCluster` starts `ps_tasks` parameter servers and `worker_tasks` workers, each a
-`python -m sparsebench.train.cluster_task` process serving on a free loopback port, for
+`python -m sparsebench.train.ps.cluster_task` process serving on a free loopback port, for
 the coordinator (the cell's worker process) to drive. They die with it: each task gets
 SIGKILL as its parent-death signal, and `stop()` kills and reaps them (the orchestrator
 kills the whole process group besides).
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..lifetime import die_with_parent
+from ...lifetime import die_with_parent
 
 START_TIMEOUT_S = 60.0
 
@@ -130,7 +130,7 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cluster = json.dumps(self.spec)
         for task in self.tasks:
-            command = [self.python, "-m", "sparsebench.train.cluster_task", "--cluster", cluster, "--task", task,
+            command = [self.python, "-m", "sparsebench.train.ps.cluster_task", "--cluster", cluster, "--task", task,
                        "--profiler-port", str(self.profiler_ports[task])]
             for name, value in self.threads.items():
                 if value:
