@@ -13,12 +13,14 @@ from pathlib import Path
 
 import click
 
-from . import __version__
+from . import WORKER_PROTOCOL, __version__
 from .errors import UserError
+from .results import VERSION as RESULTS_VERSION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="sparsebench")
+@click.version_option(__version__, prog_name="sparsebench",
+                      message=f"%(prog)s %(version)s (results format {RESULTS_VERSION}, worker protocol {WORKER_PROTOCOL})")
 def cli() -> None:
     """Benchmark and profile sparse linear layers and sparse ranking models in TensorFlow."""
 
@@ -55,8 +57,9 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
         click.echo(f"{len(cells)} cells")
         return 0
     try:
-        summary = runner.run(suite_arg, list(overrides), output, resume, quiet, require_gpu, isolation,
-                             allow_env_change, cluster)
+        summary = runner.run(suite_arg=suite_arg, overrides=list(overrides), output=output, resume=resume, quiet=quiet,
+                             require_gpu=require_gpu, isolation=isolation, allow_env_change=allow_env_change,
+                             cluster=cluster)
     except KeyboardInterrupt:
         target = resume or output
         hint = f" with --resume {target}" if target else " with --resume <the results file above>"
@@ -260,7 +263,8 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
         click.echo(f"warning: {warning}", err=True)
     factor = comparing.STORED_NOISE_FACTOR if noise_factor is None else noise_factor
     shift = comparing.STORED_MAX_SHIFT if max_shift is None else max_shift / 100.0
-    report = comparing.difference_report(base, cur, max_regression / 100.0, alpha, factor, shift)
+    report = comparing.difference_report(base, cur, max_regression=max_regression / 100.0, alpha=alpha,
+                                         noise_factor=factor, max_shift=shift)
     if strict_env and report.environment_warnings:
         raise UserError("--strict-env: " + "; ".join(report.environment_warnings))
     return _emit(report, fmt, github_benchmark, cur)
@@ -300,12 +304,13 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
                      "whole suite per round, so the two halves of a pair are a suite apart")
     runner = ab_runner.run_interleaved if interleave == "cell" else ab_runner.run_ab
     try:
-        run = runner(suite_arg, list(overrides), a, b, rounds, folder)
+        run = runner(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds, folder=folder)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the finished rounds' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
-    report = paired_report(side_a, side_b, max_regression / 100.0, alpha, test, aa=ab_runner.identical(a, b))
+    report = paired_report(side_a, side_b, max_regression=max_regression / 100.0, alpha=alpha, test=test,
+                           aa=ab_runner.identical(a, b))
     order = " ".join(run.order[:8]) + (" ..." if len(run.order) > 8 else "")
     report.notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
                              f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
@@ -326,18 +331,19 @@ def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     from .analyze import profile as profiling
     from .execute import runner
 
-    folder, profiled, summary = runner.profile(suite_arg, list(overrides), steps, output, quiet, isolation)
-    ok = [(cell, record) for cell, record in profiled if record.get("status") == "ok"]
+    folder, profiled, summary = runner.profile(suite_arg=suite_arg, overrides=list(overrides), steps=steps,
+                                               output=output, quiet=quiet, isolation=isolation)
+    ok = [(cell, record) for cell, record in profiled if record.ok]
     for cell, record in ok:
         click.echo("")
-        click.echo(profiling.format_cell(record["profile"], cell.label, top))
-        sizes = sorted(record.get("variables_mb", {}).items(), key=lambda kv: kv[1], reverse=True)[:3]
+        click.echo(profiling.format_cell(record.profile, cell.label, top))
+        sizes = sorted((record.variables_mb or {}).items(), key=lambda kv: kv[1], reverse=True)[:3]
         memory = ", ".join(f"{name} {mb:.1f} MB" for name, mb in sizes)
-        gpu = f", GPU peak {record['gpu_peak_mb']:.0f} MB" if record.get("gpu_peak_mb") is not None else ""
-        click.echo(f"  memory: peak RSS {record['peak_rss_mb']:.0f} MB{gpu}; largest variables: {memory}")
+        gpu = f", GPU peak {record.gpu_peak_mb:.0f} MB" if record.gpu_peak_mb is not None else ""
+        click.echo(f"  memory: peak RSS {record.peak_rss_mb:.0f} MB{gpu}; largest variables: {memory}")
     if len(ok) > 1:
         click.echo("")
-        click.echo(profiling.format_side_by_side([(cell.label, record["profile"]) for cell, record in ok], top))
+        click.echo(profiling.format_side_by_side([(cell.label, record.profile) for cell, record in ok], top))
     click.echo("")
     click.echo(f"profiles in {folder}/<cell>/ (TensorBoard: tensorboard --logdir {folder}/<cell>; "
                f"trace.json opens in ui.perfetto.dev); {summary.line()}")

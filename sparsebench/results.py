@@ -6,10 +6,12 @@ fsynced as the cell finishes, so a crash, a `kill -9` or Ctrl-C loses at most th
 was running. A half-written last line (the process died mid-write) is ignored with a
 warning; a damaged line elsewhere is an error naming the file and line.
 
-A cell measured in several worker processes (`processes = N`) has one record per process,
-each with its `round` (1..N); `Results.cells()` merges them into one record per cell whose
-summary treats the process as the unit of repetition (see `merge_rounds`). A (cell, round)
-may have several records (a failed process re-run by `--resume`): the last one wins.
+Every record is a `record.Record`: its fields, units and merge rules are declared there
+and listed in docs/results-format.md. A cell measured in several worker processes
+(`processes = N`) has one record per process, each with its `round` (1..N);
+`Results.latest()` merges them into one record per cell whose summary treats the process
+as the unit of repetition (`record.merge_rounds`). A (cell, round) may have several
+records (a failed process re-run by `--resume`): the last one wins.
 
 Format history (bump VERSION and add a line on any incompatible change; older versions
 are read through an explicit upgrade step):
@@ -23,13 +25,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import stats
 from .errors import UserError
+from .record import Record, merge_rounds
 
 SCHEMA = "sparsebench-results"
 VERSION = 2
@@ -47,8 +48,6 @@ JSON_KEYS = (
     "processes", "within_process_cv", "between_process_cv", "run_to_run_measured", "update_path",
     "strategy", "ps_tasks", "worker_tasks", "input", "data_format", "input_samples_per_sec", "input_bound",
 )
-
-DONE_STATUSES = ("ok", "skipped")
 
 
 class ResultsError(UserError):
@@ -115,8 +114,8 @@ class ResultsWriter:
             raise ResultsError(f"{self.path}: cannot append a record: {exc.strerror}; the records before it are "
                                f"saved (complete the run with --resume once the disk is writable)") from None
 
-    def append(self, record: dict[str, Any]) -> None:
-        self._write(record)
+    def append(self, record: Record) -> None:
+        self._write(record.to_dict())
 
     def close(self) -> None:
         try:
@@ -135,78 +134,27 @@ class ResultsWriter:
 class Results:
     path: Path
     header: dict[str, Any]
-    records: list[dict[str, Any]]  # every record (one per cell and process), in file order
+    records: list[Record]  # every record (one per cell and process), in file order
     warnings: list[str] = field(default_factory=list)
 
-    def by_round(self) -> dict[str, dict[int, dict[str, Any]]]:
+    def by_round(self) -> dict[str, dict[int, Record]]:
         """cell id -> round -> that process's record (the last one written), first-seen order."""
-        cells: dict[str, dict[int, dict[str, Any]]] = {}
+        cells: dict[str, dict[int, Record]] = {}
         for record in self.records:
-            cells.setdefault(record["cell_id"], {})[record.get("round", 1)] = record
+            cells.setdefault(record.cell_id, {})[record.round_number()] = record
         return cells
 
-    def latest(self) -> list[dict[str, Any]]:
-        """One merged record per cell (`merge_rounds`), in first-seen order."""
+    def latest(self) -> list[Record]:
+        """One merged record per cell (`record.merge_rounds`), in first-seen order."""
         return [merge_rounds(rounds) for rounds in self.by_round().values()]
 
     def done_rounds(self) -> set[tuple[str, int]]:
         """(cell id, round) pairs whose process finished (`ok` or `skipped`)."""
-        return {(cid, r) for cid, rounds in self.by_round().items() for r, rec in rounds.items()
-                if rec.get("status") in DONE_STATUSES}
+        return {(cid, r) for cid, rounds in self.by_round().items() for r, rec in rounds.items() if rec.done}
 
     @property
     def environment(self) -> dict[str, Any]:
         return self.header.get("environment", {})
-
-
-# Per-process figures merged by the median of the processes (peak memory: the largest).
-_MEDIAN_FIELDS = ("step_ms_p50", "step_ms_p90", "step_ms_p99", "loss", "eval_loss", "auc", "rows_touched",
-                  "gpu_util_pct")
-_MAX_FIELDS = ("peak_rss_mb", "gpu_mem_used_mb")
-
-
-def merge_rounds(rounds: dict[int, dict[str, Any]]) -> dict[str, Any]:
-    """One cell's per-process records -> one record whose throughput summary uses the
-    process as the unit: median of all windows, hierarchical bootstrap interval, the
-    within- and between-process spread, `run_to_run_measured` (more than one process).
-    Processes that did not finish are listed in `failed_rounds`; the cell is `ok` when at
-    least one process is."""
-    ordered = [rounds[r] for r in sorted(rounds)]
-    ok = [rec for rec in ordered if rec.get("status") == "ok"]
-    if not ok:
-        return {**ordered[-1], "processes": 0, "run_to_run_measured": False,
-                "failed_rounds": _failures(ordered)}
-    merged = dict(ok[-1])
-    process_windows = [list(rec.get("windows") or []) for rec in ok]
-    summary = stats.summarize_processes(process_windows)
-    merged.update({
-        "round": None,
-        "rounds": [rec.get("round", 1) for rec in ok],
-        "process_windows": process_windows,
-        "process_medians": [rec.get("samples_per_sec") for rec in ok],
-        "windows": [w for windows in process_windows for w in windows],
-        "samples_per_sec": summary["median"],
-        "samples_per_sec_low": summary["low"],
-        "samples_per_sec_high": summary["high"],
-        "cv": summary["cv"],
-        "within_process_cv": summary["within_cv"],
-        "between_process_cv": summary["between_cv"],
-        "processes": summary["processes"],
-        "run_to_run_measured": summary["run_to_run_measured"],
-        "failed_rounds": _failures(ordered),
-    })
-    for name in _MEDIAN_FIELDS:
-        values = [rec[name] for rec in ok if isinstance(rec.get(name), (int, float))]
-        merged[name] = float(statistics.median(values)) if values else None
-    for name in _MAX_FIELDS:
-        values = [rec[name] for rec in ok if isinstance(rec.get(name), (int, float))]
-        merged[name] = max(values) if values else None
-    return merged
-
-
-def _failures(ordered: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"round": rec.get("round", 1), "status": rec.get("status"), "reason": rec.get("reason")}
-            for rec in ordered if rec.get("status") not in DONE_STATUSES]
 
 
 def _upgrade(version: int, record: dict[str, Any]) -> dict[str, Any]:
@@ -251,11 +199,12 @@ def read_results(path: str | Path) -> Results:
             raise ResultsError(f"{path}:{number}: corrupt record ({exc.msg})") from None
         if not isinstance(record, dict) or "cell_id" not in record or "status" not in record:
             raise ResultsError(f"{path}:{number}: corrupt record (no cell_id or status)")
-        records.append(_upgrade(version, record))
+        records.append(Record.from_dict(_upgrade(version, record)))
     return Results(path, header, records, warnings)
 
 
-def flat_view(record: dict[str, Any]) -> dict[str, Any]:
+def flat_view(record: Record) -> dict[str, Any]:
     """The stable JSON_KEYS view of one record (missing metrics are null)."""
-    merged = {**record.get("axes", {}), **record}
+    values = record.to_dict()
+    merged = {**(record.axes or {}), **values}
     return {key: merged.get(key) for key in JSON_KEYS}

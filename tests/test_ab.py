@@ -48,12 +48,12 @@ def test_run_with_processes_interleaves_rounds_and_merges_them(tmp_path):
     done = cli("run", "--suite", str(TINY), "--processes", "2", "--output", str(out), check=0)
     assert "4 cell processes (2 per cell) run: 4 ok" in done.stdout and "(process 2/2)" in done.stdout
     results = read_results(out)
-    order = [(r["cell_id"].split("-")[0], r["round"]) for r in results.records]
+    order = [(r.cell_id.split("-")[0], r.round) for r in results.records]
     assert order == [("els", 1), ("sdm", 1), ("els", 2), ("sdm", 2)]
-    assert len({r["worker"]["pid"] for r in results.records}) == 4  # a fresh process each time
+    assert len({r.worker["pid"] for r in results.records}) == 4  # a fresh process each time
     for merged in results.latest():
-        assert merged["processes"] == 2 and merged["run_to_run_measured"] is True
-        assert len(merged["process_windows"]) == 2 and merged["between_process_cv"] is not None
+        assert merged.processes == 2 and merged.run_to_run_measured is True
+        assert len(merged.process_windows) == 2 and merged.between_process_cv is not None
     matrix = cli("report", str(out), check=0).stdout
     assert "†" not in matrix.split("\n\n")[1]  # no one-process mark on these rows
 
@@ -70,21 +70,21 @@ def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path
         assert " vs " in c["cell_id"] and "t1x0" in c["cell_id"]  # B's cells differ by their thread setting
     a, b = read_results(folder / "a.jsonl"), read_results(folder / "b.jsonl")
     assert a.header["run"]["ab"]["interleave"] == "cell" and b.header["run"]["ab"]["overrides"] == ["intra_op_threads=1"]
-    assert all(r["threads_in_effect"]["intra_op_threads"] == 1 for r in b.records)
+    assert all(r.threads_in_effect["intra_op_threads"] == 1 for r in b.records)
     # Who ran first, per round and cell: A B / B A in round 1, B A / A B in round 2.
     a_ids, b_ids = list(a.by_round()), list(b.by_round())
     order = []
     for r in (1, 2):
         for i in (0, 1):
-            first = a.by_round()[a_ids[i]][r]["recorded_at"] < b.by_round()[b_ids[i]][r]["recorded_at"]
+            first = a.by_round()[a_ids[i]][r].recorded_at < b.by_round()[b_ids[i]][r].recorded_at
             order.append("AB" if first else "BA")
     assert order == ["AB", "BA", "BA", "AB"]
     # The pairing: each round's own A and B.
     first = payload["cells"][0]
-    a_rounds = [a.by_round()[a_ids[0]][r]["samples_per_sec"] for r in (1, 2)]
+    a_rounds = [a.by_round()[a_ids[0]][r].samples_per_sec for r in (1, 2)]
     assert first["baseline"] == pytest.approx(sum(a_rounds) / 2)
     # Fresh workers every round (the tiny suite's isolation is "cell": one per cell and round).
-    assert len({rec["worker"]["pid"] for rec in a.records}) == 4
+    assert len({rec.worker["pid"] for rec in a.records}) == 4
 
 
 def test_ab_whole_suite_rounds_run_in_abba_order(tmp_path):

@@ -106,7 +106,8 @@ FUSED_VS_OPTIMIZER = textwrap.dedent("""
     tf.config.threading.set_intra_op_parallelism_threads(1)
     from sparsebench.plan.spec import DataSpec, ModelSpec
     from sparsebench.train.inputs.data import SyntheticData
-    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import to_sparse_tensor
+    from sparsebench.train.model.trainer import build_trainer
 
     optimizer = sys.argv[1]
     data = SyntheticData(DataSpec(feature_bits=12, mean_active=20))
@@ -158,7 +159,8 @@ FUSED_AT_THREADS = textwrap.dedent("""
     tf.config.threading.set_intra_op_parallelism_threads(int(sys.argv[2]))
     from sparsebench.plan.spec import DataSpec, ModelSpec
     from sparsebench.train.inputs.data import SyntheticData
-    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import to_sparse_tensor
+    from sparsebench.train.model.trainer import build_trainer
 
     data = SyntheticData(DataSpec(feature_bits=10, mean_active=40))
     trainer = build_trainer(ModelSpec(out_dim=8, variant="fused_custom_op", optimizer=sys.argv[1]),

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -158,8 +159,9 @@ def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, example
     readers: same examples, held-out ones skipped the same way, malformed lines dropped."""
     import tensorflow as tf
 
-    from sparsebench.train.inputs import pipeline
-    from sparsebench.train.inputs.datafiles import cell_examples
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import MeasureSpec, ModelSpec
+    from sparsebench.train.inputs.open import open_input
 
     path = tmp_path / f"x.{fmt}.gz"
     WRITERS[fmt](examples, path, compress=True)
@@ -175,12 +177,14 @@ def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, example
     # (a collision is the one documented difference: memory keeps the last value, the pipeline both).
     spec = DataSpec(feature_bits=24 if fmt == "criteo" else 12, source=str(path), format=fmt, input="pipeline",
                     max_bad_fraction=0.5)
-    pool, held, _, facts = cell_examples(spec, 64, 2, 50)
-    held_p, skip, facts_p, _ = pipeline.prepare(spec, 64, 50, discretizer=False)
-    same(held_p, held)
-    assert facts_p["read"]["bad"] == {"tfrecord": 0, "criteo": 1, "libsvm": 2}[fmt] and facts_p["read"]["examples"] == 300
-    iterator = iter(pipeline.dataset(spec, 64, skip))
-    for expected in pool:
+    measure = MeasureSpec(batch_pool=2, eval_examples=50)
+    memory = open_input(Cell("t", 64, ModelSpec(), replace(spec, input="memory"), measure=measure))
+    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure))
+    same(piped.held_out, memory.held_out)
+    assert piped.facts["read"]["bad"] == {"tfrecord": 0, "criteo": 1, "libsvm": 2}[fmt]
+    assert piped.facts["read"]["examples"] == 300 and piped.pool == [] and len(memory.pool) == 2
+    iterator = iter(piped.dataset())
+    for expected in memory.pool:
         sp, labels = next(iterator)
         assert isinstance(sp, tf.SparseTensor)
         np.testing.assert_array_equal(sp.indices.numpy(), expected.coo_indices())
@@ -205,3 +209,25 @@ def test_a_pipeline_cell_trains_and_says_whether_it_is_input_bound(tmp_path):
     assert pipe["data_source"]["input"] == "pipeline" and pipe["input_samples_per_sec"] > 0
     assert isinstance(pipe["input_bound"], bool) and 0 <= pipe["input_wait_share"] <= 1
     assert "input alone" in done.stdout and records["memory"].get("input_samples_per_sec") is None
+
+
+def test_a_tfrecord_pipeline_cell_with_its_own_feature_names_calibrates_its_discretizer(tmp_path):
+    """The calibration sample is read with the cell's feature names (it was read with the
+    default names, found no example, and the discretizer silently calibrated nothing)."""
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import MeasureSpec, ModelSpec
+    from sparsebench.train.cell import prepare
+    from sparsebench.train.inputs.datafiles import TFRecordNames
+
+    examples = SyntheticData(DataSpec(feature_bits=10, mean_active=20)).sample(600, stream=0)
+    names = TFRecordNames("my_ids", "my_values", "my_label")
+    WRITERS["tfrecord"](examples, tmp_path / "x.tfrecord", names=names)
+    spec = DataSpec(feature_bits=10, source=str(tmp_path / "x.tfrecord"), format="tfrecord", input="pipeline",
+                    ids_feature="my_ids", values_feature="my_values", label_feature="my_label")
+    cell = Cell("t", 32, ModelSpec(discretizer=True, n_bin=4, out_dim=4, hidden_units=(4,)), spec,
+                measure=MeasureSpec(eval_examples=100))
+    prepared = prepare(cell)
+    assert prepared.input.calibration_sample.batch_size == 500  # every example after the held-out ones
+    assert len(prepared.calibration.keys) > 0
+    sp, _ = prepared.input.batches[0]
+    assert prepared.trainer.train_step(sp, _).numpy() > 0  # the traced step trains on the discretized keys

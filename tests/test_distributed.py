@@ -142,7 +142,8 @@ ONE_STEP = textwrap.dedent("""
     from sparsebench.plan.spec import DataSpec, ModelSpec
     from sparsebench.train.inputs.data import SyntheticData
     from sparsebench.train.ps.distributed import PsTraining
-    from sparsebench.train.model.trainer import build_trainer, to_sparse_tensor
+    from sparsebench.train.inputs.data import to_sparse_tensor
+    from sparsebench.train.model.trainer import build_trainer
 
     variant, optimizer = sys.argv[1], sys.argv[2]
     spec = ModelSpec(variant=variant, shards=2, out_dim=8, hidden_units=(4,), optimizer=optimizer)
@@ -389,3 +390,27 @@ def test_run_cluster_coordinates_tasks_started_by_serve(private_network, tmp_pat
     assert records[2]["status"] == "skipped" and records[2]["reason"] == "cluster shape differs"
     header = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
     assert header["run"]["cluster"]["source"] == str(tmp_path / "cluster.json")
+
+
+@pytest.mark.slow
+def test_a_ps_cell_records_the_file_it_read(private_network, tmp_path):
+    """A parameter-server cell's record says what it read, as a local cell's does."""
+    from sparsebench.plan.spec import DataSpec
+    from sparsebench.train.inputs.data import SyntheticData
+    from sparsebench.train.inputs.datafiles import WRITERS
+
+    WRITERS["libsvm"](SyntheticData(DataSpec(feature_bits=10, mean_active=10)).sample(400, stream=0),
+                      tmp_path / "x.libsvm")
+    suite = (PS_SUITE.replace("seconds_per_window = 60.0", "seconds_per_window = 0.5")
+             .replace("ps_tasks = [2]", "ps_tasks = [1]").replace("shards = [2]", "shards = [1]")
+             .replace("mean_active = 10", f'mean_active = 10\nsource = "{tmp_path / "x.libsvm"}"\nformat = "libsvm"'))
+    (tmp_path / "ps.toml").write_text(suite)
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "run", "--suite", str(tmp_path / "ps.toml"), "--quiet",
+                           "--output", str(tmp_path / "out.jsonl")], capture_output=True, text=True, env=env(),
+                          cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
+    assert record["status"] == "ok" and record["cluster"]["ps_tasks"] == 1
+    source = record["data_source"]
+    assert source["source"] == str(tmp_path / "x.libsvm") and source["read"]["examples"] == 400 - 64
+    assert "first 64 examples" in source["held_out"]

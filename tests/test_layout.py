@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparsebench"
 FIXTURES = Path(__file__).parent / "fixtures"
 
-BOTTOM = {"errors", "results", "stats", "machine", "lifetime"}
+BOTTOM = {"errors", "results", "record", "stats", "machine", "lifetime"}
 ALLOWED = {
     "bottom": {"bottom"},
     "plan": {"bottom", "plan"},
@@ -165,3 +165,114 @@ def test_nothing_points_outside_the_repository():
             if "DESIGN.md" in line or "../shared" in line:
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "\n".join(offenders)
+
+
+# Inside train/: rooms stacked worker > ps/ > cell.py > model/ > inputs/, measure/, custom_ops/.
+# A room imports only itself and rooms of a lower rank; the three rooms at the bottom are
+# siblings and do not import each other.
+TRAIN_RANKS = {"worker": 4, "ps": 3, "cell": 2, "model": 1, "inputs": 0, "measure": 0, "custom_ops": 0}
+
+
+def train_room(module: str) -> str | None:
+    """'sparsebench.train.model.kernels' -> 'model'; 'sparsebench.train.cell' -> 'cell'."""
+    parts = module.split(".")
+    if len(parts) < 3 or parts[1] != "train":
+        return None
+    return parts[2]
+
+
+def test_the_rooms_of_train_import_only_the_rooms_below_them():
+    violations = []
+    rooms = {train_room(module_name(p)) for p in all_modules()} - {None}
+    assert rooms == set(TRAIN_RANKS), f"a room without a rank: {rooms ^ set(TRAIN_RANKS)}"
+    for path in all_modules():
+        source = train_room(module_name(path))
+        if source is None:
+            continue
+        for line, target in sparsebench_imports(path):
+            room = train_room(target)
+            if room is None or room == source:
+                continue
+            if TRAIN_RANKS[room] >= TRAIN_RANKS[source]:
+                violations.append(f"{path.relative_to(ROOT)}:{line}: train/{source} imports {target} (train/{room})")
+    assert not violations, "\n".join(violations)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the sparsebench modules it imports (at module level or inside functions)."""
+    graph = {}
+    for path in all_modules():
+        graph[module_name(path)] = {target for _, target in sparsebench_imports(path) if target != "sparsebench"}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every strongly connected group of more than one module (an import cycle)."""
+    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = counter[0]
+        counter[0] += 1
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in graph.get(node, ()):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle():
+    assert cycles(import_graph()) == []
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]  # the check itself
+
+
+def test_the_installed_package_holds_every_module_of_the_checkout():
+    """A non-editable install (CI's) must ship every module: the tests import the checkout,
+    so a subpackage left out of the wheel would otherwise pass unnoticed."""
+    from importlib import metadata
+
+    dist = metadata.distribution("sparsebench")
+    if (dist.read_text("direct_url.json") or "").find('"editable": true') >= 0:
+        pytest.skip("an editable install ships the checkout itself")
+    installed = {str(f) for f in dist.files or []}
+    missing = [str(p.relative_to(ROOT)) for p in all_modules() if str(p.relative_to(ROOT)) not in installed]
+    missing += [f"suites/{p.name}" for p in (ROOT / "suites").glob("*.toml")
+                if f"sparsebench/suites/{p.name}" not in installed]
+    missing += [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.cc") if str(p.relative_to(ROOT)) not in installed]
+    assert not missing, f"not in the installed package: {missing}"
+
+
+def architecture() -> str:
+    """Files per folder and the arrows between folders and rooms (what a review reads)."""
+    graph = import_graph()
+    def place(module):
+        room = train_room(module)
+        return f"train/{room}" if room else layer_of(module)
+    files: dict[str, int] = {}
+    for module in graph:
+        files[place(module)] = files.get(place(module), 0) + 1
+    arrows = sorted({(place(a), place(b)) for a, targets in graph.items() for b in targets if place(a) != place(b)})
+    lines = [f"{name}: {count} files" for name, count in sorted(files.items())]
+    lines += [f"{a} -> {b}" for a, b in arrows]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(architecture())

@@ -14,7 +14,8 @@ from sparsebench.stats import auc
 from sparsebench.train.inputs.data import SyntheticData
 from sparsebench.train.model.devices import resolve_device
 from sparsebench.train.measure.hogwild import run_hogwild
-from sparsebench.train.model.trainer import build_trainer, calibrate, to_sparse_tensor
+from sparsebench.train.inputs.data import to_sparse_tensor
+from sparsebench.train.model.trainer import build_trainer, calibrate
 
 SMALL = DataSpec(feature_bits=14, mean_active=30)
 

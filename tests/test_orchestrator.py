@@ -39,9 +39,9 @@ def test_a_worker_that_does_not_exit_after_its_last_cell_is_killed(tmp_path, mon
     (cell,) = load_suite(str(TINY)).cells()[:1]
     records = []
     started = time.monotonic()
-    Orchestrator(lambda outcome: records.append(outcome.record), python=str(launcher)).run([cell])
+    Orchestrator(record=lambda outcome: records.append(outcome.record), python=str(launcher)).run([cell])
     assert time.monotonic() - started < 30
-    assert [r["status"] for r in records] == ["ok"]
+    assert [r.status for r in records] == ["ok"]
     pid = int((tmp_path / "pid").read_text())
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
 

@@ -48,15 +48,15 @@ def test_run_records_every_cell_with_windows_and_metrics(tmp_path):
     assert results.header["environment"]["tensorflow"]["version"].startswith("2.")
     assert len(results.records) == 4
     for record in results.records:
-        assert record["status"] == "ok"
-        assert len(record["windows"]) == 3 and all(w > 0 for w in record["windows"])
-        assert record["samples_per_sec_low"] <= record["samples_per_sec"] <= record["samples_per_sec_high"]
-        assert record["step_ms_p50"] <= record["step_ms_p99"]
-        assert 0.0 <= record["auc"] <= 1.0 and record["loss"] > 0 and record["peak_rss_mb"] > 0
-        assert record["isolation"] == "cell"
-        expected = "dense" if record["axes"]["variant"] == "sparse_dense_matmul" else "IndexedSlices"
-        assert record["grad_type"] == expected and record["rows_touched"] > 0
-    pids = {r["worker"]["pid"] for r in results.records}
+        assert record.status == "ok"
+        assert len(record.windows) == 3 and all(w > 0 for w in record.windows)
+        assert record.samples_per_sec_low <= record.samples_per_sec <= record.samples_per_sec_high
+        assert record.step_ms_p50 <= record.step_ms_p99
+        assert 0.0 <= record.auc <= 1.0 and record.loss > 0 and record.peak_rss_mb > 0
+        assert record.isolation == "cell"
+        expected = "dense" if record.axes["variant"] == "sparse_dense_matmul" else "IndexedSlices"
+        assert record.grad_type == expected and record.rows_touched > 0
+    pids = {r.worker["pid"] for r in results.records}
     assert len(pids) == 4  # one process per cell
     report = json.loads(cli("report", str(out), "--format", "json", check=0).stdout)
     assert len(report) == 4 and {"cell_id", "samples_per_sec", "windows", "grad_type", "rows_touched"} <= set(report[0])
@@ -72,11 +72,11 @@ def test_sigkilled_worker_is_a_failed_record_and_later_cells_still_run():
             time.sleep(1.0)  # let the worker get going, then kill it hard
             os.kill(orchestrator._process.pid, signal.SIGKILL)
 
-    orchestrator = Orchestrator(lambda outcome: records.append(outcome.record), on_start=on_start)
+    orchestrator = Orchestrator(record=lambda outcome: records.append(outcome.record), on_start=on_start)
     orchestrator.run(cells)
-    assert [r["status"] for r in records] == ["failed", "ok"]
-    assert "killed by SIGKILL" in records[0]["reason"]
-    assert records[0]["cell_id"] == cells[0].cell_id and records[1]["cell_id"] == cells[1].cell_id
+    assert [r.status for r in records] == ["failed", "ok"]
+    assert "killed by SIGKILL" in records[0].reason
+    assert records[0].cell_id == cells[0].cell_id and records[1].cell_id == cells[1].cell_id
 
 
 def test_timeout_is_recorded_as_timeout_and_the_next_cell_runs():
@@ -85,9 +85,9 @@ def test_timeout_is_recorded_as_timeout_and_the_next_cell_runs():
 
     slow = replace(slow, measure=replace(slow.measure, timeout_s=0.3))  # cannot even import TF in time
     records = []
-    Orchestrator(lambda outcome: records.append(outcome.record)).run([slow, fast])
-    assert [r["status"] for r in records] == ["timeout", "ok"]
-    assert "0.3 s" in records[0]["reason"]
+    Orchestrator(record=lambda outcome: records.append(outcome.record)).run([slow, fast])
+    assert [r.status for r in records] == ["timeout", "ok"]
+    assert "0.3 s" in records[0].reason
 
 
 def test_shared_process_isolation_survives_a_crash_mid_group():
@@ -102,11 +102,11 @@ def test_shared_process_isolation_survives_a_crash_mid_group():
             time.sleep(0.3)
             os.kill(orchestrator._process.pid, signal.SIGKILL)
 
-    orchestrator = Orchestrator(lambda outcome: records.append(outcome.record), isolation="env", on_start=on_start)
+    orchestrator = Orchestrator(record=lambda outcome: records.append(outcome.record), isolation="env", on_start=on_start)
     orchestrator.run(cells)
-    assert [r["status"] for r in records] == ["ok", "failed", "ok", "ok"]
-    assert len({r["worker"]["pid"] for r in records if r["status"] == "ok"}) == 2  # restarted once
-    assert all(r["isolation"] == "env" for r in records if r["status"] == "ok")
+    assert [r.status for r in records] == ["ok", "failed", "ok", "ok"]
+    assert len({r.worker["pid"] for r in records if r.status == "ok"}) == 2  # restarted once
+    assert all(r.isolation == "env" for r in records if r.status == "ok")
 
 
 def test_ctrl_c_keeps_finished_records_and_resume_completes_the_rest(tmp_path):
@@ -127,12 +127,12 @@ def test_ctrl_c_keeps_finished_records_and_resume_completes_the_rest(tmp_path):
     assert proc.returncode == 130, stdout + stderr
     assert "interrupted" in stderr and "--resume" in stderr and "Traceback" not in stderr
     partial = read_results(out)
-    assert 1 <= len(partial.records) < 6 and all(r["status"] == "ok" for r in partial.records)
+    assert 1 <= len(partial.records) < 6 and all(r.status == "ok" for r in partial.records)
 
     done = cli("run", "--resume", str(out), check=0)
     assert f"({len(partial.records)} already done)" in done.stdout
     final = read_results(out)
-    assert len(final.latest()) == 6 and all(r["status"] == "ok" for r in final.latest())
+    assert len(final.latest()) == 6 and all(r.status == "ok" for r in final.latest())
     assert len(final.records) == 6  # nothing ran twice
 
 
@@ -150,11 +150,11 @@ def test_thread_settings_asked_for_are_in_effect(tmp_path):
     assert results.header["environment"]["ignored_variables"] == env
     by_threads = {}
     for record in results.records:
-        effect = record["threads_in_effect"]
-        want_intra, want_inter = record["axes"]["intra_op_threads"], record["axes"]["inter_op_threads"]
+        effect = record.threads_in_effect
+        want_intra, want_inter = record.axes["intra_op_threads"], record.axes["inter_op_threads"]
         assert effect["intra_op_threads"] == want_intra and effect["inter_op_threads"] == want_inter
         assert effect["omp_num_threads"] == "1" and effect["tf_enable_onednn_opts"] == "0"
-        assert record["tensorflow"]["onednn_env"] == "0"
+        assert record.tensorflow["onednn_env"] == "0"
         assert effect["os_threads"]["tf_Compute"] == want_inter
         by_threads[(want_intra, want_inter)] = effect["os_threads"]["total"] - effect["os_threads"]["tf_Compute"]
     # The intra-op pool grows with intra_op_threads, whatever the inter-op setting.
@@ -170,7 +170,7 @@ def test_gpu_cell_without_gpu_is_skipped_or_fails_with_require_gpu(tmp_path):
     args = ["run", "--suite", str(TINY), "--set", "variant=embedding_lookup_sparse", "--set", "device=gpu"]
     done = cli(*args, "--output", str(out), check=0)
     assert "skipped: no GPU" in done.stdout
-    assert read_results(out).records[0]["reason"] == "no GPU"
+    assert read_results(out).records[0].reason == "no GPU"
     done = cli(*args, "--output", str(tmp_path / "r2.jsonl"), "--require-gpu", check=1)
     assert "no GPU (--require-gpu)" in done.stdout
 
@@ -280,8 +280,8 @@ def test_resume_on_another_machine_is_refused_unless_allowed(finished_run, tmp_p
     assert "this machine is not the one that started the run (CPU model differs" in done.stderr
     done = cli("run", "--resume", str(path), "--allow-env-change", check=0)
     resumed = read_results(path).records[-1]
-    assert resumed["status"] == "ok"
-    assert resumed["environment_changed_on_resume"][0].startswith("CPU model differs")
+    assert resumed.status == "ok"
+    assert resumed.environment_changed_on_resume[0].startswith("CPU model differs")
 
 
 def test_resume_with_require_gpu_reruns_cells_skipped_for_want_of_a_gpu(tmp_path):

@@ -12,7 +12,8 @@ from sparsebench import stats
 from sparsebench.analyze import report
 from sparsebench.analyze.compare import difference_report
 from sparsebench.analyze.paired import paired_report
-from sparsebench.results import merge_rounds, read_results
+from sparsebench.record import merge_rounds
+from sparsebench.results import read_results
 
 TIGHT = [100.0, 101.0, 99.0, 100.5, 99.5, 100.2]
 
@@ -60,12 +61,12 @@ def test_hierarchical_interval_covers_the_true_median_when_processes_carry_noise
 def test_merged_record_of_three_rounds():
     c = cell("u", "embedding_lookup_sparse", 256)
     rounds = {r: ok(c, [m * w / 100.0 for w in TIGHT], round=r) for r, m in ((1, 90.0), (2, 100.0), (3, 110.0))}
-    rounds[4] = {**ok(c, TIGHT, round=4), "status": "failed", "reason": "worker killed by SIGKILL"}
+    rounds[4] = ok(c, TIGHT, round=4).replace(status="failed", reason="worker killed by SIGKILL")
     merged = merge_rounds(rounds)
-    assert merged["status"] == "ok" and merged["processes"] == 3 and merged["rounds"] == [1, 2, 3]
-    assert merged["run_to_run_measured"] is True and len(merged["windows"]) == 18
-    assert merged["failed_rounds"] == [{"round": 4, "status": "failed", "reason": "worker killed by SIGKILL"}]
-    assert merged["samples_per_sec_low"] < 91.0
+    assert merged.status == "ok" and merged.processes == 3 and merged.rounds == [1, 2, 3]
+    assert merged.run_to_run_measured is True and len(merged.windows) == 18
+    assert merged.failed_rounds == [{"round": 4, "status": "failed", "reason": "worker killed by SIGKILL"}]
+    assert merged.samples_per_sec_low < 91.0
 
 
 # -- the paired decision rule ---------------------------------------------------------------
@@ -101,8 +102,8 @@ def test_an_unpaired_look_at_the_same_drifting_data_could_not_decide(tmp_path):
     b = _side(tmp_path / "b.jsonl", "ab", {"embedding_lookup_sparse": 0.88}, seed=2)
     paired = paired_report(a, b, max_regression=0.05, alpha=0.01).cells[0]
     assert paired.status == "regressed"
-    per_round_a = [r["samples_per_sec"] for r in a.records]
-    per_round_b = [r["samples_per_sec"] for r in b.records]
+    per_round_a = [r.samples_per_sec for r in a.records]
+    per_round_b = [r.samples_per_sec for r in b.records]
     assert stats.welch_log_p(per_round_a, per_round_b) > 0.05  # unpaired: not significant
 
 
@@ -201,8 +202,8 @@ def test_report_shows_within_and_between_process_spread(tmp_path):
 def test_version_1_files_are_read_as_one_process_per_cell():
     results = read_results(__import__("pathlib").Path(__file__).parent / "fixtures" / "talk.jsonl")
     assert results.header["version"] == 1
-    assert all(r["round"] == 1 for r in results.records)
-    assert all(r.get("processes") in (0, 1) for r in results.latest())
+    assert all(r.round == 1 for r in results.records)
+    assert all(r.processes in (0, 1) for r in results.latest())
 
 
 def test_a_shared_shift_is_one_finding_and_cells_are_judged_beyond_it(tmp_path):

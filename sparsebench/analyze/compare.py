@@ -31,6 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..machine import environment_differences
+from ..record import Record, cell_rate
 from ..results import Results
 from ..stats import mann_whitney_min_p, mann_whitney_p, ratio_interval, welch_log_p
 from .difference import CellDifference, DifferenceReport, verdict
@@ -44,15 +45,15 @@ STORED_NOISE_FACTOR = 2.0  # a one-process cell must halve or double (beyond the
 MIN_CELLS_FOR_SHIFT = 3
 
 
-def _threads(record: dict[str, Any]) -> tuple | None:
-    effect = record.get("threads_in_effect")
+def _threads(record: Record) -> tuple | None:
+    effect = record.threads_in_effect
     if not effect:
         return None
     return tuple(effect.get(k) for k in ("intra_op_threads_resolved", "inter_op_threads_resolved",
                                          "omp_num_threads", "mkl_num_threads", "tf_enable_onednn_opts"))
 
 
-def difference_report(baseline: Results, current: Results, max_regression: float = 0.10, alpha: float = 0.01,
+def difference_report(baseline: Results, current: Results, *, max_regression: float = 0.10, alpha: float = 0.01,
                       noise_factor: float = STORED_NOISE_FACTOR, max_shift: float = STORED_MAX_SHIFT) -> DifferenceReport:
     for name, value in (("--max-regression", max_regression), ("--max-shift", max_shift)):
         if not 0 < value < 1:
@@ -61,8 +62,8 @@ def difference_report(baseline: Results, current: Results, max_regression: float
         raise UserError(f"--noise-factor: must be above 1 (2 = a cell must halve or double), got {noise_factor:g}")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha: must be between 0 and 1, got {alpha:g}")
-    base = {r["cell_id"]: r for r in baseline.latest()}
-    cur = {r["cell_id"]: r for r in current.latest()}
+    base = {r.cell_id: r for r in baseline.latest()}
+    cur = {r.cell_id: r for r in current.latest()}
     common = [cid for cid in base if cid in cur]
     if not common:
         raise UserError(f"{baseline.path} and {current.path} have no cell in common (different suites or settings?)")
@@ -81,7 +82,7 @@ def difference_report(baseline: Results, current: Results, max_regression: float
         report.environment_warnings.append(
             f"thread settings in effect differ for {len(thread_changes)} cell(s), e.g. {thread_changes[0]}")
     for name, run, records in (("baseline", baseline, base), ("current", current, cur)):
-        single = [cid for cid in common if records[cid].get("status") == "ok" and (records[cid].get("processes") or 1) < 2]
+        single = [cid for cid in common if records[cid].ok and (records[cid].processes or 1) < 2]
         if single:
             report.notes.append(
                 f"{name} {run.path} measured {len(single)} of {len(common)} cells in one process: run-to-run noise "
@@ -114,20 +115,21 @@ def difference_report(baseline: Results, current: Results, max_regression: float
     return report
 
 
-def _groups(record: dict) -> list[list[float]]:
+def _groups(record: Record) -> list[list[float]]:
     """A record's windows by process (one group for a one-process record)."""
-    if record.get("status") != "ok":
+    if not record.ok:
         return []
-    return [g for g in (record.get("process_windows") or [record.get("windows") or []]) if g]
+    return [g for g in (record.process_windows or [record.windows or []]) if g]
 
 
 def _median(groups: list[list[float]]) -> float:
-    return float(np.median(np.concatenate(groups)))
+    """The cell rate, recomputed from the stored windows (both runs alike)."""
+    return cell_rate(groups)
 
 
-def _compare_cell(cid: str, base: dict, cur: dict, groups_a: list, groups_b: list, shift: float,
+def _compare_cell(cid: str, base: Record, cur: Record, groups_a: list, groups_b: list, shift: float,
                   max_regression: float, alpha: float, noise_factor: float) -> CellDifference:
-    if base.get("status") != "ok" or cur.get("status") != "ok":
+    if not base.ok or not cur.ok:
         return CellDifference(cid, "not compared", note=f"baseline {_status(base)}, current {_status(cur)}")
     if not groups_a or not groups_b:
         return CellDifference(cid, "not compared", note="no windows stored")
@@ -149,6 +151,5 @@ def _compare_cell(cid: str, base: dict, cur: dict, groups_a: list, groups_b: lis
                           high, p, (len(a), len(b)), "windows", note=note)
 
 
-def _status(record: dict) -> str:
-    reason = record.get("reason")
-    return f"{record.get('status')} ({reason})" if reason else str(record.get("status"))
+def _status(record: Record) -> str:
+    return f"{record.status} ({record.reason})" if record.reason else str(record.status)

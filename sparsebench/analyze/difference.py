@@ -172,14 +172,14 @@ def github_benchmark(current: Results) -> list[dict[str, Any]]:
     """A run in github-action-benchmark's `customBiggerIsBetter` shape."""
     out = []
     for record in current.latest():
-        if record.get("status") != "ok":
+        if not record.ok:
             continue
-        low, high = record.get("samples_per_sec_low"), record.get("samples_per_sec_high")
-        entry = {"name": record["cell_id"], "unit": "samples/s", "value": record["samples_per_sec"]}
+        low, high = record.samples_per_sec_low, record.samples_per_sec_high
+        entry = {"name": record.cell_id, "unit": "samples/s", "value": record.samples_per_sec}
         if low is not None and high is not None:
             entry["range"] = f"{low:.0f} .. {high:.0f} (95% CI)"
-        processes = record.get("processes") or 1
-        entry["extra"] = (f"{processes} process(es), {len(record.get('windows') or [])} windows, "
-                          f"CV {record.get('cv') or 0:.1%}")
+        processes = record.processes or 1
+        entry["extra"] = (f"{processes} process(es), {len(record.windows or [])} windows, "
+                          f"CV {record.cv or 0:.1%}")
         out.append(entry)
     return out

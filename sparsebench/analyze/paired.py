@@ -16,17 +16,18 @@ from __future__ import annotations
 import statistics
 
 from ..errors import UserError
+from ..record import Record, round_rate
 from ..results import Results
 from ..stats import PAIRED_TESTS, paired_test, wilcoxon_min_p
 from .difference import CellDifference, DifferenceReport, verdict
 
 
-def _rounds(results: Results) -> list[tuple[str, dict[int, dict]]]:
+def _rounds(results: Results) -> list[tuple[str, dict[int, Record]]]:
     """(cell id, round -> record) in expansion order."""
     return list(results.by_round().items())
 
 
-def paired_report(a: Results, b: Results, max_regression: float = 0.10, alpha: float = 0.05, test: str = "t",
+def paired_report(a: Results, b: Results, *, max_regression: float = 0.10, alpha: float = 0.05, test: str = "t",
                   aa: bool = False) -> DifferenceReport:
     if not 0 < max_regression < 1:
         raise UserError(f"--max-regression: must be between 0 and 100 percent, got {max_regression * 100:g}")
@@ -68,18 +69,17 @@ def paired_report(a: Results, b: Results, max_regression: float = 0.10, alpha: f
     return report
 
 
-def _pair_cell(label: str, rounds_a: dict[int, dict], rounds_b: dict[int, dict], max_regression: float, alpha: float,
-               test: str) -> CellDifference:
-    common = sorted(r for r in rounds_a if r in rounds_b
-                    and rounds_a[r].get("status") == "ok" and rounds_b[r].get("status") == "ok"
-                    and (rounds_a[r].get("samples_per_sec") or 0) > 0 and (rounds_b[r].get("samples_per_sec") or 0) > 0)
+def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Record], max_regression: float,
+               alpha: float, test: str) -> CellDifference:
+    common = sorted(r for r in rounds_a if r in rounds_b and rounds_a[r].ok and rounds_b[r].ok
+                    and (round_rate(rounds_a[r]) or 0) > 0 and (round_rate(rounds_b[r]) or 0) > 0)
     missing = sorted((set(rounds_a) | set(rounds_b)) - set(common))
     if len(common) < 2:
-        statuses = {rec.get("status") for rec in [*rounds_a.values(), *rounds_b.values()]}
+        statuses = {str(rec.status) for rec in [*rounds_a.values(), *rounds_b.values()]}
         return CellDifference(label, "not compared", unit="rounds", samples=(len(common), len(common)),
                               note=f"{len(common)} round(s) measured on both sides ({', '.join(sorted(statuses))})")
-    a = [rounds_a[r]["samples_per_sec"] for r in common]
-    b = [rounds_b[r]["samples_per_sec"] for r in common]
+    a = [round_rate(rounds_a[r]) for r in common]
+    b = [round_rate(rounds_b[r]) for r in common]
     result = paired_test(a, b, alpha, test)
     note = f"rounds {', '.join(map(str, missing))} not paired" if missing else ""
     return CellDifference(label, verdict(result.ratio, result.p_value, max_regression, alpha),

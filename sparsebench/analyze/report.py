@@ -24,6 +24,7 @@ import pandas as pd
 
 from ..errors import UserError
 from ..plan.spec import BASELINE_VARIANT
+from ..record import Record
 from ..results import JSON_KEYS, flat_view, read_results
 from ..stats import NOISY_CV, is_noisy
 
@@ -74,18 +75,16 @@ def load(paths: list[Path]) -> Loaded:
             row["run"] = label
             row["machine"] = machine
             row["label"] = _label(record)
-            row["profile"] = record.get("profile")  # op table, for records written by `profile`
-            row["process_windows"] = record.get("process_windows") or ([record["windows"]] if record.get("windows")
-                                                                       else None)
+            row["profile"] = record.profile  # op table, for records written by `profile`
+            row["process_windows"] = record.process_windows or ([record.windows] if record.windows else None)
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows"])
     return Loaded(frame, runs, warnings)
 
 
-def _label(record: dict[str, Any]) -> str:
-    axes = record.get("axes", {})
-    cell_id = record.get("cell_id", "")
-    return cell_id.rsplit("-", 1)[0] if axes else cell_id
+def _label(record: Record) -> str:
+    cell_id = record.cell_id or ""
+    return cell_id.rsplit("-", 1)[0] if record.axes else cell_id
 
 
 def _as_text(value: Any) -> str:

@@ -114,7 +114,7 @@ def _side_command(side: Side, suite_file: Path, overrides: list[str], output: Pa
             str(output)]
 
 
-def run_ab(suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
+def run_ab(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
            say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Run every (round, side) in ABBA order; return where each side's results are."""
     if rounds < 2:
@@ -156,7 +156,7 @@ def gather(round_files: list[Path], path: Path, side: Side, rounds: int) -> Path
     with ResultsWriter(path, lambda: header) as writer:
         for r, round_file in enumerate(round_files, start=1):
             for record in read_results(round_file).records:
-                writer.append({**record, "round": r})
+                writer.append(record.replace(round=r))
     return path
 
 
@@ -223,7 +223,7 @@ def speaks_protocol(python: str) -> bool:
     return done.returncode == 0 and done.stdout.strip() == str(WORKER_PROTOCOL)
 
 
-def run_interleaved(suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
+def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Every round: a fresh worker per side, taking turns cell by cell (see the module)."""
     if rounds < 2:
@@ -263,14 +263,14 @@ def run_interleaved(suite_arg: str, overrides: list[str], a: Side, b: Side, roun
 
                 def record(outcome, name=name, index_of=index_of):
                     writers[name].append(outcome.record)
-                    counts[name][outcome.record["status"]] += 1
+                    counts[name][outcome.record.status] += 1
                     turnstile.done(index_of[id(outcome.cell)], name)
 
                 def gate(cell, name=name, index_of=index_of):
                     turnstile.wait(index_of[id(cell)], name)
                     run.order.append(name)
 
-                orchestrators[name] = Orchestrator(record, isolation=load_suite(str(suite_file)).isolation,
+                orchestrators[name] = Orchestrator(record=record, isolation=load_suite(str(suite_file)).isolation,
                                                    python=sides[name].python, gate=gate)
 
                 def work(name=name):

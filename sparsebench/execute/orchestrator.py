@@ -31,6 +31,8 @@ from typing import Any, Callable
 
 from ..lifetime import UNSHARE, die_with_parent, exposed_opt_in
 from ..plan.cell import Cell
+from ..plan.job import Job, ProfileRequest, RemoteCluster
+from ..record import Record
 
 # Passed through from the parent's environment (pyperf's approach): enough to find Python,
 # the package and the GPU driver, nothing that silently changes threading.
@@ -86,7 +88,7 @@ def groups_of(cells: list[Cell], isolation: str) -> list[list[Cell]]:
 @dataclass
 class Outcome:
     cell: Cell
-    record: dict[str, Any]
+    record: Record
 
 
 def _describe_exit(returncode: int) -> str:
@@ -108,40 +110,46 @@ def last_line(path: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def make_record(cell: Cell, result: dict[str, Any], round: int = 1) -> dict[str, Any]:
-    """A results-file record: the cell, its flat axes, which of its processes (`round`),
-    then what the worker measured."""
-    return {"cell_id": cell.cell_id, "axes": cell.axes(), "cell": cell.to_dict(), "round": round, **result,
-            "recorded_at": time.time()}
+def worker_record(cell: Cell, round: int, payload: dict[str, Any]) -> Record:
+    """The record a worker wrote for `cell`. A worker of this version writes a whole
+    `Record`; one of an older sparsebench (`ab --a-python`) writes only what it measured,
+    and the cell's identity is added here."""
+    if "cell_id" not in payload:
+        payload = {"cell_id": cell.cell_id, "axes": cell.axes(), "cell": cell.to_dict(), **payload}
+    return Record.from_dict({**payload, "round": round, "recorded_at": payload.get("recorded_at") or time.time()})
 
 
 class Orchestrator:
     def __init__(
         self,
+        *,
         record: Callable[[Outcome], None],
         isolation: str = "cell",
         python: str = sys.executable,
         on_start: Callable[[Cell], None] = lambda cell: None,
-        job_extra: dict[str, Any] | None = None,
+        cluster: RemoteCluster | None = None,
+        profile: ProfileRequest | None = None,
         gate: Callable[[Cell], None] | None = None,
     ):
-        """`job_extra` is merged into every worker's job (e.g. `{"profile": {...}}`).
+        """`cluster`: a real cluster the parameter-server cells run against; `profile`:
+        profile the cells instead of timing them (`sparsebench profile`).
 
         `gate(cell)`, where given, blocks until the cell may start: the worker (already
         started, TensorFlow imported) waits for it, and the cell's clock starts when the
         gate opens (`sparsebench ab` uses it to alternate two sides cell by cell)."""
         self.record = record
-        self.job_extra = job_extra or {}
         self.isolation = isolation
         self.python = python
         self.on_start = on_start
+        self.cluster = cluster
+        self.profile = profile
         self.gate = gate
         self._process: subprocess.Popen | None = None
         self._round = 1
         # A parameter-server cell's worker starts its cluster: in a private network
         # namespace unless a remote cluster is given or the user opted out (the runner
         # checked that one can be made before any cell ran).
-        self.private_network = "cluster" not in self.job_extra and not exposed_opt_in()
+        self.private_network = cluster is None and not exposed_opt_in()
 
     def run(self, cells: list[Cell], round: int = 1) -> None:
         """Run `cells` once each, in fresh worker processes; their records say `round`."""
@@ -157,8 +165,8 @@ class Orchestrator:
             tmp_path = Path(tmp)
             jobs = tmp_path / "jobs.json"
             private = self.private_network and not cells[0].distribution.is_local
-            jobs.write_text(json.dumps({**self.job_extra, "isolation": self.isolation, "lockstep": self.gate is not None,
-                                        "private_network": private, "cells": [c.to_dict() for c in cells]}))
+            Job(cells=tuple(cells), isolation=self.isolation, round=self._round, lockstep=self.gate is not None,
+                private_network=private, cluster=self.cluster, profile=self.profile).write(jobs)
             stderr_path = tmp_path / "worker.log"
             prefix = UNSHARE if private else []
             with open(stderr_path, "w") as log:
@@ -190,7 +198,8 @@ class Orchestrator:
         while True:
             result_file = folder / f"{index}.json"
             if result_file.exists():
-                self.record(Outcome(cells[index], make_record(cells[index], json.loads(result_file.read_text()), self._round)))
+                payload = json.loads(result_file.read_text())
+                self.record(Outcome(cells[index], worker_record(cells[index], self._round, payload)))
                 index += 1
                 if index == len(cells):
                     try:
@@ -208,17 +217,13 @@ class Orchestrator:
                     continue
                 reason = _describe_exit(returncode)
                 detail = last_line(log)
-                self.record(
-                    Outcome(cell, make_record(cell, {"status": "failed", "reason": f"{reason}: {detail}" if detail else reason},
-                                      self._round))
-                )
+                self.record(Outcome(cell, Record.new(cell, self._round, "failed",
+                                                     f"{reason}: {detail}" if detail else reason)))
                 return cells[index + 1 :]
             if time.monotonic() - clock_start > cell.measure.timeout_s:
                 self.kill()
-                self.record(
-                    Outcome(cell, make_record(cell, {"status": "timeout", "reason": f"no result after {cell.measure.timeout_s:g} s"},
-                                      self._round))
-                )
+                self.record(Outcome(cell, Record.new(cell, self._round, "timeout",
+                                                     f"no result after {cell.measure.timeout_s:g} s")))
                 return cells[index + 1 :]
             time.sleep(POLL_S)
 

@@ -12,6 +12,7 @@ import time
 from typing import TextIO
 
 from ..plan.cell import Cell
+from ..record import Record
 from ..stats import NOISY_CV, is_noisy
 
 
@@ -30,33 +31,34 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def describe_record(record: dict) -> str:
-    status = record.get("status")
-    if status != "ok":
-        return f"{status}: {record.get('reason') or ''}".rstrip(": ")
-    if "profile" in record:
-        prof = record["profile"]
+def describe_record(record: Record) -> str:
+    if not record.ok:
+        return f"{record.status}: {record.reason or ''}".rstrip(": ")
+    if record.profile is not None:
+        prof = record.profile
         top = prof["ops"][0] if prof["ops"] else None
         lead = f", top op {top['op_type']} {top['share_pct']:.0f}%" if top else ""
         return f"profiled {prof['steps']} steps, {prof['step_wall_ms']:.1f} ms/step{lead}"
-    windows = record.get("windows") or []
-    cv = record.get("cv")
+    windows = record.windows or []
+    cv = record.cv
     noisy = f"  NOISY (CV {cv:.1%} > {NOISY_CV:.0%})" if is_noisy(cv) else ""
     spread = f" ±{cv:.1%}" if cv is not None else ""
+    step = record.step_ms_p50 if record.step_ms_p50 is not None else float("nan")
     return (
-        f"{format_rate(record.get('samples_per_sec'))} samples/s{spread} over {len(windows)} windows, "
-        f"step p50 {record.get('step_ms_p50', float('nan')):.1f} ms, AUC {record.get('auc') or float('nan'):.3f}"
-        f"{describe_cluster(record.get('cluster'))}{describe_input(record)}{noisy}"
+        f"{format_rate(record.samples_per_sec)} samples/s{spread} over {len(windows)} windows, "
+        f"step p50 {step:.1f} ms, AUC {record.auc or float('nan'):.3f}"
+        f"{describe_cluster(record.cluster)}{describe_input(record)}{noisy}"
     )
 
 
-def describe_input(record: dict) -> str:
+def describe_input(record: Record) -> str:
     """For a pipeline cell: the pipeline's own rate, the wait share, and the verdict."""
-    if record.get("input_samples_per_sec") is None:
+    if record.input_samples_per_sec is None:
         return ""
-    verdict = "  INPUT-BOUND" if record.get("input_bound") else ""
-    return (f", input alone {format_rate(record['input_samples_per_sec'])}/s, waited "
-            f"{record.get('input_wait_share', float('nan')):.0%} of the windows{verdict}")
+    verdict = "  INPUT-BOUND" if record.input_bound else ""
+    wait = record.input_wait_share if record.input_wait_share is not None else float("nan")
+    return (f", input alone {format_rate(record.input_samples_per_sec)}/s, waited "
+            f"{wait:.0%} of the windows{verdict}")
 
 
 def describe_cluster(cluster: dict | None) -> str:
@@ -99,12 +101,12 @@ class Progress:
         self.err.write("\r\033[K" + line[:160])
         self.err.flush()
 
-    def finish(self, cell: Cell, record: dict) -> None:
+    def finish(self, cell: Cell, record: Record) -> None:
         self.done += 1
         if self.live:
             self.err.write("\r\033[K")
-        if not self.quiet or record.get("status") not in ("ok", "skipped"):
-            which = f" (process {record.get('round', 1)}/{self.processes})" if self.processes > 1 else ""
+        if not self.quiet or not record.done:
+            which = f" (process {record.round_number()}/{self.processes})" if self.processes > 1 else ""
             print(f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}{which}", file=self.out,
                   flush=True)
         self._draw()

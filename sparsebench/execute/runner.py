@@ -22,11 +22,13 @@ from ..lifetime import EXPOSED_OPT_IN, exposed_opt_in, private_network_problem
 from ..machine import environment_differences
 from ..plan.cell import Cell
 from ..plan.cluster_file import coordinator_cluster, read_cluster
+from ..plan.job import ProfileRequest, RemoteCluster
 from ..plan.suite import Suite, load_suite, parse_suite
+from ..record import Record
 from ..results import ResultsWriter, read_results
 from .custom_op import needs_custom_op, prebuild, skip_reason
 from .env import fingerprint
-from .orchestrator import Orchestrator, Outcome, inherited_variables, make_record
+from .orchestrator import Orchestrator, Outcome, inherited_variables
 from .progress import Progress
 
 
@@ -124,15 +126,14 @@ def run_header(suite: Suite, suite_arg: str, overrides: list[str], isolation: st
     }
 
 
-def read_cluster_option(cluster: str | None) -> dict[str, Any] | None:
+def read_cluster_option(cluster: str | None) -> RemoteCluster | None:
     """`--cluster FILE`: the real cluster the PS cells run against, as the job carries it."""
     if cluster is None:
         return None
-    spec = coordinator_cluster(read_cluster(cluster), cluster)
-    return {"cluster": spec, "source": str(cluster)}
+    return RemoteCluster(coordinator_cluster(read_cluster(cluster), cluster), str(cluster))
 
 
-def check_cluster_isolation(cells: list[Cell], remote: dict[str, Any] | None) -> None:
+def check_cluster_isolation(cells: list[Cell], remote: RemoteCluster | None) -> None:
     """Before any cell runs: local clusters need a private network namespace, or an
     explicit opt-in, because TensorFlow's servers listen on every interface unauthenticated."""
     if remote is not None or exposed_opt_in() or all(c.distribution.is_local for c in cells):
@@ -152,6 +153,7 @@ def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
 
 
 def run(
+    *,
     suite_arg: str | None,
     overrides: list[str],
     output: Path | None = None,
@@ -162,14 +164,16 @@ def run(
     allow_env_change: bool = False,
     cluster: str | None = None,
 ) -> RunSummary:
-    adjustments: list[Callable[[dict[str, Any]], dict[str, Any]]] = []
+    """`sparsebench run`: a new run of `suite_arg` into `output`, or (`resume`) the missing
+    and failed cells of a results file; returns the counts and the exit code."""
+    adjustments: list[Callable[[Record], Record]] = []
     remote = read_cluster_option(cluster)
     if resume is not None:
         suite, cells, todo, run_meta, writer, note = reopen(resume, suite_arg, overrides, output, require_gpu,
                                                              allow_env_change)
         path = Path(resume)
         if note:
-            adjustments.append(lambda record: {**record, **note})
+            adjustments.append(lambda record: record.replace(**note))
     else:
         if suite_arg is None:
             raise UserError("run: give --suite NAME|PATH (or --resume RESULTS)")
@@ -178,17 +182,18 @@ def run(
         path = Path(output) if output is not None else default_output(suite)
         run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells),
                               processes=max(c.measure.processes for c in cells),
-                              **({"cluster": remote} if remote else {}))
+                              **({"cluster": remote.to_dict()} if remote else {}))
         writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
     custom_op = run_meta.get("custom_op") if resume is None else prebuild([c for _, cs in todo for c in cs])
     if remote is None and resume is not None:
-        remote = run_meta.get("cluster")  # a resumed run goes back to the cluster it started on
+        # a resumed run goes back to the cluster it started on
+        remote = RemoteCluster.from_dict(run_meta["cluster"]) if run_meta.get("cluster") else None
         check_data_files([c for _, cs in todo for c in cs])
     check_cluster_isolation([c for _, cs in todo for c in cs], remote)
 
-    def require(record: dict[str, Any]) -> dict[str, Any]:
-        if require_gpu and record.get("status") == "skipped" and record.get("reason") == "no GPU":
-            record = {**record, "status": "failed", "reason": "no GPU (--require-gpu)"}
+    def require(record: Record) -> Record:
+        if require_gpu and record.status == "skipped" and record.reason == "no GPU":
+            record = record.replace(status="failed", reason="no GPU (--require-gpu)")
         for adjust in adjustments:
             record = adjust(record)
         return record
@@ -196,8 +201,9 @@ def run(
     total = _size(plan_rounds(cells))
     summary = RunSummary(path=path, planned=_size(todo), already_done=total - _size(todo),
                          processes=max(c.measure.processes for c in cells))
-    execute(todo, writer, summary, quiet, isolation or run_meta.get("isolation", suite.isolation), adjust=require,
-            custom_op=custom_op, job_extra={"cluster": remote} if remote else None)
+    execute(todo, writer=writer, summary=summary, quiet=quiet,
+            isolation=isolation or run_meta.get("isolation", suite.isolation), adjust=require, custom_op=custom_op,
+            cluster=remote)
     return summary
 
 
@@ -229,8 +235,8 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     cells = suite.cells()
     done = previous.done_rounds()
     if require_gpu:  # a cell skipped for want of a GPU is not done when a GPU is required
-        done -= {(r["cell_id"], r.get("round", 1)) for r in previous.records
-                 if r.get("status") == "skipped" and r.get("reason") == "no GPU"}
+        done -= {(r.cell_id, r.round_number()) for r in previous.records
+                 if r.status == "skipped" and r.reason == "no GPU"}
     todo = plan_rounds(cells, done)
     writer = ResultsWriter(path)
     for warning in writer.warnings:
@@ -239,10 +245,10 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     return suite, cells, todo, run_meta, writer, note
 
 
-def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
-            job_extra: dict[str, Any] | None = None,
-            adjust: Callable[[dict[str, Any]], dict[str, Any]] = lambda record: record,
-            custom_op: dict[str, Any] | None = None) -> list[tuple[Cell, dict]]:
+def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
+            cluster: RemoteCluster | None = None, profile: ProfileRequest | None = None,
+            adjust: Callable[[Record], Record] = lambda record: record,
+            custom_op: dict[str, Any] | None = None) -> list[tuple[Cell, Record]]:
     """Run the schedule's rounds through workers, appending each (adjusted) record as it
     arrives; always closes the writer. Cells that need a custom op that could not be built
     are recorded as skipped without a worker. Returns (cell, record) pairs in the order
@@ -253,24 +259,24 @@ def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quie
               f"oneDNN (axes intra_op_threads, inter_op_threads, omp_num_threads, mkl_num_threads, "
               f"kmp_blocktime, onednn)", file=sys.stderr)
     progress = Progress(_size(schedule), quiet=quiet, processes=summary.processes)
-    finished: list[tuple[Cell, dict[str, Any]]] = []
+    finished: list[tuple[Cell, Record]] = []
 
     def record(outcome: Outcome) -> None:
         rec = adjust(outcome.record)
         writer.append(rec)
-        summary.counts[rec["status"]] += 1
+        summary.counts[rec.status] += 1
         finished.append((outcome.cell, rec))
         progress.finish(outcome.cell, rec)
 
-    orchestrator = Orchestrator(record, isolation=isolation, on_start=progress.start, job_extra=job_extra)
+    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=progress.start, cluster=cluster,
+                                profile=profile)
     unavailable = skip_reason(custom_op)
     try:
         for round_number, cells in schedule:
             if unavailable:
                 for cell in [c for c in cells if needs_custom_op(c)]:
                     progress.start(cell)
-                    record(Outcome(cell, make_record(cell, {"status": "skipped", "reason": unavailable},
-                                                     round_number)))
+                    record(Outcome(cell, Record.new(cell, round_number, "skipped", unavailable)))
                 cells = [c for c in cells if not needs_custom_op(c)]
             orchestrator.run(cells, round=round_number)
     finally:
@@ -279,8 +285,8 @@ def execute(schedule: Schedule, writer: ResultsWriter, summary: RunSummary, quie
     return finished
 
 
-def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | None, quiet: bool = False,
-            isolation: str | None = None) -> tuple[Path, list[tuple[Cell, dict[str, Any]]], RunSummary]:
+def profile(*, suite_arg: str, overrides: list[str], steps: int, output: Path | None = None, quiet: bool = False,
+            isolation: str | None = None) -> tuple[Path, list[tuple[Cell, Record]], RunSummary]:
     """Profile every cell of a suite; per cell the worker writes DIR/<cell_id>/{plugins,ops.*,trace.json}.
 
     The records (with each cell's op table) also go to DIR/results.jsonl, so `report`
@@ -294,6 +300,6 @@ def profile(suite_arg: str, overrides: list[str], steps: int, output: Path | Non
     run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), profile_steps=steps)
     writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
     summary = RunSummary(path=path, planned=len(cells))
-    profiled = execute([(1, cells)], writer, summary, quiet, run_meta["isolation"], custom_op=run_meta["custom_op"],
-                       job_extra={"profile": {"steps": steps, "dir": str(folder.resolve())}})
+    profiled = execute([(1, cells)], writer=writer, summary=summary, quiet=quiet, isolation=run_meta["isolation"],
+                       custom_op=run_meta["custom_op"], profile=ProfileRequest(steps, str(folder.resolve())))
     return folder, profiled, summary

@@ -15,7 +15,7 @@ What it generates:
   learns shows an AUC above 0.5 on a held-out set.
 
 Per-key properties come from a hash of the key, not from tables, so memory stays O(batch)
-for any table size. This module is NumPy-only: the CLI may import it.
+for any table size. This module imports TensorFlow only inside `to_sparse_tensor`.
 """
 
 from __future__ import annotations
@@ -182,3 +182,14 @@ class SyntheticData:
     def held_out(self, n: int) -> SparseBatch:
         """A held-out set from a stream training never uses."""
         return self.sample(n, stream=20_000)
+
+
+def to_sparse_tensor(batch: SparseBatch, num_features: int):
+    """The batch as the `tf.SparseTensor [batch, num_features]` a train step takes."""
+    import tensorflow as tf
+
+    return tf.SparseTensor(
+        tf.constant(batch.coo_indices(), tf.int64),
+        tf.constant(batch.values, tf.float32),
+        tf.constant([batch.batch_size, num_features], tf.int64),
+    )

@@ -306,34 +306,17 @@ def write_criteo(batch: SparseBatch, path: Path, compress: bool = False) -> None
 WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo}
 
 
-# -- a cell's examples -------------------------------------------------------------------
-def cell_examples(spec, batch_size: int, pool_batches: int, eval_examples: int
-                  ) -> tuple[list[SparseBatch], SparseBatch, SparseBatch, dict]:
-    """(training batches, held-out set, the training examples, what was read) for a cell
-    whose `[data]` names a source, loaded into memory: the held-out set is the first
-    `eval_examples` of `eval_source`, or else the first `eval_examples` of the source
-    (then training starts after them: a pipeline can stream a file it cannot hold, and
-    the end of such a file is only known after reading it all); the next
-    `batch_size * pool_batches` examples train. Too many malformed examples fail the cell,
-    naming the first."""
-    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
-    needed = batch_size * pool_batches
-    held, skip, held_from = held_out_examples(spec, eval_examples)
-    train, report = read(spec.source, spec.format, spec.feature_bits, needed, skip=skip, names=names)
-    check_bad(spec, "source", report)
-    if train.batch_size < batch_size:
-        raise DataFileError(f"{spec.source}: {train.batch_size} examples to train on after the {skip} held out, "
-                            f"fewer than one batch of {batch_size}")
-    count = train.batch_size // batch_size
-    pool = [train.slice(i * batch_size, (i + 1) * batch_size) for i in range(count)]
-    facts = {"source": spec.source, "format": spec.format, "input": spec.input, "read": report.to_dict(),
-             "pool_batches": count, "held_out": held_from, "held_out_examples": held.batch_size}
-    return pool, held, train, facts
+# -- a cell's examples (the order is train/inputs/open.py's) -------------------------
+def tfrecord_names(spec) -> TFRecordNames:
+    """The TFRecord feature names a cell's `[data]` sets (every read of its files uses them)."""
+    return TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
 
 
-def held_out_examples(spec, eval_examples: int) -> tuple[SparseBatch, int, str]:
-    """(held-out set, examples of the source training must skip, where it came from)."""
-    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
+def held_out_examples(spec, eval_examples: int, names: TFRecordNames) -> tuple[SparseBatch, int, str]:
+    """(held-out set, examples of the source training must skip, where it came from): the
+    first `eval_examples` of `eval_source`, or else the first `eval_examples` of the source
+    (then training starts after them: a pipeline can stream a file it cannot hold, and the
+    end of such a file is only known after reading it all)."""
     if spec.eval_source is not None:
         held, report = read(spec.eval_source, spec.format, spec.feature_bits, eval_examples, names=names)
         check_bad(spec, "eval_source", report)

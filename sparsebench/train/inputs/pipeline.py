@@ -19,45 +19,8 @@ repeated within an example is kept twice here (the memory path keeps its last va
 from __future__ import annotations
 
 import time
-from typing import Any
-
 from ...plan.spec import DataSpec
-from .datafiles import (
-    CRITEO_LINE,
-    LIBSVM_LINE,
-    DataFileError,
-    ReadReport,
-    TFRecordNames,
-    check_bad,
-    held_out_examples,
-    is_gzip,
-    read,
-    source_files,
-)
-
-
-def check_source(spec: DataSpec) -> dict[str, Any]:
-    """Count the source's examples and malformed ones without keeping them."""
-    names = TFRecordNames(spec.ids_feature, spec.values_feature, spec.label_feature)
-    _, report = read(spec.source, spec.format, spec.feature_bits, names=names, keep=False)
-    return report.to_dict()
-
-
-def prepare(spec: DataSpec, batch_size: int, eval_examples: int, discretizer: bool):
-    """Before timing: (held-out set, examples the pipeline skips, what was checked, the
-    discretizer's calibration sample or None). Fails the cell on too many malformed
-    examples or too few to train on."""
-    held_out, skip, held_from = held_out_examples(spec, eval_examples)
-    checked = check_source(spec)
-    check_bad(spec, "source", ReadReport(checked["examples"], checked["bad"], checked["first_bad"]))
-    if checked["examples"] - skip < batch_size:
-        raise DataFileError(f"{spec.source}: {checked['examples'] - skip} examples to train on after the {skip} "
-                            f"held out, fewer than one batch of {batch_size}")
-    facts = {"source": spec.source, "format": spec.format, "input": "pipeline", "read": checked,
-             "held_out": held_from, "held_out_examples": held_out.batch_size}
-    calibration = (read(spec.source, spec.format, spec.feature_bits, max(4 * batch_size, 2048), skip=skip)[0]
-                   if discretizer else None)
-    return held_out, skip, facts, calibration
+from .datafiles import CRITEO_LINE, LIBSVM_LINE, is_gzip, source_files
 
 
 def dataset(spec: DataSpec, batch_size: int, skip: int):

@@ -212,14 +212,6 @@ def loss_fn(logits: tf.Tensor, labels: tf.Tensor) -> tf.Tensor:
 
 
 # -- batches as tensors ----------------------------------------------------------------
-def to_sparse_tensor(batch: SparseBatch, num_features: int) -> tf.SparseTensor:
-    return tf.SparseTensor(
-        tf.constant(batch.coo_indices(), tf.int64),
-        tf.constant(batch.values, tf.float32),
-        tf.constant([batch.batch_size, num_features], tf.int64),
-    )
-
-
 def batch_signature(num_features: int):
     """The tf.function signature that lets batches of any size and nnz share one trace."""
     return [tf.SparseTensorSpec([None, num_features], tf.float32), tf.TensorSpec([None], tf.float32)]

@@ -1,0 +1,219 @@
+"""One local cell, from its input to its record.
+
+`run_cell`: open the cell's input (`inputs.open_input`), build the model and optimizer,
+warm up (the first steps trace the graph), time the windows, then, outside the timing,
+the diagnostic steps (gradient type, rows touched) and the held-out evaluation.
+`profile_cell`: the same cell's steps under TensorFlow's profiler instead of windows.
+
+The record's fields are gathered by a few functions shared with parameter-server cells
+(`ps/cell.py`), so both kinds of cell say the same things the same way.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import stats
+from ..errors import CellSkipped, ConfigError
+from ..plan.cell import Cell
+from ..plan.spec import CUSTOM_OP_VARIANTS
+from ..record import Record, input_bound_verdict
+from .inputs.open import CellInput, open_input
+from .measure.tf_facts import threads_in_effect
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+
+
+@dataclass
+class Prepared:
+    """A cell's input and, unless asked not to, its freshly built trainer; the seconds each took."""
+
+    input: CellInput
+    calibration: Any  # model.trainer.Calibration, or None without a discretizer
+    device: str | None
+    phases: dict[str, float]
+    trainer: Any = None
+
+
+def prepare(cell: Cell, build: bool = True) -> Prepared:
+    """The custom op loaded (where the variant needs it), the input opened, the trainer
+    built. `build=False`: no trainer (a parameter-server cell builds it in the strategy's
+    scope)."""
+    from .model.devices import resolve_device
+    from .model.trainer import build_trainer, calibrate
+
+    phases: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(cell.model.device)
+    if cell.model.variant in CUSTOM_OP_VARIANTS:
+        if cell.model.device != "cpu":
+            raise CellSkipped("custom op has no GPU kernel", "fused_custom_op runs on the CPU only")
+        from .custom_ops.build import load
+
+        load()  # built by the parent before any cell started; loading takes milliseconds
+        phases["custom_op_load_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+    inp = open_input(cell)
+    calibration = None
+    if inp.calibration_sample is not None:
+        if inp.calibration_sample.batch_size == 0:
+            raise ConfigError("discretizer: no example to calibrate its bins on")
+        calibration = calibrate(inp.calibration_sample, cell.model.n_bin)
+    phases["data_s"] = time.perf_counter() - t0
+    prepared = Prepared(inp, calibration, device, phases)
+    if build:
+        t0 = time.perf_counter()
+        prepared.trainer = build_trainer(cell.model, inp.num_features, device, calibration)
+        phases["build_s"] = time.perf_counter() - t0
+    return prepared
+
+
+# -- the record's fields, for local and parameter-server cells alike ------------------------
+def measured_fields(measurement, losses: list[float]) -> dict[str, Any]:
+    """The throughput, window and step-time fields of one process, and its training loss."""
+    throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
+    step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
+    tail = losses[-max(1, min(20, len(losses))):] if losses else []
+    return {
+        "samples_per_sec": throughput["median"],
+        "samples_per_sec_low": throughput["low"],
+        "samples_per_sec_high": throughput["high"],
+        "cv": throughput["cv"],
+        "windows": measurement.window_samples_per_sec,
+        "window_seconds": measurement.window_seconds,
+        "window_steps": measurement.window_steps,
+        "step_ms_p50": step_ms["p50"],
+        "step_ms_p90": step_ms["p90"],
+        "step_ms_p99": step_ms["p99"],
+        "steps_timed": len(measurement.step_seconds),
+        "loss": float(np.mean(tail)) if tail else None,
+    }
+
+
+def model_fields(prepared: Prepared) -> dict[str, Any]:
+    """What the cell trained: the table's gradient and update path, variable sizes, the
+    data it read and what the discretizer calibrated."""
+    trainer, inp = prepared.trainer, prepared.input
+    grad_types = sorted(set(trainer.grad_types.values()))
+    return {
+        "grad_type": grad_types[0] if len(grad_types) == 1 else ",".join(grad_types),
+        "update_path": trainer.update_path,
+        "num_features": inp.num_features,
+        "avg_nnz_per_batch": inp.avg_nnz_per_batch,
+        "variables_mb": {v.name: v.shape.num_elements() * 4 / 2**20 for v in trainer.model.train_variables},
+        "data_source": inp.facts,
+        "calibrated_features": len(prepared.calibration.keys) if prepared.calibration is not None else None,
+        "threads_in_effect": threads_in_effect(),
+        "peak_rss_mb": peak_rss_mb(),
+        "phases": prepared.phases,
+    }
+
+
+def quality_fields(prepared: Prepared) -> dict[str, Any]:
+    """Loss and AUC on the held-out set, after training."""
+    import tensorflow as tf
+
+    from .model.trainer import loss_fn
+
+    inp = prepared.input
+    logits = prepared.trainer.predict_logits(inp.held_out_sp)
+    return {"eval_loss": float(loss_fn(logits, tf.constant(inp.held_out.labels))),
+            "auc": stats.auc(inp.held_out.labels, logits.numpy())}
+
+
+# -- a local cell ------------------------------------------------------------------------
+def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
+    """Train and time one cell; its record (status ok)."""
+    from .measure.gpumon import GpuSampler
+    from .measure.windows import measure
+
+    prepared = prepare(cell)
+    trainer, inp, phases = prepared.trainer, prepared.input, prepared.phases
+    losses: list[float] = []
+    sampler = GpuSampler() if cell.model.device == "gpu" else None
+
+    def windows_start() -> None:
+        """Between warm-up and the timed windows: start the GPU sampler, zero the input wait."""
+        if sampler is not None:
+            sampler.start()
+        if inp.stream is not None:
+            inp.stream.waited = 0.0
+
+    t0 = time.perf_counter()
+    try:
+        measurement = measure(trainer.train_step, inp.batches, cell.batch_size, cell.measure, workers=cell.workers,
+                              sync=lambda loss: losses.append(float(loss)), on_windows_start=windows_start)
+    finally:
+        if sampler is not None:
+            sampler.stop()
+    phases["warmup_s"] = measurement.warmup_seconds
+    phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
+    batches = inp.batches
+    rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
+    fields = {**measured_fields(measurement, losses), **quality_fields(prepared), **model_fields(prepared),
+              "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
+              "rows_touched_per_step": rows_touched}
+    if inp.stream is not None:
+        fields.update(input_fields(cell, inp, measurement, fields["samples_per_sec"]))
+    if sampler is not None:
+        fields.update(sampler.summary())
+    return Record.new(cell, round, "ok", isolation=isolation, **fields)
+
+
+def input_fields(cell: Cell, inp: CellInput, measurement, trained: float) -> dict[str, Any]:
+    """A pipeline cell: the pipeline timed alone, the share of the windows training waited
+    for it, and the verdict."""
+    from .inputs.pipeline import input_alone
+
+    wait_share = inp.stream.waited / max(sum(measurement.window_seconds), 1e-9)
+    _, seconds = cell.measure.window_limits()
+    rates = input_alone(inp.dataset(), cell.batch_size, seconds or 1.0, cell.measure.windows)
+    alone = stats.summarize_throughput(rates)["median"]
+    return {"input_samples_per_sec": alone, "input_windows": rates, "input_wait_share": wait_share,
+            "input_bound": input_bound_verdict(wait_share, alone, trained)}
+
+
+def profile_cell(cell: Cell, *, round: int, isolation: str, steps: int, logdir: Path) -> Record:
+    """Warm up, then run `steps` steps under TensorFlow's profiler; write the op tables."""
+    import tensorflow as tf
+
+    from .measure import profiler
+    from .measure.hogwild import run_hogwild
+
+    prepared = prepare(cell)
+    trainer, batches = prepared.trainer, prepared.input.batches
+    sync = lambda loss: loss.numpy()  # noqa: E731 - each step completes before the next
+    run_hogwild(trainer.train_step, batches, cell.workers, steps_per_worker=max(1, cell.measure.warmup_steps), sync=sync)
+    logdir.mkdir(parents=True, exist_ok=True)
+    steps_per_worker = max(1, steps // cell.workers)
+    tf.profiler.experimental.start(str(logdir))
+    start = time.perf_counter()
+    try:
+        run = run_hogwild(trainer.train_step, batches, cell.workers, steps_per_worker=steps_per_worker,
+                          offset=cell.measure.warmup_steps, sync=sync)
+    finally:
+        elapsed = time.perf_counter() - start
+        tf.profiler.experimental.stop()
+    summary = profiler.write_outputs(logdir, cell.cell_id, run.steps, 1000.0 * elapsed / run.steps * cell.workers,
+                                     note=profiler.GPU_HOST_TIME_NOTE if cell.model.device == "gpu" else None)
+    extra = {}
+    if cell.model.device == "gpu":
+        extra["gpu_peak_mb"] = tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
+    return profile_record(cell, round, isolation, logdir, summary, prepared, **extra)
+
+
+def profile_record(cell: Cell, round: int, isolation: str, logdir: Path, summary: dict[str, Any], prepared: Prepared,
+                   **extra: Any) -> Record:
+    """A profiled cell's record: where its profile is, the op summary, and how it ran."""
+    fields = model_fields(prepared)
+    return Record.new(cell, round, "ok", isolation=isolation, profile_dir=str(logdir), profile=summary,
+                      **{k: fields[k] for k in ("peak_rss_mb", "grad_type", "update_path", "phases", "variables_mb",
+                                                "num_features", "data_source")}, **extra)
