@@ -63,11 +63,25 @@ def test_ops_status_and_build_say_why_not(tmp_path):
     assert len(done.stderr.strip().splitlines()) == 1
 
 
-def _fake_compiler(tmp_path, body: str) -> Path:
+def _fake_compiler(tmp_path, body: str, knows_no_fp16: bool = True) -> Path:
+    """A stand-in compiler running `body`; it answers the builder's flag probe (a
+    preprocess-only run) as a compiler that does or does not know -mno-avx512fp16."""
     script = tmp_path / "fake-c++"
-    script.write_text("#!/bin/sh\n" + body)
+    probe = f'case "$1" in -mno-avx512fp16) exit {0 if knows_no_fp16 else 1};; esac\n'
+    script.write_text("#!/bin/sh\n" + probe + body)
     script.chmod(0o755)
     return script
+
+
+@pytest.mark.parametrize("knows", [True, False])
+def test_fp16_is_switched_off_only_where_the_compiler_knows_the_flag(tmp_path, knows):
+    """GCC 12 cannot compile Eigen's FP16 packet math under -march=native on an AVX512-FP16
+    CPU; the flag that avoids it must not reach a compiler that does not know it."""
+    cxx = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+                                   'while [ "$1" != "-o" ]; do shift; done; echo lib > "$2"\n', knows_no_fp16=knows)
+    cli("ops", "build", CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    command = next((tmp_path / "cache").glob("*.log")).read_text().splitlines()[0]
+    assert ("-mno-avx512fp16" in command) is knows and "-march=native" in command
 
 
 def test_a_compile_error_is_one_line_and_the_log_path(tmp_path):

@@ -99,8 +99,25 @@ def _tensorflow_flags() -> tuple[str, list[str], list[str]]:
     return tf.__version__, compile_flags, link_flags
 
 
-def _command(cxx: str, output: Path, compile_flags: list[str], link_flags: list[str]) -> list[str]:
-    return [cxx, "-std=c++17", "-shared", "-fPIC", *OPTIMIZATION, str(SOURCE), "-o", str(output),
+# -march=native on a CPU with AVX512-FP16 (Sapphire Rapids and later) makes GCC 12 compile
+# Eigen's FP16 packet math, which it cannot (errors in PacketMathFP16.h): the op uses no
+# half-precision arithmetic, so FP16 is switched off where the compiler knows the flag.
+NO_FP16 = "-mno-avx512fp16"
+
+
+def _optimization(cxx: str) -> list[str]:
+    """OPTIMIZATION plus the flags this compiler needs on this CPU."""
+    try:
+        probe = subprocess.run([cxx, NO_FP16, "-x", "c++", "-E", "-o", os.devnull, os.devnull],
+                               capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return list(OPTIMIZATION)
+    return [*OPTIMIZATION, NO_FP16] if probe.returncode == 0 else list(OPTIMIZATION)
+
+
+def _command(cxx: str, output: Path, compile_flags: list[str], link_flags: list[str],
+             optimization: list[str]) -> list[str]:
+    return [cxx, "-std=c++17", "-shared", "-fPIC", *optimization, str(SOURCE), "-o", str(output),
             *compile_flags, *link_flags]
 
 
@@ -109,14 +126,15 @@ def plan() -> tuple[Path, list[str], str, str]:
     cxx = compiler()
     identity = _compiler_identity(cxx)
     version, compile_flags, link_flags = _tensorflow_flags()
+    optimization = _optimization(cxx)
     digest = hashlib.sha256()
     for part in (SOURCE.read_bytes(), version.encode(), identity.encode(),
-                 " ".join(OPTIMIZATION + compile_flags + link_flags).encode(), _cpu_flags().encode()):
+                 " ".join(optimization + compile_flags + link_flags).encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
     key = digest.hexdigest()[:16]
     library = cache_dir() / f"{LIBRARY_NAME}-tf{version}-{key}.so"
-    return library, _command(cxx, library, compile_flags, link_flags), key, cxx
+    return library, _command(cxx, library, compile_flags, link_flags, optimization), key, cxx
 
 
 def status() -> BuildInfo:
