@@ -231,3 +231,71 @@ def test_a_tfrecord_pipeline_cell_with_its_own_feature_names_calibrates_its_disc
     assert len(prepared.calibration.keys) > 0
     sp, _ = prepared.input.batches[0]
     assert prepared.trainer.train_step(sp, _).numpy() > 0  # the traced step trains on the discretized keys
+
+
+# Lines that look like data and are not: each must be a counted bad line on both paths, never
+# a crash mid-run, an `inf` in the table, or a line split in two.
+HOSTILE_LIBSVM = [
+    "1 5:1e999 6:1",  # inf in float32 (and in float64)
+    "1 5:3.5e38",  # finite in float64, inf in float32
+    "1e39 5:1",  # a label that overflows
+    "1 5:" + "1" * 40,  # a 40-digit literal: TensorFlow's string-to-number refuses 32+ characters
+    "1 " + "9" * 19 + ":1",  # a key beyond int64
+    "1 5:1\r6:2",  # a lone carriage return inside a line
+    "1 5:1\x002",  # a NUL byte
+    "1 5:nan",
+]
+
+
+def test_hostile_lines_are_bad_lines_on_both_paths_across_mixed_gzip_and_plain_files(tmp_path, examples):
+    """A glob over one plain and one gzip file, hostile lines in the held-out part and in the
+    training part: the memory reader and the traced pipeline agree example for example."""
+    import gzip
+
+    import tensorflow as tf
+
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import MeasureSpec, ModelSpec
+    from sparsebench.train.inputs.datafiles import read
+    from sparsebench.train.inputs.open import open_input
+
+    WRITERS["libsvm"](examples.slice(0, 150), tmp_path / "a.libsvm")
+    WRITERS["libsvm"](examples.slice(150, 300), tmp_path / "b.libsvm.gz", compress=True)
+    plain = (tmp_path / "a.libsvm").read_text().split("\n")
+    plain[10:10] = HOSTILE_LIBSVM  # inside the held-out part
+    (tmp_path / "a.libsvm").write_text("\n".join(plain))
+    zipped = gzip.open(tmp_path / "b.libsvm.gz", "rt").read().split("\n")
+    zipped[20:20] = HOSTILE_LIBSVM + ["1 5:3.4e38"]  # in the training part; the last one is finite: kept
+    with gzip.open(tmp_path / "b.libsvm.gz", "wt", newline="") as fh:
+        fh.write("\n".join(zipped))
+    source = str(tmp_path / "*.libsvm*")
+    batch, report = read(source, "libsvm", 12)
+    assert report.bad == 2 * len(HOSTILE_LIBSVM) and batch.batch_size == 301
+    assert np.all(np.isfinite(batch.values)) and np.isclose(batch.values, 3.4e38, rtol=1e-6).sum() == 1
+    assert "not finite in float32" in report.first_bad[0] and "40 characters" in report.first_bad[3]
+    spec = DataSpec(feature_bits=12, source=source, format="libsvm", input="pipeline", max_bad_fraction=0.1)
+    measure = MeasureSpec(batch_pool=4, eval_examples=50)
+    memory = open_input(Cell("t", 64, ModelSpec(), replace(spec, input="memory"), measure=measure))
+    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure))
+    same(piped.held_out, memory.held_out)
+    assert piped.facts["read"]["bad"] == 2 * len(HOSTILE_LIBSVM) and len(memory.pool) == 3
+    iterator = iter(piped.dataset())
+    for expected in memory.pool:
+        sp, labels = next(iterator)
+        assert isinstance(sp, tf.SparseTensor)
+        np.testing.assert_array_equal(sp.indices.numpy(), expected.coo_indices())
+        np.testing.assert_array_equal(sp.values.numpy(), expected.values)
+        np.testing.assert_array_equal(labels.numpy(), expected.labels)
+
+
+def test_a_non_finite_tfrecord_value_is_a_bad_record_on_both_paths(tmp_path, examples):
+    from sparsebench.train.inputs.pipeline import dataset
+
+    bad = replace(examples, values=examples.values.copy())
+    bad.values[bad.row_splits[3]] = np.inf  # example 3
+    WRITERS["tfrecord"](bad, tmp_path / "x.tfrecord")
+    batch, report = read(str(tmp_path / "x.tfrecord"), "tfrecord", 12)
+    assert report.bad == 1 and batch.batch_size == 299 and "not finite" in report.first_bad[0]
+    spec = DataSpec(feature_bits=12, source=str(tmp_path / "x.tfrecord"), format="tfrecord", input="pipeline")
+    sp, labels = next(iter(dataset(spec, 299, 0)))
+    np.testing.assert_array_equal(sp.values.numpy(), batch.values)

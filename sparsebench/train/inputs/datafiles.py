@@ -76,8 +76,11 @@ def is_gzip(path: Path) -> bool:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a text file, plain or gzip. Lines end at "\n" only, as
+    tf.data's TextLineDataset splits them: a lone "\r" inside a line stays in it (and makes
+    the line malformed on both paths) instead of splitting it in two."""
     opener = gzip.open if is_gzip(path) else open
-    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
+    with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
         yield from enumerate(fh, start=1)
 
 
@@ -129,38 +132,55 @@ class _Counter:
         return None
 
 
-# What a well-formed line is, for both paths: the Python readers reject what these do not
-# match, and the tf.data pipeline filters with the same patterns (RE2 reads them alike), so
-# a line is counted malformed exactly where it is dropped.
+# What a well-formed line is, one definition for both paths: the Python readers reject what
+# these rules reject, and the tf.data pipeline (pipeline.py) drops the same lines, so a line
+# is counted malformed exactly where it is dropped.
+# 1. The line patterns (RE2 and Python's re read them alike): plain numeric literals, keys of
+#    at most KEY_DIGITS digits (so they fit TensorFlow's int64), Criteo's label likewise,
+#    its counts of at most 30 digits, its categories of at most 16 hex digits (64 bits).
+# 2. Every number literal of a libsvm line has at most MAX_LITERAL characters (TensorFlow's
+#    string-to-number refuses longer ones) ...
+# 3. ... and is finite in float32 (1e39 or 1e999 would be `inf`, and poison the table).
+KEY_DIGITS = 18
+MAX_LITERAL = 31
 _NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
-LIBSVM_LINE = rf"[ \t]*{_NUMBER}(?:[ \t]+[+-]?[0-9]+:{_NUMBER})*[ \t]*\r?"  # \r: CRLF files
-CRITEO_LINE = r"[+-]?[0-9]+(?:\t[+-]?[0-9]*){13}(?:\t[0-9a-fA-F]*){26}\r?"
+LIBSVM_LINE = rf"[ \t]*{_NUMBER}(?:[ \t]+[+-]?[0-9]{{1,{KEY_DIGITS}}}:{_NUMBER})*[ \t]*\r?"  # \r: CRLF files
+CRITEO_LINE = (rf"[+-]?[0-9]{{1,{KEY_DIGITS}}}(?:\t[+-]?[0-9]{{0,30}}){{13}}(?:\t[0-9a-fA-F]{{0,16}}){{26}}\r?")
 _LIBSVM, _CRITEO = re.compile(LIBSVM_LINE), re.compile(CRITEO_LINE)
+
+
+def number(text: str) -> float:
+    """A libsvm number literal as the pipeline reads it; ValueError when it is too long or
+    not finite in float32 (rules 2 and 3 above)."""
+    if len(text) > MAX_LITERAL:
+        raise ValueError(f"number literal of {len(text)} characters ({text[:12]}...): at most {MAX_LITERAL}")
+    with np.errstate(over="ignore"):
+        value = np.float32(float(text))
+    if not np.isfinite(value):
+        raise ValueError(f"{text} is not finite in float32")
+    return float(text)
 
 
 def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
     if not _LIBSVM.fullmatch(line.rstrip("\n")):
         raise ValueError("not `label key:value ...` with plain numbers")
     parts = line.split()
-    label = 1.0 if float(parts[0]) > 0 else 0.0
+    label = 1.0 if number(parts[0]) > 0 else 0.0
     features = {}
     for item in parts[1:]:
         key, sep, value = item.partition(":")
         if not sep:
             raise ValueError(f"{item!r} is not key:value")
-        features[int(key) & mask] = float(value)
+        features[int(key) & mask] = number(value)
     return label, features
 
 
 def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, float]]:
+    fields = line.rstrip("\n").removesuffix("\r").split("\t")
     if not _CRITEO.fullmatch(line.rstrip("\n")):
-        fields = line.rstrip("\r\n").split("\t")
         width = 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS
         raise ValueError(f"{len(fields)} fields, expected {width}" if len(fields) != width else
-                         "not an integer label, 13 integers and 26 hex values")
-    fields = line.rstrip("\r\n").split("\t")
-    if len(fields) != 1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS:
-        raise ValueError(f"{len(fields)} fields, expected {1 + CRITEO_INT_COLUMNS + CRITEO_CAT_COLUMNS}")
+                         f"not an integer label, 13 integers (up to 30 digits) and 26 hex values (up to 16 digits)")
     label = 1.0 if int(fields[0]) > 0 else 0.0
     features = {}
     for i, text in enumerate(fields[1:1 + CRITEO_INT_COLUMNS]):
@@ -235,6 +255,8 @@ def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = T
                     raise ValueError(f"no single float {names.label!r}")
                 if len(ids) != len(values):
                     raise ValueError(f"{len(ids)} {names.ids!r} but {len(values)} {names.values!r}")
+                if not np.all(np.isfinite(values)) or not np.isfinite(label_values[0]):
+                    raise ValueError("a value or the label is not finite")
             except Exception as exc:  # noqa: BLE001 - a bad record is counted, not fatal
                 report.skip(f"{path}:record {number}", str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 continue
