@@ -99,6 +99,14 @@ def test_ab_whole_suite_rounds_run_in_abba_order(tmp_path):
     assert any("A/A run" in note for note in payload["notes"])  # identical sides: the noise floor is reported
 
 
+def test_ab_fails_when_side_b_fails_every_cell(tmp_path):
+    """The CI gate whose head crashes must fail: exit 1, the failed cell named."""
+    done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--set", "variant=embedding_lookup_sparse",
+               "--b-set", "batch_size=99999999999999999", "--output", str(tmp_path / "ab"), check=1)
+    last = done.stdout.strip().splitlines()[-1]
+    assert "1 FAILED in B: els-b32" in last and "FAILED" in done.stdout and "B failed in round(s) 1, 2" in done.stdout
+
+
 @pytest.mark.parametrize("args,message", [
     (["--b-set", "batch_size=32,64"], "side A expands to 2 cells and side B to 4"),
     (["--a-python", "/nonexistent/python"], "/nonexistent/python: no such Python interpreter"),

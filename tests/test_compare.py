@@ -10,6 +10,7 @@ import pytest
 from fixtures.make_fixtures import cell, environment, failed, ok, write_to
 
 from sparsebench import stats
+from sparsebench.record import Record
 
 ROOT = Path(__file__).resolve().parent.parent
 SUITE = "smoke"
@@ -71,11 +72,34 @@ def test_missing_and_failed_cells_are_listed_not_dropped(tmp_path):
     cur = run_file(tmp_path, "cur", [("embedding_lookup_sparse", TIGHT), ("col_partitioned", TIGHT)],
                    extra=[failed(cell(SUITE, "sparse_dense_matmul", 256), "ValueError: boom")])
     done = cli("compare", str(base), str(cur))
-    assert done.returncode == 0
+    assert done.returncode == 1  # the current side failed a cell the baseline measured
     assert "only in baseline: row-mod1-b256-sgd-cpu" in done.stdout
     assert "only in current: col-x1-b256-sgd-cpu" in done.stdout
-    assert "not compared" in done.stdout and "current failed (ValueError: boom)" in done.stdout
-    assert done.stdout.strip().splitlines()[-1].startswith("1 cells compared")
+    assert "FAILED" in done.stdout and "current failed (ValueError: boom); the baseline measured it" in done.stdout
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("1 cells compared") and "1 FAILED in current: sdm-b256-sgd-cpu" in last
+
+
+def test_a_cell_only_the_baseline_failed_is_reported_not_a_regression(tmp_path):
+    base = run_file(tmp_path, "base", [("embedding_lookup_sparse", TIGHT)],
+                    extra=[failed(cell(SUITE, "sparse_dense_matmul", 256), "ValueError: old bug")])
+    cur = run_file(tmp_path, "cur", [("embedding_lookup_sparse", TIGHT), ("sparse_dense_matmul", TIGHT)])
+    done = cli("compare", str(base), str(cur), "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    by_status = {c["cell_id"].split("-")[0]: c for c in json.loads(done.stdout)["cells"]}
+    assert by_status["sdm"]["status"] == "not compared" and "baseline failed" in by_status["sdm"]["note"]
+    assert json.loads(done.stdout)["failed"] == 0
+
+
+def test_a_process_of_the_current_side_that_crashed_fails_the_gate(tmp_path):
+    """Merged, a cell with one failed process of three stays ok; the gate still sees the crash."""
+    c = cell(SUITE, "embedding_lookup_sparse", 256)
+    base = tmp_path / "base.jsonl"
+    write_to(base, [ok(c, TIGHT, round=r) for r in (1, 2, 3)], SUITE)
+    crashed = Record.new(c, 2, "failed", "worker killed by SIGSEGV")
+    write_to(tmp_path / "cur.jsonl", [ok(c, TIGHT, round=1), crashed, ok(c, TIGHT, round=3)], SUITE)
+    done = cli("compare", str(base), str(tmp_path / "cur.jsonl"))
+    assert done.returncode == 1 and "1 of 3 processes not ok (round 2: failed, worker killed by SIGSEGV)" in done.stdout
 
 
 def test_schema_mismatch_and_missing_file_exit_2(tmp_path):

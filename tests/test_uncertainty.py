@@ -107,6 +107,29 @@ def test_an_unpaired_look_at_the_same_drifting_data_could_not_decide(tmp_path):
     assert stats.welch_log_p(per_round_a, per_round_b) > 0.05  # unpaired: not significant
 
 
+def test_a_side_b_that_fails_a_cell_fails_the_gate_and_a_side_a_failure_does_not(tmp_path):
+    from sparsebench.record import Record
+
+    def side(path, fail):
+        records = []
+        for r in range(1, 5):
+            for variant in ("embedding_lookup_sparse", "sparse_dense_matmul"):
+                c = cell("ab", variant, 256)
+                records.append(Record.new(c, r, "failed", "ValueError: batch too large") if variant in fail
+                               else ok(c, [10000.0, 10100.0, 9900.0], round=r))
+        write_to(path, records, "ab")
+        return read_results(path)
+
+    a, b = side(tmp_path / "a.jsonl", ()), side(tmp_path / "b.jsonl", ("sparse_dense_matmul",))
+    rep = paired_report(a, b)
+    by = {c.cell_id.split("-")[0]: c for c in rep.cells}
+    assert by["sdm"].status == "failed" and "B failed in round(s) 1, 2, 3, 4" in by["sdm"].note
+    assert rep.exit_code == 1 and "1 FAILED in B: sdm-b256-sgd-cpu" in rep.summary()
+    reverse = paired_report(b, a)  # only A (the baseline) failed it: reported, not a failure
+    assert {c.cell_id.split("-")[0]: c.status for c in reverse.cells}["sdm"] == "not compared"
+    assert reverse.exit_code == 0
+
+
 def test_an_a_a_run_flags_nothing_and_reports_the_noise_floor(tmp_path):
     a = _side(tmp_path / "a.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, noise=0.02, seed=3)
     b = _side(tmp_path / "b.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, noise=0.02, seed=4)

@@ -129,6 +129,9 @@ def _median(groups: list[list[float]]) -> float:
 
 def _compare_cell(cid: str, base: Record, cur: Record, groups_a: list, groups_b: list, shift: float,
                   max_regression: float, alpha: float, noise_factor: float) -> CellDifference:
+    if base.ok and not _crashed(base) and _crashed(cur):
+        return CellDifference(cid, "failed", baseline=_median(groups_a) if groups_a else None,
+                              note=f"current {_failure(cur)}; the baseline measured it")
     if not base.ok or not cur.ok:
         return CellDifference(cid, "not compared", note=f"baseline {_status(base)}, current {_status(cur)}")
     if not groups_a or not groups_b:
@@ -149,6 +152,21 @@ def _compare_cell(cid: str, base: Record, cur: Record, groups_a: list, groups_b:
     note = "; ".join(x for x in (note, "one process: run-to-run noise unknown") if x)
     return CellDifference(cid, verdict(own, p, max_regression, alpha, noise_factor), median_a, median_b, ratio, low,
                           high, p, (len(a), len(b)), "windows", note=note)
+
+
+def _crashed(record: Record) -> bool:
+    """Some process of the cell failed or timed out (a merged record stays ok when another
+    process was)."""
+    return record.status in ("failed", "timeout") or bool(record.failed_rounds)
+
+
+def _failure(record: Record) -> str:
+    if not record.ok:
+        return _status(record)
+    rounds = record.failed_rounds or []
+    first = rounds[0]
+    return (f"{len(rounds)} of {len(rounds) + (record.processes or 0)} processes not ok (round {first.get('round')}: "
+            f"{first.get('status')}, {first.get('reason')})")
 
 
 def _status(record: Record) -> str:

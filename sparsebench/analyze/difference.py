@@ -15,7 +15,9 @@ from typing import Any
 
 from ..results import Results, clean_json
 
-VERDICTS = ("regressed", "improved", "unchanged", "not compared")
+# "failed": the current side failed (or timed out) where the baseline measured the cell: a
+# CI gate whose head crashes must fail. A cell only the baseline failed is "not compared".
+VERDICTS = ("regressed", "improved", "unchanged", "failed", "not compared")
 
 
 @dataclass
@@ -60,18 +62,22 @@ class DifferenceReport:
 
     @property
     def compared(self) -> int:
-        return sum(1 for c in self.cells if c.status != "not compared")
+        return sum(1 for c in self.cells if c.status not in ("not compared", "failed"))
 
     def summary(self) -> str:
         line = (f"{self.compared} cells compared, {self.count('regressed')} regressed, "
                 f"{self.count('improved')} improved, {self.count('unchanged')} unchanged")
+        failed = [c.cell_id for c in self.cells if c.status == "failed"]
+        if failed:
+            line += (f"; {len(failed)} FAILED in {self.names[1]}: {', '.join(failed[:3])}"
+                     + (f" and {len(failed) - 3} more" if len(failed) > 3 else ""))
         if self.shift_status != "unchanged":
             line += f"; the whole run {self.shift_status} ({self.shift:+.1%} shared by all cells)"
         return line
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.count("regressed") or self.shift_status == "regressed" else 0
+        return 1 if self.count("regressed") or self.count("failed") or self.shift_status == "regressed" else 0
 
 
 def verdict(ratio: float, p: float, max_regression: float, alpha: float, noise_factor: float | None = None) -> str:
@@ -101,8 +107,10 @@ def _header(report: DifferenceReport) -> list[str]:
 def _rows(report: DifferenceReport) -> list[list[str]]:
     rows = []
     for c in report.cells:
-        if c.status == "not compared":
-            rows.append([c.cell_id, c.status, "", "", "", "", "", "", c.note])
+        if c.status in ("not compared", "failed"):
+            baseline = f"{c.baseline:,.0f}" if c.baseline is not None else ""
+            rows.append([c.cell_id, c.status.upper() if c.status == "failed" else c.status, baseline, "", "", "", "",
+                         "", c.note])
             continue
         interval = f"{_pct(c.ratio_low)} .. {_pct(c.ratio_high)}" if c.ratio_low is not None else ""
         rows.append([
@@ -160,7 +168,7 @@ def render_json(report: DifferenceReport) -> str:
         "shift": report.shift,
         "shift_status": report.shift_status,
         "summary": report.summary(),
-        **{status: report.count(status) for status in ("regressed", "improved", "unchanged")},
+        **{status: report.count(status) for status in ("regressed", "improved", "unchanged", "failed")},
     }
     return json.dumps(clean_json(payload), indent=2, allow_nan=False)
 

@@ -74,6 +74,16 @@ def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Reco
     common = sorted(r for r in rounds_a if r in rounds_b and rounds_a[r].ok and rounds_b[r].ok
                     and (round_rate(rounds_a[r]) or 0) > 0 and (round_rate(rounds_b[r]) or 0) > 0)
     missing = sorted((set(rounds_a) | set(rounds_b)) - set(common))
+    # B crashed where A measured: a gate whose head fails a cell must fail, whatever the rest says.
+    crashed = sorted(r for r in rounds_b if rounds_b[r].status in ("failed", "timeout")
+                     and r in rounds_a and rounds_a[r].ok)
+    if crashed:
+        first = rounds_b[crashed[0]]
+        a_rates = [round_rate(rounds_a[r]) for r in sorted(rounds_a) if rounds_a[r].ok and round_rate(rounds_a[r])]
+        return CellDifference(label, "failed", baseline=float(statistics.median(a_rates)) if a_rates else None,
+                              unit="rounds", samples=(len(common), len(common)),
+                              note=f"B {first.status} in round(s) {', '.join(map(str, crashed))} where A measured it "
+                                   f"({first.reason})")
     if len(common) < 2:
         statuses = {str(rec.status) for rec in [*rounds_a.values(), *rounds_b.values()]}
         return CellDifference(label, "not compared", unit="rounds", samples=(len(common), len(common)),
