@@ -25,6 +25,7 @@ and written back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import statistics
 import time
 from dataclasses import dataclass, field, fields
@@ -170,6 +171,8 @@ class Record:
     recorded_at: float = _field("unix s", Merge.EACH, "when the record was written")
     worker: dict = _field("", Merge.EACH, "the worker process: pid, seconds, start-up times, threads requested")
     tensorflow: dict = _field("", Merge.SAME, "the worker's TensorFlow: version and build facts")
+    non_finite: list = _field("", Merge.EACH, "fields whose measured value was NaN or infinite (JSON stores them as "
+                                              "null): a diverged loss, an AUC of a model that outputs NaN")
     # -- merged records only ------------------------------------------------------------
     rounds: list = _field("", Merge.SUMMARY, "the rounds (processes) that were ok")
     processes: int = _field("processes", Merge.SUMMARY, "how many processes measured the cell (0: none was ok)")
@@ -224,6 +227,20 @@ class Record:
 
     def replace(self, **changes: Any) -> "Record":
         return dataclasses.replace(self, **changes)
+
+    def noting_non_finite(self) -> "Record":
+        """This record with its NaN and infinite figures named in `non_finite`: JSON has no
+        NaN, so the file stores null, and null alone would read as "not measured"."""
+        found = [f.name for f in FIELDS
+                 if isinstance(getattr(self, f.name), float) and not math.isfinite(getattr(self, f.name))]
+        if not found:
+            return self
+        return self.replace(non_finite=sorted({*(self.non_finite or []), *found}))
+
+    def not_finite(self, name: str) -> bool:
+        """Whether field `name` was NaN or infinite when measured (in any process, merged)."""
+        marks = self.non_finite or []
+        return name in marks or any(isinstance(m, list) and name in m for m in marks)
 
     # -- views --------------------------------------------------------------------------
     @property

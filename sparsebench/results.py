@@ -115,7 +115,7 @@ class ResultsWriter:
                                f"saved (complete the run with --resume once the disk is writable)") from None
 
     def append(self, record: Record) -> None:
-        self._write(record.to_dict())
+        self._write(record.noting_non_finite().to_dict())
 
     def close(self) -> None:
         try:

@@ -114,3 +114,22 @@ def test_on_windows_start_runs_after_warm_up_and_before_the_first_timed_step():
             settings=MeasureSpec(warmup_steps=3, windows=1, steps_per_window=2),
             on_windows_start=lambda: events.append("start"))
     assert events == ["step"] * 3 + ["start"] + ["step"] * 2
+
+
+def test_a_window_in_which_no_step_finished_fails_instead_of_recording_zero():
+    """A clock that moves past the window before the first step (a window shorter than a
+    step): the cell must not record `ok` at 0 samples/s."""
+    from sparsebench.train.measure.windows import EmptyWindow
+
+    ticks = iter(range(10_000))
+    with pytest.raises(EmptyWindow, match="timed window 1 ran no step"):
+        measure(lambda batch: batch, [(0,)], batch_size=10,
+                settings=MeasureSpec(warmup_steps=0, windows=2, seconds_per_window=0.5),
+                clock=lambda: float(next(ticks)))
+
+
+def test_a_window_shorter_than_the_clock_can_time_is_a_config_error():
+    from sparsebench.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="seconds_per_window: must be at least 0.01 s"):
+        MeasureSpec(seconds_per_window=1e-300).validate()

@@ -70,3 +70,22 @@ def test_environment_differences_name_each_fact():
     diffs = environment_differences(base, other)
     assert len(diffs) == 2
     assert diffs[0].startswith("CPU model differs") and "TF_XLA_FLAGS" in diffs[1]
+
+
+def test_a_nan_loss_is_named_in_the_file_and_shown_as_nan_by_report(tmp_path):
+    """JSON stores NaN as null; the record says which figures were not finite, so a diverged
+    cell does not read as "not measured"."""
+    from fixtures.make_fixtures import cell, ok, write_to
+
+    from sparsebench.analyze import report
+
+    diverged = ok(cell("s", "embedding_lookup_sparse", 256), [100.0, 110.0, 105.0]).replace(loss=float("nan"),
+                                                                                           auc=float("inf"))
+    path = tmp_path / "r.jsonl"
+    write_to(path, [], "s")
+    with ResultsWriter(path) as writer:
+        writer.append(diverged)
+    (stored,) = read_results(path).records
+    assert stored.loss is None and stored.non_finite == ["auc", "loss"]
+    table = report.build_view(report.load([path]), "matrix").table
+    assert list(table["loss"]) == ["NaN"] and list(table["AUC"]) == ["NaN"]

@@ -77,8 +77,10 @@ def load(paths: list[Path]) -> Loaded:
             row["label"] = _label(record)
             row["profile"] = record.profile  # op table, for records written by `profile`
             row["process_windows"] = record.process_windows or ([record.windows] if record.windows else None)
+            row["not_finite"] = [name for name in ("loss", "eval_loss", "auc") if record.not_finite(name)]
             rows.append(row)
-    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows"])
+    frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows",
+                                        "not_finite"])
     return Loaded(frame, runs, warnings)
 
 
@@ -198,8 +200,8 @@ def view_matrix(frame: pd.DataFrame) -> View:
             "95% interval": interval_text(row) if ok else "",
             "processes": str(int(row["processes"])) if ok and not pd.isna(row["processes"]) else "",
             "CV (within / between)": _spread_text(row) if ok else "",
-            "loss": f"{row['loss']:.4f}" if ok and row["loss"] is not None else "",
-            "AUC": f"{row['auc']:.3f}" if ok and row["auc"] is not None else "",
+            "loss": _quality_text(row, "loss", "{:.4f}") if ok else "",
+            "AUC": _quality_text(row, "auc", "{:.3f}") if ok else "",
             "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",
             "grad": row["grad_type"] if ok else "",
             **({"input": _input_text(row) if ok else ""} if has_pipeline else {}),
@@ -209,6 +211,14 @@ def view_matrix(frame: pd.DataFrame) -> View:
         notes.append("input: for pipeline cells, the pipeline's own samples/s and whether training waited for it "
                      "(input-bound: waited >= 20% of the windows, or the pipeline alone < 1.2x the training rate)")
     return View("All cells", pd.DataFrame(rows), notes, frame)
+
+
+def _quality_text(row, name: str, form: str) -> str:
+    """A quality figure; "NaN" where it was measured as NaN or infinite (the file holds null)."""
+    if name in (row.get("not_finite") or []):
+        return "NaN"
+    value = row[name]
+    return form.format(value) if value is not None and not pd.isna(value) else ""
 
 
 def _input_text(row) -> str:

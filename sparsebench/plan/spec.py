@@ -8,6 +8,7 @@ that the same settings always hash (and therefore identify a cell) the same way.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -220,7 +221,8 @@ def _check_type(name: str, spec_field: dataclasses.Field, value: Any) -> None:
     elif annotation.startswith("int"):
         ok, want = is_int, "an integer"
     elif annotation.startswith("float"):
-        ok, want = is_int or isinstance(value, float), "a number"
+        # TOML and --set both read `inf` and `nan`: no setting of a cell is meant to be either
+        ok, want = (is_int or isinstance(value, float)) and math.isfinite(value), "a finite number"
     elif annotation.startswith("str"):
         ok, want = isinstance(value, str), "a string"
     elif annotation.startswith("tuple"):
@@ -234,6 +236,7 @@ def _check_type(name: str, spec_field: dataclasses.Field, value: Any) -> None:
 
 
 DEFAULT_SECONDS_PER_WINDOW = 2.0
+MIN_SECONDS_PER_WINDOW = 0.01
 
 
 @dataclass(frozen=True)
@@ -260,9 +263,9 @@ class MeasureSpec:
         _require(self.warmup_steps >= 0, "warmup_steps", "must be >= 0")
         _require(self.windows >= 1, "windows", "must be >= 1")
         _require(self.steps_per_window is None or self.steps_per_window >= 1, "steps_per_window", "must be >= 1")
-        _require(
-            self.seconds_per_window is None or self.seconds_per_window > 0, "seconds_per_window", "must be positive"
-        )
+        _require(self.seconds_per_window is None or self.seconds_per_window >= MIN_SECONDS_PER_WINDOW,
+                 "seconds_per_window", f"must be at least {MIN_SECONDS_PER_WINDOW:g} s (a shorter window times the "
+                                       f"clock, not the step)")
         _require(self.batch_pool >= 1, "batch_pool", "must be >= 1")
         _require(self.eval_examples >= 2, "eval_examples", "must be >= 2")
         _require(self.diagnostic_steps >= 0, "diagnostic_steps", "must be >= 0")

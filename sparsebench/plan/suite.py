@@ -31,6 +31,7 @@ Every error names the file and the key: `suites/x.toml: matrix.variant: unknown 
 from __future__ import annotations
 
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from importlib import resources
@@ -64,7 +65,8 @@ AXES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "partition_strategy": ("model", _choice(spec.PARTITION_STRATEGIES), "mod or div"),
     "optimizer": ("model", _choice(spec.OPTIMIZERS), "a known optimizer (" + ", ".join(spec.OPTIMIZERS) + ")"),
     "device": ("model", _choice(spec.DEVICES), "cpu or gpu"),
-    "learning_rate": ("model", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "a number > 0"),
+    "learning_rate": ("model", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf,
+                      "a finite number > 0"),
     "discretizer": ("model", lambda v: isinstance(v, bool), "true or false"),
     "normalization": ("model", lambda v: isinstance(v, bool), "true or false"),
     "out_dim": ("model", _positive_int, "an integer >= 1"),

@@ -15,6 +15,11 @@ from ...plan.spec import MeasureSpec
 from .hogwild import run_hogwild
 
 
+class EmptyWindow(RuntimeError):
+    """A timed window in which no step finished: its rate would be 0 samples/s, which is
+    not a measurement of the step (the cell fails instead of recording it)."""
+
+
 @dataclass
 class Measurement:
     window_samples_per_sec: list[float] = field(default_factory=list)
@@ -57,6 +62,9 @@ def measure(
         run = run_hogwild(step, batches, workers, steps_per_worker=steps_per_window,
                           seconds=seconds_per_window, offset=offset, sync=sync, clock=clock)
         elapsed = clock() - start
+        if run.steps == 0:
+            raise EmptyWindow(f"timed window {len(result.window_steps) + 1} ran no step in {elapsed:.3g} s: the step "
+                              f"takes longer than the window (raise seconds_per_window)")
         offset += run.steps
         result.window_seconds.append(elapsed)
         result.window_steps.append(run.steps)
