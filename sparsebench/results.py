@@ -22,6 +22,7 @@ are read through an explicit upgrade step):
 
 from __future__ import annotations
 
+import fcntl
 import json
 import math
 import os
@@ -87,6 +88,12 @@ class ResultsWriter:
             raise ResultsError(f"{self.path}: already exists; choose another --output or use --resume") from None
         except OSError as exc:
             raise ResultsError(f"{self.path}: cannot write results: {exc.strerror}") from None
+        try:  # one writer per file: a second `--resume` of a running run would record its cells twice
+            fcntl.flock(self._fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._fh.close()
+            raise ResultsError(f"{self.path}: another sparsebench is writing this file; let it finish (or stop it) "
+                               f"before resuming") from None
         if header is not None:
             self._write({"schema": SCHEMA, "version": VERSION, **header()})
 
@@ -190,6 +197,7 @@ def read_results(path: str | Path) -> Results:
         raise ResultsError(f"{path}:1: results format version {version!r}; this sparsebench reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
     records = []
+    measured_at: dict[tuple[str, int], int] = {}  # (cell, round) -> line of its ok record
     for number, line in enumerate(complete[1:], start=2):
         if not line.strip():
             continue
@@ -200,6 +208,12 @@ def read_results(path: str | Path) -> Results:
         if not isinstance(record, dict) or "cell_id" not in record or "status" not in record:
             raise ResultsError(f"{path}:{number}: corrupt record (no cell_id or status)")
         records.append(Record.from_dict(_upgrade(version, record)))
+        key = (records[-1].cell_id, records[-1].round_number())
+        if records[-1].ok:  # (a skipped cell may be re-run: --resume --require-gpu)
+            if key in measured_at:
+                warnings.append(f"{path}:{number}: cell {key[0]} round {key[1]} was already recorded at line "
+                                f"{measured_at[key]}; the later record is used (two runs wrote this file?)")
+            measured_at[key] = number
     return Results(path, header, records, warnings)
 
 

@@ -146,3 +146,17 @@ def test_html_page_renders_in_a_real_headless_browser(tmp_path):
     subprocess.run([chromium(), *flags, f"--screenshot={shot}", "--window-size=1280,2000", page.as_uri()],
                    capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_cells_whose_labels_collide_are_shown_by_their_ids(tmp_path):
+    from fixtures.make_fixtures import ok, write_to
+
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import DataSpec, ModelSpec
+
+    cells = [Cell("s", 64, ModelSpec(), DataSpec(source=f"/{folder}/x.libsvm", format="libsvm"))
+             for folder in ("a", "b")]
+    path = tmp_path / "r.jsonl"
+    write_to(path, [ok(c, [100.0, 101.0]) for c in cells], "s")
+    shown = list(report.build_view(report.load([path]), "matrix").table["cell"])
+    assert shown == [c.cell_id for c in cells] and shown[0] != shown[1]

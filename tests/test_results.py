@@ -89,3 +89,22 @@ def test_a_nan_loss_is_named_in_the_file_and_shown_as_nan_by_report(tmp_path):
     assert stored.loss is None and stored.non_finite == ["auc", "loss"]
     table = report.build_view(report.load([path]), "matrix").table
     assert list(table["loss"]) == ["NaN"] and list(table["AUC"]) == ["NaN"]
+
+
+def test_a_second_writer_of_one_file_is_refused_while_the_first_holds_it(tmp_path):
+    """Two `--resume` runs of one file: the second gets one line, the first keeps writing."""
+    path = tmp_path / "r.jsonl"
+    shutil.copy(FIXTURES / "talk.jsonl", path)
+    with ResultsWriter(path):
+        with pytest.raises(ResultsError, match="another sparsebench is writing this file"):
+            ResultsWriter(path)
+    ResultsWriter(path).close()  # free again once the first closed
+
+
+def test_a_cell_measured_twice_in_one_round_is_warned_about(tmp_path):
+    path = tmp_path / "r.jsonl"
+    lines = (FIXTURES / "talk.jsonl").read_text().splitlines()
+    path.write_text("\n".join([*lines, lines[1]]) + "\n")
+    results = read_results(path)
+    assert any(f":{len(lines) + 1}: cell " in w and "already recorded at line 2" in w for w in results.warnings)
+    assert not read_results(FIXTURES / "talk.jsonl").warnings

@@ -209,3 +209,14 @@ def test_steps_per_window_alone_is_not_cut_by_a_default_time_limit():
     suite.override("seconds_per_window=none")
     assert suite.cells()[0].measure.window_limits() == (50, None)
     assert parse('batch_size = [64]').cells()[0].measure.window_limits() == (None, 2.0)
+
+
+def test_cells_that_differ_only_in_their_source_file_have_distinct_labels():
+    suite = parse('format = ["libsvm"]\nsource = ["/d/day-01.libsvm", "/d/day-02.libsvm.gz", "/e/day-01.libsvm", '
+                  '"/d/*.libsvm"]\n')
+    labels = [c.label for c in suite.cells()]
+    assert labels[0].endswith("-libsvm-memory-day-01") and labels[1].endswith("-day-02")
+    assert labels[3].endswith("-*")
+    # Same file name in two folders: the labels agree, the ids (label + identity hash) do not,
+    # and report shows the ids where labels collide (tests/test_report.py).
+    assert labels[0] == labels[2] and len({c.cell_id for c in suite.cells()}) == 4

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,11 +71,15 @@ def load(paths: list[Path]) -> Loaded:
         label = run_label(Path(path))
         machine = results.environment.get("cpu", {}).get("model", "unknown CPU")
         runs.append({"path": str(path), "label": label, "header": results.header, "machine": machine})
-        for record in results.latest():
+        merged = results.latest()
+        labels = Counter(_label(record) for record in merged)
+        for record in merged:
             row = flat_view(record)
             row["run"] = label
             row["machine"] = machine
-            row["label"] = _label(record)
+            # Cells that differ only where the label does not look (two files of one format)
+            # keep their ids' hash, or the table would show the same name twice.
+            row["label"] = _label(record) if labels[_label(record)] == 1 else record.cell_id
             row["profile"] = record.profile  # op table, for records written by `profile`
             row["process_windows"] = record.process_windows or ([record.windows] if record.windows else None)
             row["not_finite"] = [name for name in ("loss", "eval_loss", "auc") if record.not_finite(name)]

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
@@ -25,6 +27,15 @@ ABBREVIATIONS = {
     "col_partitioned": "col",
     "fused_custom_op": "fused",
 }
+
+
+def source_name(pattern: str) -> str:
+    """A data file's (or glob's) name as a label shows it: no folder, no compression or
+    format suffix, only characters a label may hold (`/data/day-01.libsvm.gz` -> `day-01`)."""
+    name = Path(pattern).name
+    for suffix in (".gz", ".libsvm", ".svm", ".txt", ".tsv", ".tfrecord", ".tfrecords"):
+        name = name.removesuffix(suffix)
+    return re.sub(r"[^A-Za-z0-9_.*-]+", "_", name) or "data"
 
 
 @dataclass(frozen=True)
@@ -163,7 +174,7 @@ class Cell:
         if not d.is_local:
             parts.append(f"ps{d.ps_tasks}w{d.worker_tasks}")
         if self.data.source is not None:
-            parts.append(f"{self.data.format}-{self.data.input}")
+            parts.append(f"{self.data.format}-{self.data.input}-{source_name(self.data.source)}")
         return "-".join(parts)
 
     # -- process settings --------------------------------------------------------
