@@ -15,6 +15,7 @@ import click
 
 from . import WORKER_PROTOCOL, __version__
 from .errors import UserError
+from .plan.spec import DATA_FORMATS, DataSpec
 from .results import VERSION as RESULTS_VERSION
 
 
@@ -85,7 +86,7 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
     import os
     import sys
 
-    from .plan.cluster_file import from_tf_config, parse_task, read_cluster
+    from .plan.cluster_file import check_ports_free, from_tf_config, parse_task, read_cluster
 
     if cluster is None and task is None:
         spec, task = from_tf_config()
@@ -93,7 +94,8 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
         raise UserError("serve: give both --cluster FILE and --task ps:N (or neither, with TF_CONFIG)")
     else:
         spec = read_cluster(cluster)
-    parse_task(task, spec)
+    job, index = parse_task(task, spec)
+    check_ports_free(spec, job, index)
     command = [sys.executable, "-m", "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec), "--task", task,
                "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads)]
     click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
@@ -101,23 +103,66 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
     os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("action", type=click.Choice(["write", "inspect"]))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def data(action, args):
-    """Write the synthetic data as a file, or describe a data file.
+@cli.group()
+def data():
+    """Write the synthetic data as a file, or describe a data file."""
 
-    \b
-    sparsebench data write PATH --format libsvm|criteo|tfrecord --examples N
-        [--feature-bits B] [--mean-active M] [--zipf-exponent S] [--seed S] [--gzip]
-    sparsebench data inspect PATH --format F [--feature-bits B] [--limit N] [--json]
-    """
+
+FEATURE_BITS = click.IntRange(1, 30)  # as DataSpec.validate
+
+
+def _data_tool(action: str, path: str, options: dict) -> None:
+    """Run the worker side's data tool (TFRecord needs TensorFlow), replacing this process:
+    the options were checked here, so its errors are about the data, not the command line."""
     import os
-    import sys
 
-    # TFRecord needs TensorFlow: the tool runs as the worker side's module, replacing this process.
+    argv = [action, path]
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.inputs.datatool", action, *args])
+    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.inputs.datatool", *argv])
+
+
+@data.command("write")
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), required=True, help="The file format.")
+@click.option("--examples", type=click.IntRange(min=1), required=True, help="How many examples.")
+@click.option("--feature-bits", type=FEATURE_BITS, default=DataSpec.feature_bits, show_default=True,
+              help="Keys modulo 2**B.")
+@click.option("--mean-active", type=click.FloatRange(min=0, min_open=True, max=1e6), default=DataSpec.mean_active,
+              show_default=True, help="Mean active features per example.")
+@click.option("--zipf-exponent", type=click.FloatRange(min=0, max=100), default=DataSpec.zipf_exponent,
+              show_default=True,
+              help="Key popularity ~ 1 / rank**S.")
+@click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
+              help="The generator's seed.")
+@click.option("--gzip", is_flag=True, help="Compress (also implied by a .gz name).")
+def data_write(path, fmt, examples, feature_bits, mean_active, zipf_exponent, seed, gzip):
+    """Write the synthetic generator's examples to PATH (to try a file source, and for tests)."""
+    _data_tool("write", path, {"format": fmt, "examples": examples, "feature_bits": feature_bits,
+                               "mean_active": mean_active, "zipf_exponent": zipf_exponent, "seed": seed, "gzip": gzip})
+
+
+@data.command("inspect")
+@click.argument("path")
+@click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), required=True, help="The file format.")
+@click.option("--feature-bits", type=FEATURE_BITS, default=DataSpec.feature_bits, show_default=True,
+              help="Keys modulo 2**B.")
+@click.option("--limit", type=click.IntRange(min=1), help="Read at most N examples.")
+@click.option("--ids-feature", default="ids", show_default=True, help="TFRecord: the int64 ids feature.")
+@click.option("--values-feature", default="values", show_default=True, help="TFRecord: the float values feature.")
+@click.option("--label-feature", default="label", show_default=True, help="TFRecord: the float label feature.")
+@click.option("--json", "as_json", is_flag=True, help="Print the facts as JSON.")
+def data_inspect(path, fmt, feature_bits, limit, ids_feature, values_feature, label_feature, as_json):
+    """Describe a data file in the generator's terms (active features, Zipf exponent, values),
+    so the generator can be set to mimic it."""
+    _data_tool("inspect", path, {"format": fmt, "feature_bits": feature_bits, "limit": limit,
+                                 "ids_feature": ids_feature, "values_feature": values_feature,
+                                 "label_feature": label_feature, "json": as_json})
 
 
 @cli.command()
@@ -290,10 +335,11 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
        alpha, fmt, github_benchmark, output):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A."""
-    from .analyze.paired import paired_report
+    from .analyze.paired import check_options, paired_report
     from .execute import ab as ab_runner
     from .results import read_results
 
+    check_options(max_regression=max_regression / 100.0, alpha=alpha, test=test)
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
@@ -365,6 +411,8 @@ def ops_build():
         log = f" (compiler log: {info['log']})" if info.get("log") else ""
         raise UserError(f"custom op unavailable: {info.get('reason')}{log}")
     how = "already built" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.1f} s"
+    if info.get("replaced"):
+        how += f"; replaced a damaged cached library: {info['replaced']}"
     click.echo(f"{info['library']} ({how}, compiler {info.get('compiler')})")
     return 0
 
@@ -391,9 +439,18 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("interrupted", err=True)
         sys.exit(130)
-    except click.ClickException as exc:
+    except click.exceptions.NoArgsIsHelpError as exc:  # `sparsebench data`: the group's help is the answer
         exc.show()
-        sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        sys.exit(2)
+    except click.UsageError as exc:
+        # click's usage line, then the error in the form every other error has (one line)
+        if exc.ctx is not None:
+            click.echo(exc.ctx.get_usage().splitlines()[0], err=True)
+        click.echo(f"sparsebench: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(2)
+    except click.ClickException as exc:
+        click.echo(f"sparsebench: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(130)

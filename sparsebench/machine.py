@@ -71,14 +71,31 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+def field_at(env: Any, *keys: str) -> Any:
+    """env[k1][k2]..., or None where a level is missing or not an object (a damaged file's
+    fingerprint must not crash a comparison)."""
+    for key in keys:
+        if not isinstance(env, dict):
+            return None
+        env = env.get(key)
+    return env
+
+
+def _gpu_names(env: Any) -> str:
+    gpus = field_at(env, "gpus")
+    if not isinstance(gpus, list):
+        return "none" if gpus is None else f"unreadable ({gpus!r})"
+    return ", ".join(str(field_at(g, "name") or "?") for g in gpus) or "none"
+
+
 # What makes two fingerprints measure different machines: (name, how to read it).
 FINGERPRINT_KEYS = (
-    ("CPU model", lambda env: env.get("cpu", {}).get("model")),
-    ("cores available", lambda env: env.get("cores_available")),
-    ("TensorFlow version", lambda env: (env.get("tensorflow") or {}).get("version")),
-    ("TF oneDNN build", lambda env: (env.get("tensorflow") or {}).get("onednn_built")),
-    ("GPUs", lambda env: ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"),
-    ("TF/XLA variables passed to workers", lambda env: env.get("worker_variables")),
+    ("CPU model", lambda env: field_at(env, "cpu", "model")),
+    ("cores available", lambda env: field_at(env, "cores_available")),
+    ("TensorFlow version", lambda env: field_at(env, "tensorflow", "version")),
+    ("TF oneDNN build", lambda env: field_at(env, "tensorflow", "onednn_built")),
+    ("GPUs", _gpu_names),
+    ("TF/XLA variables passed to workers", lambda env: field_at(env, "worker_variables")),
 )
 
 

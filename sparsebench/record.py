@@ -25,6 +25,7 @@ and written back unchanged.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import time
@@ -87,6 +88,9 @@ def _derive_input_bound(record: "Record") -> bool | None:
 
 # Fields written even when null (every reader may index them).
 ALWAYS_WRITTEN = ("cell_id", "axes", "cell", "round", "status", "reason")
+# Fields every record of this tool has had a value for: null there is damage, not "unknown"
+# (report's axes and compare's thread settings would silently read as missing).
+NEVER_NULL = ("cell_id", "status", "axes")
 
 
 @dataclass
@@ -123,9 +127,12 @@ class Record:
     step_ms_p90: float = _field("ms", Merge.MEDIAN, "90th percentile of the step time")
     step_ms_p99: float = _field("ms", Merge.MEDIAN, "99th percentile of the step time")
     # -- quality ------------------------------------------------------------------------
-    loss: float = _field("", Merge.MEDIAN, "mean training loss of the last (up to 20) timed steps")
-    eval_loss: float = _field("", Merge.MEDIAN, "loss on the held-out set after the timed windows")
-    auc: float = _field("", Merge.MEDIAN, "ROC AUC on the held-out set after the timed windows")
+    quality_steps: int = _field("steps", Merge.SAME, "train steps from the initial weights behind loss, eval_loss and "
+                                                     "auc (the quality phase, before the timing; the suite's "
+                                                     "quality_steps, rounded up to whole PS functions)")
+    loss: float = _field("", Merge.MEDIAN, "mean training loss of the last (up to 20) quality-phase steps")
+    eval_loss: float = _field("", Merge.MEDIAN, "loss on the held-out set after the quality phase")
+    auc: float = _field("", Merge.MEDIAN, "ROC AUC on the held-out set after the quality phase")
     # -- resources and the model's shape ----------------------------------------------
     peak_rss_mb: float = _field("MiB", Merge.MAX, "the worker process's peak resident memory")
     grad_type: str = _field("", Merge.SAME, "the sparse table's gradient type: dense or IndexedSlices")
@@ -203,8 +210,15 @@ class Record:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Record":
-        """A record read from JSON; keys this version does not declare go to `extra`."""
+        """A record read from JSON; keys this version does not declare go to `extra`.
+        RecordTypeError names the first field whose value has the wrong type."""
         known = {k: v for k, v in data.items() if k in FIELD_NAMES and k != "extra"}
+        for name, value in known.items():
+            if value is None and name in NEVER_NULL:
+                raise RecordTypeError(f"field {name!r}: null, but every record names its cell here")
+            problem = _type_problem(FIELD_TYPES[name], FIELD_UNITS[name], value)
+            if problem:
+                raise RecordTypeError(f"field {name!r}: {problem}")
         extra = {k: v for k, v in data.items() if k not in FIELD_NAMES or k == "extra"}
         return cls(**known, extra=extra)
 
@@ -262,6 +276,53 @@ class Record:
 
 FIELDS = tuple(fields(Record))
 FIELD_NAMES = tuple(f.name for f in FIELDS)
+FIELD_TYPES = {f.name: str(f.type) for f in FIELDS}
+FIELD_UNITS = {f.name: f.metadata["unit"] for f in FIELDS}
+
+
+class RecordTypeError(ValueError):
+    """A stored record whose field holds a value of the wrong type (a hand-edited or
+    damaged file): the reader names it instead of failing somewhere downstream."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _type_problem(annotation: str, unit: str, value: Any) -> str | None:
+    """Why `value` cannot be a field declared `annotation` (None: it can). JSON has no
+    NaN, so a float field is a number or null; a list with a unit holds numbers (or, for
+    per-process lists, lists of numbers)."""
+    if value is None:
+        return None
+    expected = {"str": (str, "a string"), "int": (int, "an integer"), "float": (float, "a number"),
+                "bool": (bool, "true or false"), "list": (list, "a list"), "dict": (dict, "an object")}
+    kind, words = expected.get(annotation, (object, ""))
+    if kind is float:
+        ok = _is_number(value)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        return f"expected {words}, got {json_type(value)}"
+    if kind is list and unit:
+        for item in value:
+            items = item if isinstance(item, list) else [item]
+            if not all(v is None or _is_number(v) for v in items):
+                return f"expected a list of numbers ({unit}), got an element {json_type(item)}"
+    return None
+
+
+def json_type(value: Any) -> str:
+    """A value's JSON type in words, with the value where it is short (for error messages)."""
+    if value is None:
+        return "null"
+    name = {str: "string", bool: "boolean", int: "number", float: "number", list: "list", dict: "object"}.get(
+        type(value), type(value).__name__)
+    text = json.dumps(value, default=str)
+    shown = text if len(text) <= 20 else ""
+    return f"{name} {shown}".strip()
 
 
 def declarations() -> list[dict[str, str]]:

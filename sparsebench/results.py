@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import UserError
-from .record import Record, merge_rounds
+from .record import STATUSES, Record, RecordTypeError, json_type, merge_rounds
 
 SCHEMA = "sparsebench-results"
 VERSION = 2
@@ -193,6 +193,9 @@ def read_results(path: str | Path) -> Results:
     if not isinstance(header, dict) or header.get("schema") != SCHEMA:
         raise ResultsError(f"{path}:1: not a sparsebench results file (schema {header.get('schema') if isinstance(header, dict) else None!r})")
     version = header.get("version")
+    for key in ("run", "environment"):
+        if key in header and not isinstance(header[key], dict):
+            raise ResultsError(f"{path}:1: corrupt header ({key!r} is {json_type(header[key])}, not an object)")
     if version not in READABLE_VERSIONS:
         raise ResultsError(f"{path}:1: results format version {version!r}; this sparsebench reads versions "
                            f"{', '.join(map(str, READABLE_VERSIONS))}")
@@ -207,7 +210,13 @@ def read_results(path: str | Path) -> Results:
             raise ResultsError(f"{path}:{number}: corrupt record ({exc.msg})") from None
         if not isinstance(record, dict) or "cell_id" not in record or "status" not in record:
             raise ResultsError(f"{path}:{number}: corrupt record (no cell_id or status)")
-        records.append(Record.from_dict(_upgrade(version, record)))
+        if not isinstance(record["cell_id"], str) or record["status"] not in STATUSES:
+            raise ResultsError(f"{path}:{number}: corrupt record (cell_id {json_type(record['cell_id'])}, status "
+                               f"{json_type(record['status'])}; statuses are {', '.join(STATUSES)})")
+        try:
+            records.append(Record.from_dict(_upgrade(version, record)))
+        except RecordTypeError as exc:
+            raise ResultsError(f"{path}:{number}: corrupt record ({exc})") from None
         key = (records[-1].cell_id, records[-1].round_number())
         if records[-1].ok:  # (a skipped cell may be re-run: --resume --require-gpu)
             if key in measured_at:

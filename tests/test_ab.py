@@ -115,3 +115,41 @@ def test_ab_fails_when_side_b_fails_every_cell(tmp_path):
 def test_ab_bad_input_is_one_line(tmp_path, args, message):
     done = cli("ab", "--suite", str(TINY), "--output", str(tmp_path / "ab"), *args, check=2)
     assert message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_kill_9_of_ab_takes_its_probe_with_it(tmp_path):
+    """Side B's interpreter is a stand-in whose TensorFlow probe would run for a minute:
+    once `ab` is killed with SIGKILL, the probe must die with it (parent-death signal)."""
+    import signal
+    import time
+
+    import psutil
+
+    marker = tmp_path / "probe.pid"
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in\n'
+                    '  *--version*) echo "sparsebench 0.2.0"; exit 0;;\n'
+                    '  *--protocol*) echo 1; exit 0;;\n'
+                    f'  *--probe*) echo $$ > {marker}; exec sleep 120;;\n'
+                    "esac\n"
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ab = subprocess.Popen([sys.executable, "-m", "sparsebench", "ab", "--suite", str(TINY), "--b-python", str(fake),
+                           "--output", str(tmp_path / "ab")], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while not (marker.exists() and marker.read_text().strip()) and ab.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if not marker.exists():
+        ab.kill()
+        pytest.fail(f"the probe never started; ab said: {ab.communicate()[0]}")
+    probe = psutil.Process(int(marker.read_text()))
+    ab.send_signal(signal.SIGKILL)
+    ab.wait()
+    try:
+        probe.wait(timeout=30)
+    except psutil.TimeoutExpired:
+        probe.kill()
+        pytest.fail("the probe outlived the killed ab")

@@ -234,3 +234,29 @@ def test_bad_batches_are_errors_not_crashes(custom_op):
         fused_layer(table, rows, tf.constant([1, 9], tf.int64), values, 1)
     with pytest.raises(tf.errors.InvalidArgumentError, match="rows must be in ascending order"):
         fused_layer(table, tf.constant([1, 0], tf.int64), tf.constant([1, 2], tf.int64), values, 2)
+
+
+def test_a_damaged_cached_library_is_reported_and_rebuilt_never_trusted(tmp_path):
+    """Garbage at the cached library's path: status says so (exit 1), build rebuilds it."""
+    cxx = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+                                   'while [ "$1" != "-o" ]; do shift; done; echo lib > "$2"\n')
+    extra = dict(CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    cli("ops", "build", check=0, **extra)
+    (library,) = (tmp_path / "cache").glob("*.so")
+    library.write_bytes(b"garbage")
+    done = cli("ops", "status", check=1, **extra)
+    assert "the cached library is damaged" in done.stdout and "does not match its checksum" in done.stdout
+    done = cli("ops", "build", check=0, **extra)
+    assert "compiled in" in done.stdout and "replaced a damaged cached library" in done.stdout
+    assert library.read_text() == "lib\n"
+    cli("ops", "status", check=0, **extra)
+
+
+def test_workers_get_the_variables_the_op_cache_is_keyed_on():
+    from sparsebench.execute.orchestrator import worker_environment
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import ModelSpec
+
+    env = worker_environment(Cell("s", 8, ModelSpec(variant="fused_custom_op")),
+                             {"PATH": "/bin", "XDG_CACHE_HOME": "/c", "CXX": "/usr/bin/g++-12"})
+    assert env["XDG_CACHE_HOME"] == "/c" and env["CXX"] == "/usr/bin/g++-12"

@@ -160,3 +160,17 @@ def test_cells_whose_labels_collide_are_shown_by_their_ids(tmp_path):
     write_to(path, [ok(c, [100.0, 101.0]) for c in cells], "s")
     shown = list(report.build_view(report.load([path]), "matrix").table["cell"])
     assert shown == [c.cell_id for c in cells] and shown[0] != shown[1]
+
+
+def test_report_says_when_quality_rests_on_different_step_counts(tmp_path):
+    from fixtures.make_fixtures import cell, ok, write_to
+
+    cells = [cell("s", v, 256) for v in ("embedding_lookup_sparse", "sparse_dense_matmul")]
+    alike, mixed = tmp_path / "alike.jsonl", tmp_path / "mixed.jsonl"
+    write_to(alike, [ok(c, [100.0, 101.0]).replace(quality_steps=100) for c in cells], "s")
+    write_to(mixed, [ok(cells[0], [100.0, 101.0]).replace(quality_steps=100), ok(cells[1], [100.0, 101.0])], "s")
+    assert not any("different training" in n for n in report.build_view(report.load([alike]), "matrix").notes)
+    notes = report.build_view(report.load([mixed]), "matrix").notes
+    assert any("loss and AUC rest on different training: 100 steps, after the timed windows" in n for n in notes)
+    pivot = report.build_view(report.load([mixed]), "pivot", rows="batch_size", cols="variant", metric="auc")
+    assert any("different training" in n for n in pivot.notes)

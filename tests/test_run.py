@@ -250,7 +250,7 @@ def test_resume_after_a_torn_last_line_leaves_a_readable_file(finished_run, tmp_
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--set", "batch_size=64"], "--set cannot change a resumed run"),
+    (["--set", "batch_size=64"], "--set batch_size=64 is not one of the run's settings (none)"),
     (["--output", "other.jsonl"], "the run is completed in that file; drop --output"),
 ])
 def test_resume_refuses_options_it_would_ignore(finished_run, tmp_path, args, message):
@@ -294,3 +294,60 @@ def test_resume_with_require_gpu_reruns_cells_skipped_for_want_of_a_gpu(tmp_path
         "--output", str(out), check=0)
     done = cli("run", "--resume", str(out), "--require-gpu", check=1)
     assert "1 cells run: 1 failed" in done.stdout and "no GPU (--require-gpu)" in done.stdout
+
+
+def test_resume_accepts_the_same_settings_and_names_the_one_that_differs(finished_run, tmp_path):
+    """Re-running the same command line with --resume added works; a changed --set is named."""
+    path = _copy(finished_run, tmp_path, keep_records=1,
+                 header=lambda h: {**h, "run": {**h["run"], "overrides": ["windows=3"]}})
+    done = cli("run", "--resume", str(path), "--set", "windows=4", check=2)
+    assert "--set windows=4 is not one of the run's settings (windows=3)" in done.stderr
+    done = cli("run", "--resume", str(path), "--set", "windows=3", check=0)
+    assert "1 cells run (1 already done): 1 ok" in done.stdout
+
+
+def test_resume_with_a_cluster_still_checks_the_data_files_first(finished_run, tmp_path):
+    """--cluster used to skip the up-front check: a missing source must stop the run in one
+    line before any cell, whatever the cluster."""
+    source = tmp_path / "gone.libsvm"
+    source.write_text("1 1:1\n" * 10)
+    path = _copy(finished_run, tmp_path, keep_records=1, header=lambda h: {**h, "run": {
+        **h["run"], "suite_text": h["run"]["suite_text"] + f'\n[data]\nsource = "{source}"\nformat = "libsvm"\n'
+        if "[data]" not in h["run"]["suite_text"] else h["run"]["suite_text"].replace(
+            "[data]", f'[data]\nsource = "{source}"\nformat = "libsvm"', 1)}})
+    source.unlink()
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps({"chief": ["localhost:1"], "ps": ["localhost:2"], "worker": ["localhost:3"]}))
+    done = cli("run", "--resume", str(path), "--cluster", str(cluster), check=2)
+    assert f"data.source: {source}: no such file" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda h: {**h, "run": None}, "corrupt header ('run' is null"),
+    (lambda h: {**h, "environment": None}, "corrupt header ('environment' is null"),
+    (lambda h: {**h, "run": {**h["run"], "suite_text": 5}}, "header run.suite_text is int 5, not str"),
+    (lambda h: {**h, "run": {**h["run"], "overrides": "windows=3"}}, "header run.overrides is str"),
+    (lambda h: {**h, "run": {**h["run"], "overrides": [3]}}, "run.overrides must be a list of KEY=VALUE strings"),
+])
+def test_resume_of_a_header_with_wrong_types_is_one_line(finished_run, tmp_path, change, message):
+    path = _copy(finished_run, tmp_path, keep_records=1, header=change)
+    done = cli("run", "--resume", str(path), check=2)
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_quality_rests_on_the_same_steps_whatever_the_timing(tmp_path):
+    """AUC and loss come from the quality phase (quality_steps from the initial weights),
+    not from after the timed windows: a cell timed for 3 steps and the same cell timed for
+    24 report the same quality, and say which steps it rests on."""
+    quality = {}
+    for windows in (1, 8):
+        out = tmp_path / f"w{windows}.jsonl"
+        cli("run", "--suite", str(TINY), "--set", "variant=embedding_lookup_sparse", "--set", f"windows={windows}",
+            "--set", "quality_steps=30", "--set", "intra_op_threads=1", "--set", "inter_op_threads=1",
+            "--output", str(out), "--quiet", check=0)
+        (record,) = read_results(out).records
+        assert record.quality_steps == 30 and record.steps_timed == 3 * windows
+        quality[windows] = record
+    assert quality[1].auc == pytest.approx(quality[8].auc, abs=1e-6)
+    assert quality[1].eval_loss == pytest.approx(quality[8].eval_loss, rel=1e-5)

@@ -13,6 +13,7 @@ import io
 
 import matplotlib.pyplot as plt
 
+from ..machine import field_at
 from .plots import figures
 from .report import Loaded, View, build_view, default_view, looks_numeric, view_matrix
 
@@ -52,28 +53,29 @@ def _figure_png(fig) -> str:
 
 
 def environment_html(run: dict) -> str:
-    env = run["header"].get("environment", {})
-    tf = env.get("tensorflow", {})
-    gpus = ", ".join(f"{g.get('name')} ({g.get('memory_total_mb')} MiB)" for g in env.get("gpus", [])) or "none"
-    meta = run["header"].get("run", {})
+    env, meta = run["header"].get("environment") or {}, run["header"].get("run") or {}
+    flags = field_at(env, "cpu", "key_flags")
+    gpu_list = field_at(env, "gpus")
+    gpus = ", ".join(f"{field_at(g, 'name')} ({field_at(g, 'memory_total_mb')} MiB)"
+                     for g in (gpu_list if isinstance(gpu_list, list) else [])) or "none"
     rows = [
         ("results file", run["path"]),
         ("suite", meta.get("suite")),
         ("command", meta.get("command")),
         ("started", meta.get("started_at")),
-        ("git", (meta.get("git") or {}).get("commit")),
-        ("CPU", env.get("cpu", {}).get("model")),
-        ("CPU flags", " ".join(env.get("cpu", {}).get("key_flags", []))),
-        ("cores", f"{env.get('cores_available')} available / {env.get('cores_logical')} logical"),
-        ("memory", f"{env.get('memory', {}).get('total_gb')} GiB"),
+        ("git", field_at(meta, "git", "commit")),
+        ("CPU", field_at(env, "cpu", "model")),
+        ("CPU flags", " ".join(map(str, flags)) if isinstance(flags, list) else flags),
+        ("cores", f"{field_at(env, 'cores_available')} available / {field_at(env, 'cores_logical')} logical"),
+        ("memory", f"{field_at(env, 'memory', 'total_gb')} GiB"),
         ("GPUs", gpus),
-        ("TensorFlow", tf.get("version") or tf.get("error")),
-        ("oneDNN build", tf.get("onednn_built")),
-        ("CUDA build", (tf.get("build") or {}).get("is_cuda_build")),
+        ("TensorFlow", field_at(env, "tensorflow", "version") or field_at(env, "tensorflow", "error")),
+        ("oneDNN build", field_at(env, "tensorflow", "onednn_built")),
+        ("CUDA build", field_at(env, "tensorflow", "build", "is_cuda_build")),
     ]
     body = "".join(f"<tr><th>{_e(k)}</th><td class=text>{_e(v)}</td></tr>" for k, v in rows)
     suite_text = meta.get("suite_text", "")
-    overrides = meta.get("overrides") or []
+    overrides = [str(o) for o in meta.get("overrides") or []] if isinstance(meta.get("overrides"), list) else []
     extra = f"<p class=note>overrides: {_e(' '.join(overrides))}</p>" if overrides else ""
     return (
         f"<h3>Run {_e(run['label'])}</h3><table>{body}</table>{extra}"

@@ -27,14 +27,20 @@ def _rounds(results: Results) -> list[tuple[str, dict[int, Record]]]:
     return list(results.by_round().items())
 
 
-def paired_report(a: Results, b: Results, *, max_regression: float = 0.10, alpha: float = 0.05, test: str = "t",
-                  aa: bool = False) -> DifferenceReport:
+def check_options(*, max_regression: float, alpha: float, test: str) -> None:
+    """The decision's options, checked before `ab` measures anything (a bad one would
+    otherwise fail after minutes of rounds)."""
     if not 0 < max_regression < 1:
         raise UserError(f"--max-regression: must be between 0 and 100 percent, got {max_regression * 100:g}")
     if not 0 < alpha < 1:
         raise UserError(f"--alpha: must be between 0 and 1, got {alpha:g}")
     if test not in PAIRED_TESTS:
         raise UserError(f"--test: must be one of {', '.join(PAIRED_TESTS)}, got {test!r}")
+
+
+def paired_report(a: Results, b: Results, *, max_regression: float = 0.10, alpha: float = 0.05, test: str = "t",
+                  aa: bool = False) -> DifferenceReport:
+    check_options(max_regression=max_regression, alpha=alpha, test=test)
     cells_a, cells_b = _rounds(a), _rounds(b)
     if len(cells_a) != len(cells_b):
         raise UserError(f"{a.path} holds {len(cells_a)} cells and {b.path} {len(cells_b)}: not two sides of one A/B run")

@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from ..errors import UserError
+from ..machine import field_at
 from ..plan.spec import BASELINE_VARIANT
 from ..record import Record
 from ..results import JSON_KEYS, flat_view, read_results
@@ -69,7 +70,7 @@ def load(paths: list[Path]) -> Loaded:
         results = read_results(path)
         warnings += results.warnings
         label = run_label(Path(path))
-        machine = results.environment.get("cpu", {}).get("model", "unknown CPU")
+        machine = field_at(results.environment, "cpu", "model") or "unknown CPU"
         runs.append({"path": str(path), "label": label, "header": results.header, "machine": machine})
         merged = results.latest()
         labels = Counter(_label(record) for record in merged)
@@ -82,10 +83,11 @@ def load(paths: list[Path]) -> Loaded:
             row["label"] = _label(record) if labels[_label(record)] == 1 else record.cell_id
             row["profile"] = record.profile  # op table, for records written by `profile`
             row["process_windows"] = record.process_windows or ([record.windows] if record.windows else None)
-            row["not_finite"] = [name for name in ("loss", "eval_loss", "auc") if record.not_finite(name)]
+            row["not_finite"] = [name for name in QUALITY_METRICS if record.not_finite(name)]
+            row["quality_steps"] = record.quality_steps
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows",
-                                        "not_finite"])
+                                        "not_finite", "quality_steps"])
     return Loaded(frame, runs, warnings)
 
 
@@ -211,11 +213,29 @@ def view_matrix(frame: pd.DataFrame) -> View:
             "grad": row["grad_type"] if ok else "",
             **({"input": _input_text(row) if ok else ""} if has_pipeline else {}),
         })
-    notes = _noisy_note(frame) + _one_process_note(frame)
+    notes = _noisy_note(frame) + _one_process_note(frame) + quality_steps_note(frame)
     if has_pipeline:
         notes.append("input: for pipeline cells, the pipeline's own samples/s and whether training waited for it "
                      "(input-bound: waited >= 20% of the windows, or the pipeline alone < 1.2x the training rate)")
     return View("All cells", pd.DataFrame(rows), notes, frame)
+
+
+QUALITY_METRICS = ("loss", "eval_loss", "auc")
+
+
+def quality_steps_note(frame: pd.DataFrame) -> list[str]:
+    """A note where the ok cells' quality figures rest on different step counts (runs with
+    other quality_steps, or records from before the quality phase, measured after the
+    timed windows): those figures do not compare."""
+    ok = frame[frame["status"] == "ok"]
+    if ok.empty:
+        return []
+    counts = {("after the timed windows (a record from before quality_steps)" if pd.isna(v) else f"{int(v)} steps")
+              for v in ok["quality_steps"]}
+    if len(counts) < 2:
+        return []
+    return [f"loss and AUC rest on different training: {', '.join(sorted(counts))}; compare them only between cells "
+            f"trained alike"]
 
 
 def _quality_text(row, name: str, form: str) -> str:
@@ -347,6 +367,8 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
     notes += [f"{axis} n/a: cells without that axis (a local cell has no ps_tasks)" for axis in partial]
     if (counts > 1).any():
         notes.append(f"several cells share some entries (other axes differ); each entry shows the largest {metric}")
+    if metric in QUALITY_METRICS:
+        notes += quality_steps_note(ok)
     fmt = sig3 if metric.startswith("samples_per_sec") else (lambda v: "" if pd.isna(v) else f"{v:.4g}")
     display = table.map(lambda v: "" if pd.isna(v) else fmt(v))
     display = display.reset_index()

@@ -39,6 +39,7 @@ from typing import Callable
 
 from .. import WORKER_PROTOCOL
 from ..errors import UserError
+from ..lifetime import die_with_parent
 from ..plan.cell import Cell
 from ..plan.suite import load_suite
 from ..results import ResultsWriter, read_results
@@ -131,7 +132,7 @@ def run_ab(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: in
         t0 = time.monotonic()
         with open(log, "w") as fh:
             done = subprocess.run(_side_command(side, suite_file, overrides, output), stdout=fh,
-                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                  stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         last = last_line(log)
         if done.returncode == 130:
             raise KeyboardInterrupt
@@ -166,12 +167,22 @@ def default_folder(suite_arg: str) -> Path:
 
 
 def python_of(path: str | None) -> str:
-    """The interpreter a side runs: the given one (checked), or this one."""
+    """The interpreter a side runs: the given one, checked before any round (it must be a
+    program that runs `-m sparsebench`), or this one."""
     if path is None:
         return sys.executable
-    found = shutil.which(path) if os.sep not in path else (path if os.access(path, os.X_OK) else None)
-    if not found:
+    found = shutil.which(path) if os.sep not in path else path
+    if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise UserError(f"{path}: no such Python interpreter (give the path to a virtualenv's bin/python)")
+    try:
+        done = subprocess.run([found, "-m", "sparsebench", "--version"], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise UserError(f"{path}: cannot run it as a Python interpreter: {exc}") from None
+    if done.returncode != 0 or not done.stdout.startswith("sparsebench"):
+        said = (done.stderr.strip().splitlines() or done.stdout.strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{path}: `{path} -m sparsebench --version` failed (exit {done.returncode}: {said[:160]}); "
+                        f"install sparsebench into that environment")
     return found
 
 
@@ -217,7 +228,8 @@ def speaks_protocol(python: str) -> bool:
     """Whether `python`'s sparsebench runs workers the way the cell-by-cell mode needs."""
     try:
         done = subprocess.run([python, "-m", "sparsebench.train.worker", "--protocol"], capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+                              text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+                              preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError):
         return False
     return done.returncode == 0 and done.stdout.strip() == str(WORKER_PROTOCOL)

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from ..lifetime import die_with_parent
 from ..machine import cpu_count, cpu_info, gpu_info, memory_info
 from .orchestrator import inherited_variables
 
@@ -28,6 +29,7 @@ def probe_tensorflow(timeout_s: float = 120.0, python: str = sys.executable) -> 
             text=True,
             timeout=timeout_s,
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+            preexec_fn=die_with_parent,  # a kill -9 of the parent must not leave the probe running
         )
     except subprocess.TimeoutExpired:
         return {"error": f"TensorFlow probe timed out after {timeout_s:.0f} s"}

@@ -39,6 +39,9 @@ from ..record import Record
 ENV_WHITELIST = (
     "PATH", "HOME", "USER", "LOGNAME", "LANG", "TZ", "TMPDIR", "TEMP", "TMP", "PYTHONPATH", "PYTHONHOME",
     "VIRTUAL_ENV", "LD_LIBRARY_PATH", "CUDA_HOME", "CUDA_PATH", "CUDA_VISIBLE_DEVICES", "SYSTEMROOT",
+    # the custom-op builder keys its cache on these: a worker must find the library the run's
+    # header names (`sparsebench ops build` ran with them)
+    "XDG_CACHE_HOME", "CXX",
 )
 ENV_PREFIXES = ("LC_", "NVIDIA_", "XLA_", "TF_", "OPENBLAS_", "SPARSEBENCH_")
 # Prefixes of variables that change what TensorFlow does: passed on, and recorded in the

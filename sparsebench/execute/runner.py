@@ -185,10 +185,10 @@ def run(
                               **({"cluster": remote.to_dict()} if remote else {}))
         writer = ResultsWriter(path, lambda: slow_header(run_meta, cells))
     custom_op = run_meta.get("custom_op") if resume is None else prebuild([c for _, cs in todo for c in cs])
-    if remote is None and resume is not None:
-        # a resumed run goes back to the cluster it started on
-        remote = RemoteCluster.from_dict(run_meta["cluster"]) if run_meta.get("cluster") else None
-        check_data_files([c for _, cs in todo for c in cs])
+    if resume is not None:
+        check_data_files([c for _, cs in todo for c in cs])  # as a new run does, before any cell
+        if remote is None:  # a resumed run goes back to the cluster it started on
+            remote = RemoteCluster.from_dict(run_meta["cluster"]) if run_meta.get("cluster") else None
     check_cluster_isolation([c for _, cs in todo for c in cs], remote)
 
     def require(record: Record) -> Record:
@@ -213,9 +213,6 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     run, and the file reopened for appending. Refuses whatever would silently change the
     run: new --set or --output, another suite, another machine (unless allowed: then every
     record written now says what changed)."""
-    if overrides:
-        raise UserError(f"--resume {path}: --set cannot change a resumed run (its cells come from the file's "
-                        f"header); start a new run instead")
     if output is not None:
         raise UserError(f"--resume {path}: the run is completed in that file; drop --output")
     previous = read_results(path)
@@ -223,6 +220,13 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
     if "suite_text" not in run_meta or "suite" not in run_meta:
         raise UserError(f"--resume {path}: its header holds no suite to resume (a profile, or another tool's "
                         f"file); run the suite again")
+    check_run_header(path, run_meta)
+    # The same command line with --resume added is fine; a --set that differs from the run's is not.
+    changed = [o for o in overrides if o not in run_meta.get("overrides", [])]
+    if changed:
+        raise UserError(f"--resume {path}: --set {changed[0]} is not one of the run's settings "
+                        f"({' '.join(run_meta.get('overrides')) or 'none'}); a resumed run keeps the cells its header "
+                        f"names: start a new run instead")
     if suite_arg is not None and suite_arg not in (run_meta.get("suite"), run_meta.get("suite_arg")):
         raise UserError(f"--resume {path}: that file holds suite {run_meta.get('suite')!r}, not {suite_arg!r}")
     differences = environment_differences(previous.environment, fingerprint())
@@ -243,6 +247,21 @@ def reopen(path: Path, suite_arg: str | None, overrides: list[str], output: Path
         print(f"warning: {warning}", file=sys.stderr)
     note = {"environment_changed_on_resume": differences} if differences else {}
     return suite, cells, todo, run_meta, writer, note
+
+
+# What --resume reads from a header, and the type each must have (a hand-edited or damaged
+# header fails in one line instead of deep inside the suite parser).
+RUN_HEADER_TYPES = {"suite": (str,), "suite_text": (str,), "suite_source": (str, type(None)),
+                    "overrides": (list,), "isolation": (str, type(None)), "cluster": (dict, type(None))}
+
+
+def check_run_header(path: Path, run_meta: dict[str, Any]) -> None:
+    for key, types in RUN_HEADER_TYPES.items():
+        if key in run_meta and not isinstance(run_meta[key], types):
+            raise UserError(f"--resume {path}: header run.{key} is {type(run_meta[key]).__name__} "
+                            f"{run_meta[key]!r:.40}, not {' or '.join(t.__name__ for t in types if t is not type(None))}")
+    if not all(isinstance(o, str) for o in run_meta.get("overrides", [])):
+        raise UserError(f"--resume {path}: header run.overrides must be a list of KEY=VALUE strings")
 
 
 def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,

@@ -7,8 +7,10 @@ part of TensorFlow's `TF_CONFIG`, which is accepted whole as well.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import socket
 from pathlib import Path
 
 from ..errors import ConfigError
@@ -77,3 +79,29 @@ def coordinator_cluster(cluster: dict[str, list[str]], source: str) -> dict[str,
     if len(cluster.get("chief", [])) != 1:
         raise ConfigError(f'{source}: needs "chief": ["this-host:port"], the address the coordinator serves at')
     return cluster
+
+
+def port_in_use(port: int) -> bool:
+    """Whether a server could not listen on `port` on every interface, as TensorFlow's gRPC
+    server does (checked first: gRPC's own failure is twenty lines ending in "Could not start")."""
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address, port))
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return True
+            # no IPv6 on this machine: try IPv4
+    return False
+
+
+def check_ports_free(cluster: dict[str, list[str]], job: str, index: int, profiler_port: int = 0) -> None:
+    """The ports task `job:index` will listen on are free here (ConfigError naming one that is not)."""
+    address = cluster[job][index]
+    port = address.rsplit(":", 1)[-1]
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"{job}:{index}: address {address!r} has no port (host:port)")
+    for what, number in ((f"{job}:{index} at {address}", int(port)), ("the profiler", profiler_port)):
+        if number and port_in_use(number):
+            raise ConfigError(f"port {number} ({what}) is in use by another process on this machine")

@@ -106,6 +106,7 @@ class DataSpec:
         _require(0 < self.signal_fraction <= 1, "signal_fraction", "must be in (0, 1]")
         _require(self.signal_scale >= 0, "signal_scale", "must be >= 0")
         _require(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
+        _require(0 <= self.seed < 2**63, "seed", "must be between 0 and 2**63 - 1")
         _require(self.input in INPUTS, "input", f"must be one of {', '.join(INPUTS)}")
         _require(self.format is None or self.format in DATA_FORMATS, "format", f"one of {', '.join(DATA_FORMATS)}")
         _require(self.input == "memory" or self.format is None or self.format in PIPELINE_FORMATS, "input",
@@ -178,6 +179,7 @@ class ModelSpec:
         )
         _require(self.learning_rate is None or self.learning_rate > 0, "learning_rate", "must be positive")
         _require(self.device in DEVICES, "device", f"must be one of {', '.join(DEVICES)}")
+        _require(0 <= self.seed < 2**31, "seed", "must be between 0 and 2**31 - 1")
         if self.variant not in PARTITIONED_VARIANTS:
             _require(self.shards == 1, "shards", f"variant {self.variant!r} is not partitioned; shards must be 1")
         if self.variant == "col_partitioned":
@@ -255,6 +257,10 @@ class MeasureSpec:
     seconds_per_window: float | None = None
     batch_pool: int = 32  # distinct batches generated ahead and cycled through
     eval_examples: int = 4096  # held-out examples for AUC and eval loss
+    # Loss and AUC are measured after this many train steps from the initial weights, before
+    # the timing, the same for every cell: after the timed windows a faster cell would have
+    # trained more steps (on the same cycled pool) and its quality would not compare.
+    quality_steps: int = 100
     diagnostic_steps: int = 3  # steps whose gradient type / rows touched are recorded
     timeout_s: float = 300.0  # per cell, start-up included
 
@@ -268,6 +274,7 @@ class MeasureSpec:
                                        f"clock, not the step)")
         _require(self.batch_pool >= 1, "batch_pool", "must be >= 1")
         _require(self.eval_examples >= 2, "eval_examples", "must be >= 2")
+        _require(self.quality_steps >= 1, "quality_steps", "must be >= 1")
         _require(self.diagnostic_steps >= 0, "diagnostic_steps", "must be >= 0")
         _require(self.timeout_s > 0, "timeout_s", "must be positive")
 

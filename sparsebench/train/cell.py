@@ -1,8 +1,9 @@
 """One local cell, from its input to its record.
 
 `run_cell`: open the cell's input (`inputs.open_input`), build the model and optimizer,
-warm up (the first steps trace the graph), time the windows, then, outside the timing,
-the diagnostic steps (gradient type, rows touched) and the held-out evaluation.
+train the quality phase (`quality_steps` steps from the initial weights, then the held-out
+evaluation: every cell's loss and AUC rest on the same steps), warm up, time the windows,
+then, outside the timing, the diagnostic steps (gradient type, rows touched).
 `profile_cell`: the same cell's steps under TensorFlow's profiler instead of windows.
 
 The record's fields are gathered by a few functions shared with parameter-server cells
@@ -77,11 +78,10 @@ def prepare(cell: Cell, build: bool = True) -> Prepared:
 
 
 # -- the record's fields, for local and parameter-server cells alike ------------------------
-def measured_fields(measurement, losses: list[float]) -> dict[str, Any]:
-    """The throughput, window and step-time fields of one process, and its training loss."""
+def measured_fields(measurement) -> dict[str, Any]:
+    """The throughput, window and step-time fields of one process."""
     throughput = stats.summarize_throughput(measurement.window_samples_per_sec)
     step_ms = stats.percentiles(np.array(measurement.step_seconds) * 1000.0)
-    tail = losses[-max(1, min(20, len(losses))):] if losses else []
     return {
         "samples_per_sec": throughput["median"],
         "samples_per_sec_low": throughput["low"],
@@ -94,7 +94,6 @@ def measured_fields(measurement, losses: list[float]) -> dict[str, Any]:
         "step_ms_p90": step_ms["p90"],
         "step_ms_p99": step_ms["p99"],
         "steps_timed": len(measurement.step_seconds),
-        "loss": float(np.mean(tail)) if tail else None,
     }
 
 
@@ -117,16 +116,39 @@ def model_fields(prepared: Prepared) -> dict[str, Any]:
     }
 
 
-def quality_fields(prepared: Prepared) -> dict[str, Any]:
-    """Loss and AUC on the held-out set, after training."""
+LOSS_TAIL_STEPS = 20  # the training loss is the mean over this many last quality steps
+
+
+def quality_fields(prepared: Prepared, steps: int, losses: list[float]) -> dict[str, Any]:
+    """Loss and AUC on the held-out set after `steps` train steps from the initial weights
+    (the quality phase), and the training loss of the last of those steps."""
     import tensorflow as tf
 
     from .model.trainer import loss_fn
 
     inp = prepared.input
     logits = prepared.trainer.predict_logits(inp.held_out_sp)
-    return {"eval_loss": float(loss_fn(logits, tf.constant(inp.held_out.labels))),
+    tail = losses[-LOSS_TAIL_STEPS:]
+    return {"quality_steps": steps, "loss": float(np.mean(tail)) if tail else None,
+            "eval_loss": float(loss_fn(logits, tf.constant(inp.held_out.labels))),
             "auc": stats.auc(inp.held_out.labels, logits.numpy())}
+
+
+def train_for_quality(cell: Cell, prepared: Prepared) -> dict[str, Any]:
+    """The quality phase of a local cell: `quality_steps` steps (all Hogwild workers
+    together) from the initial weights, untimed, then the held-out evaluation. Every cell
+    of a suite trains the same steps on the same batches before its quality is measured;
+    the timing follows (its first steps trace nothing new)."""
+    from .measure.hogwild import run_hogwild
+
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    per_worker = -(-cell.measure.quality_steps // cell.workers)
+    run = run_hogwild(prepared.trainer.train_step, prepared.input.batches, cell.workers, steps_per_worker=per_worker,
+                      sync=lambda loss: losses.append(float(loss)))
+    fields = quality_fields(prepared, run.steps, losses)
+    prepared.phases["quality_s"] = time.perf_counter() - t0
+    return fields
 
 
 # -- a local cell ------------------------------------------------------------------------
@@ -137,7 +159,7 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
 
     prepared = prepare(cell)
     trainer, inp, phases = prepared.trainer, prepared.input, prepared.phases
-    losses: list[float] = []
+    quality = train_for_quality(cell, prepared)
     sampler = GpuSampler() if cell.model.device == "gpu" else None
 
     def windows_start() -> None:
@@ -150,7 +172,7 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
     t0 = time.perf_counter()
     try:
         measurement = measure(trainer.train_step, inp.batches, cell.batch_size, cell.measure, workers=cell.workers,
-                              sync=lambda loss: losses.append(float(loss)), on_windows_start=windows_start)
+                              sync=lambda loss: loss.numpy(), on_windows_start=windows_start)
     finally:
         if sampler is not None:
             sampler.stop()
@@ -158,7 +180,7 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
     phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
     batches = inp.batches
     rows_touched = [int(trainer.gradient_stats(*batches[i % len(batches)])) for i in range(cell.measure.diagnostic_steps)]
-    fields = {**measured_fields(measurement, losses), **quality_fields(prepared), **model_fields(prepared),
+    fields = {**measured_fields(measurement), **quality, **model_fields(prepared),
               "rows_touched": float(np.mean(rows_touched)) if rows_touched else None,
               "rows_touched_per_step": rows_touched}
     if inp.stream is not None:

@@ -30,11 +30,17 @@ from pathlib import Path
 from typing import Any
 
 from .. import WORKER_PROTOCOL
-from ..errors import CellSkipped
+from ..errors import CellSkipped, UserError
 from ..plan.cell import Cell, Threads
 from ..plan.job import Job
 from ..record import Record
+from .inputs.datafiles import DataFileError
 from .measure.tf_facts import tensorflow_info, threads_in_effect
+from .measure.windows import EmptyWindow
+
+# A cell that fails for one of these failed on its settings or its data: the record's reason
+# is the message alone (one line the user can act on), the traceback is kept beside it.
+USER_ERRORS = (UserError, DataFileError, EmptyWindow)
 
 _PROCESS_START = time.perf_counter()
 
@@ -114,6 +120,9 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
             record = run_cell_of(job, cell, index, out_dir, fail_now)
         except CellSkipped as exc:
             record = Record.new(cell, job.round, "skipped", exc.reason, error=str(exc))
+        except USER_ERRORS as exc:  # the cell's settings or data: its message is the reason, no type path
+            record = Record.new(cell, job.round, "failed", str(exc).splitlines()[0][:500] if str(exc) else
+                                type(exc).__name__, traceback=traceback.format_exc())
         except Exception as exc:  # noqa: BLE001 - a failed cell is data, not a crash
             lines = [line for line in traceback.format_exception_only(type(exc), exc) if line.strip()]
             record = Record.new(cell, job.round, "failed", lines[-1].strip()[:500], traceback=traceback.format_exc())

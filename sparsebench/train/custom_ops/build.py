@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ...errors import CellSkipped
+from ...lifetime import die_with_parent
 
 SOURCE = Path(__file__).with_name("fused_layer.cc")
 LIBRARY_NAME = "sparsebench_fused_layer"
@@ -52,6 +53,7 @@ class BuildInfo:
     compile_seconds: float | None = None
     key: str | None = None
     compiler: str | None = None
+    replaced: str | None = None  # why a cached library at this path was rebuilt (damaged)
 
 
 def cache_dir() -> Path:
@@ -137,6 +139,29 @@ def plan() -> tuple[Path, list[str], str, str]:
     return library, _command(cxx, library, compile_flags, link_flags, optimization), key, cxx
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checksum_file(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def damage(library: Path) -> str | None:
+    """Why the cached `library` is not the one this builder wrote (None: it is). Its
+    SHA-256 is written beside it when it is built, so a truncated or foreign file at the
+    library's path is rebuilt, never loaded."""
+    try:
+        expected = _checksum_file(library).read_text().strip()
+    except OSError:
+        return f"{library.name} has no checksum beside it (not written by this builder)"
+    try:
+        actual = _digest(library)
+    except OSError as exc:
+        return f"{library.name} cannot be read: {exc.strerror}"
+    return None if actual == expected else f"{library.name} does not match its checksum"
+
+
 def status() -> BuildInfo:
     """Whether the library for this machine is built, without building it."""
     return build(compile_if_missing=False)
@@ -148,11 +173,12 @@ def build(compile_if_missing: bool = True) -> BuildInfo:
         library, command, key, cxx = plan()
     except CustomOpUnavailable as exc:
         return BuildInfo(False, reason=exc.why)
-    if library.exists():
+    if library.exists() and damage(library) is None:
         return BuildInfo(True, library=str(library), cached=True, key=key, compiler=cxx)
     if not compile_if_missing:
-        return BuildInfo(False, library=str(library), reason=f"not built yet ({library} is missing)", key=key,
-                         compiler=cxx)
+        why = (f"the cached library is damaged ({damage(library)}); `sparsebench ops build` rebuilds it"
+               if library.exists() else f"not built yet ({library} is missing)")
+        return BuildInfo(False, library=str(library), reason=why, key=key, compiler=cxx)
     folder = library.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -162,14 +188,16 @@ def build(compile_if_missing: bool = True) -> BuildInfo:
                                        f"(set SPARSEBENCH_OPS_CACHE to a writable folder)")
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another worker may be compiling the same library
-        if library.exists():
+        damaged = damage(library) if library.exists() else None
+        if library.exists() and damaged is None:
             return BuildInfo(True, library=str(library), cached=True, key=key, compiler=cxx)
         partial = folder / f".{library.name}.{os.getpid()}.tmp"
         log = folder / f"{library.stem}.log"
         command[command.index(str(library))] = str(partial)
         started = time.perf_counter()
         try:
-            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+            done = subprocess.run(command, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S,
+                                  preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired:
             return BuildInfo(False, reason=f"compiling the custom op took over {COMPILE_TIMEOUT_S} s", key=key,
                              compiler=cxx)
@@ -182,8 +210,13 @@ def build(compile_if_missing: bool = True) -> BuildInfo:
             first = next((line for line in done.stderr.splitlines() if "error" in line), "no error message")
             return BuildInfo(False, reason=f"compiling the custom op failed: {first.strip()[:200]}", log=str(log),
                              key=key, compiler=cxx)
+        checksum = _checksum_file(library)
+        partial_checksum = folder / f".{checksum.name}.{os.getpid()}.tmp"
+        partial_checksum.write_text(_digest(partial) + "\n")
+        os.replace(partial_checksum, checksum)  # the checksum first: a library is never without one
         os.replace(partial, library)
-        return BuildInfo(True, library=str(library), log=str(log), compile_seconds=seconds, key=key, compiler=cxx)
+        return BuildInfo(True, library=str(library), log=str(log), compile_seconds=seconds, key=key, compiler=cxx,
+                         replaced=damaged)
 
 
 _loaded = None

@@ -68,6 +68,9 @@ def _write(args) -> int:
 
 
 def _inspect(args) -> int:
+    DataSpec(feature_bits=args.feature_bits).validate()
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("--limit: must be >= 1")
     batch, report = read(args.path, args.format, args.feature_bits, limit=args.limit,
                          names=TFRecordNames(args.ids_feature, args.values_feature, args.label_feature))
     facts = {"path": args.path, "format": args.format, **describe(batch), "malformed": report.bad,

@@ -74,6 +74,9 @@ def run_ps_cell(cell: Cell, *, round: int, isolation: str, remote: RemoteCluster
     with ps_session(cell, remote, cluster_dir, fail_now) as (prepared, training, cluster, source, local, watchdog):
         phases, d = prepared.phases, cell.distribution
         t0 = time.perf_counter()
+        quality = quality_fields(prepared, *training.train_steps(cell.measure.quality_steps))
+        phases["quality_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         traffic: dict[str, Any] = {}
 
         def windows_start() -> None:
@@ -81,17 +84,17 @@ def run_ps_cell(cell: Cell, *, round: int, isolation: str, remote: RemoteCluster
                 traffic["before"] = local.ps_traffic()
                 (cluster_dir / "windows-started").touch()  # beside the tasks' logs: tests wait for it
 
-        measurement, losses = training.measure(cell.batch_size, on_windows_start=windows_start)
+        measurement = training.measure(cell.batch_size, on_windows_start=windows_start)
         if local is not None:
             traffic["after"] = local.ps_traffic()
         phases["warmup_s"] = measurement.warmup_seconds
         phases["measure_s"] = time.perf_counter() - t0 - measurement.warmup_seconds
         lost = dict(watchdog.lost) if watchdog is not None else {}
-        fields = measured_fields(measurement, losses)
+        fields = measured_fields(measurement)
         cluster_facts = {**cluster_record(cell, cluster, source, local is not None and private_network, training, lost),
                          **ps_bytes_per_step(traffic, sum(measurement.window_steps))}
         return Record.new(
-            cell, round, "ok", isolation=isolation, **fields, **quality_fields(prepared), **model_fields(prepared),
+            cell, round, "ok", isolation=isolation, **fields, **quality, **model_fields(prepared),
             samples_per_sec_per_worker_mean=fields["samples_per_sec"] / d.worker_tasks,
             samples_per_sec_per_worker=training.per_worker_samples_per_sec,
             # rows_touched: the diagnostic step is a local one; it is not run against a cluster

@@ -14,7 +14,7 @@ import argparse
 import sys
 
 from ...errors import ConfigError
-from ...plan.cluster_file import from_tf_config, parse_task, read_cluster
+from ...plan.cluster_file import check_ports_free, from_tf_config, parse_task, read_cluster
 
 
 def serve(cluster: dict[str, list[str]], job: str, index: int, intra_op_threads: int = 0,
@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         else:
             cluster, task = read_cluster(args.cluster), args.task
         job, index = parse_task(task, cluster)
+        check_ports_free(cluster, job, index, args.profiler_port)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"sparsebench: error: {exc}", file=sys.stderr)
         return 2
     serve(cluster, job, index, args.intra_op_threads, args.inter_op_threads, args.profiler_port)
     return 0

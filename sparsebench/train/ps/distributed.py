@@ -133,8 +133,16 @@ class PsTraining:
     def schedule(self, functions: int) -> list:
         return [self.coordinator.schedule(self.run_steps, args=(self.iterator,)) for _ in range(functions)]
 
+    def train_steps(self, steps: int) -> tuple[int, list[float]]:
+        """At least `steps` train steps over the workers (whole functions of
+        `steps_per_execution`), waited for; (steps run, each function's last loss)."""
+        functions = max(1, math.ceil(steps / self.steps_per_execution))
+        remote = self.schedule(functions)
+        self.coordinator.join()
+        return functions * self.steps_per_execution, [float(r.fetch()) for r in remote]
+
     def measure(self, batch_size: int, clock: Callable[[], float] = time.perf_counter,
-                on_windows_start: Callable[[], None] = lambda: None) -> tuple[Measurement, list[float]]:
+                on_windows_start: Callable[[], None] = lambda: None) -> Measurement:
         """Warm up (every worker traces), estimate a function's rate, then time the windows
         (`on_windows_start` runs just before the first)."""
         settings = self.cell.measure
@@ -156,12 +164,11 @@ class PsTraining:
         if seconds_limit is not None:
             per_window.append(math.ceil(seconds_limit * functions_per_second))
         functions = max(1, min(per_window))
-        losses: list[float] = []
         on_windows_start()
         steps_before = self.worker_steps()
         for _ in range(settings.windows):
             start = clock()
-            remote = self.schedule(functions)
+            self.schedule(functions)
             self.coordinator.join()
             elapsed = clock() - start
             steps = functions * self.steps_per_execution
@@ -169,13 +176,12 @@ class PsTraining:
             result.window_steps.append(steps)
             result.window_samples_per_sec.append(steps * batch_size / elapsed if elapsed > 0 else float("nan"))
             result.step_seconds.extend([elapsed / steps * workers] * steps)
-            losses.append(float(remote[-1].fetch()))
         seconds = sum(result.window_seconds)
         self.per_worker_samples_per_sec = {
             f"worker:{i}": (after - before) * batch_size / seconds
             if seconds > 0 and before is not None and after is not None else None
             for i, (before, after) in enumerate(zip(steps_before, self.worker_steps()))}
-        return result, losses
+        return result
 
 
 def cluster_record(cell: Cell, cluster: dict[str, list[str]], source: str, private_network: bool,

@@ -1,0 +1,66 @@
+"""Writes the hostile-input corpus's files that are not plain text to edit by hand: the
+results files (derived from tests/fixtures/talk.jsonl, each broken in one way) and the data
+files with bytes an editor hides (a lone carriage return, a NUL byte, gzip). Run it after
+a results-format change and commit what it writes; the tests never run it.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+HERE = Path(__file__).parent
+TALK = HERE.parent / "fixtures" / "talk.jsonl"
+GOOD = "1 3:1 17:0.5 99:2\n0 4:1 18:3\n"  # two well-formed libsvm lines
+
+
+def results(name: str, header=lambda h: h, record=lambda r: r, extra: list[str] = ()) -> None:
+    lines = TALK.read_text().splitlines()
+    head = header(json.loads(lines[0]))
+    body = [json.dumps(record(json.loads(line))) for line in lines[1:3]]
+    (HERE / "results" / name).write_text("\n".join([json.dumps(head), *body, *extra]) + "\n")
+
+
+def main() -> None:
+    results("ok.jsonl")
+    results("failed.jsonl", record=lambda r: {**r, "status": "failed", "reason": "worker killed by SIGSEGV",
+                                             "windows": None, "samples_per_sec": None})
+    results("header-not-json.jsonl", extra=[])
+    (HERE / "results" / "header-not-json.jsonl").write_text("{not json\n")
+    results("header-run-null.jsonl", header=lambda h: {**h, "run": None})
+    results("header-environment-list.jsonl", header=lambda h: {**h, "environment": ["a", "b"]})
+    results("header-environment-null.jsonl", header=lambda h: {**h, "environment": None})
+    results("header-version-99.jsonl", header=lambda h: {**h, "version": 99})
+    results("record-windows-strings.jsonl", record=lambda r: {**r, "windows": ["x", "y"]})
+    results("record-axes-null.jsonl", record=lambda r: {**r, "axes": None})
+    results("record-axes-list.jsonl", record=lambda r: {**r, "axes": [1, 2]})
+    results("record-status-bogus.jsonl", record=lambda r: {**r, "status": "great"})
+    results("record-samples-string.jsonl", record=lambda r: {**r, "samples_per_sec": "fast"})
+    results("record-cell-id-number.jsonl", record=lambda r: {**r, "cell_id": 7})
+    results("record-corrupt-line.jsonl", extra=['{"cell_id": "x", "status": "ok"', '{"cell_id": "y", "status": "ok"}'])
+    # Headers that --resume reads: a real run's header of the hostile suite, with wrong types.
+    suite = (HERE / "suites" / "ok.toml").read_text()
+    run = {"suite": "ok", "suite_arg": "suites/ok.toml", "suite_source": "suites/ok.toml", "suite_text": suite,
+           "overrides": [], "isolation": "cell"}
+    for name, change in (("resume-suite-text-int.jsonl", {"suite_text": 5}),
+                         ("resume-overrides-string.jsonl", {"overrides": "windows=3"}),
+                         ("resume-overrides-numbers.jsonl", {"overrides": [3]}),
+                         ("resume-suite-text-broken.jsonl", {"suite_text": "batch_size = [64\n"})):
+        results(name, header=lambda h, change=change: {**h, "run": {**run, **change}})
+    data = HERE / "data"
+    for name, text in (("inf.libsvm", GOOD + "1 5:1e999 6:1\n"),
+                       ("float32-overflow.libsvm", GOOD + "1 5:3.5e38\n"),
+                       ("long-literal.libsvm", GOOD + "1 5:" + "1" * 40 + "\n"),
+                       ("key-beyond-int64.libsvm", GOOD + "1 " + "9" * 19 + ":1\n"),
+                       ("lone-cr.libsvm", GOOD + "1 5:1\r6:2\n"),
+                       ("nul.libsvm", GOOD + "1 5:1\x002\n")):
+        (data / name).write_bytes(text.encode())
+    (data / "mixed").mkdir(exist_ok=True)
+    (data / "mixed" / "a.libsvm").write_bytes((GOOD + "1 5:nan\n").encode())
+    with gzip.open(data / "mixed" / "b.libsvm.gz", "wb") as fh:
+        fh.write((GOOD + "1 5:1e999\n").encode())
+
+
+if __name__ == "__main__":
+    main()
