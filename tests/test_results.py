@@ -28,7 +28,7 @@ def test_appending_after_a_torn_last_line_keeps_the_file_readable(tmp_path):
     assert "incomplete last line" in read_results(path).warnings[0]
     writer = ResultsWriter(path)
     assert "dropped an incomplete last line" in writer.warnings[0]
-    writer.append(Record(cell_id="new-cell", status="ok"))
+    writer.append(Record(cell_id="new-cell", axes={}, status="ok"))
     writer.close()
     results = read_results(path)
     assert results.warnings == []
@@ -41,7 +41,7 @@ def test_appending_to_an_intact_file_changes_nothing_before_it(tmp_path):
     before = path.read_bytes()
     with ResultsWriter(path) as writer:
         assert writer.warnings == []
-        writer.append(Record(cell_id="x", status="ok"))
+        writer.append(Record(cell_id="x", axes={}, status="ok"))
     assert path.read_bytes().startswith(before)
 
 
@@ -51,7 +51,7 @@ def test_a_failed_append_is_one_clear_error(tmp_path):
     writer._fh.close()
     writer._fh = open("/dev/full", "w")  # every flush fails with ENOSPC
     with pytest.raises(ResultsError, match=r"r\.jsonl: cannot append a record: No space left on device; .*--resume"):
-        writer.append(Record(cell_id="x", status="ok"))
+        writer.append(Record(cell_id="x", axes={}, status="ok"))
     writer.close()  # does not raise a second time
 
 
