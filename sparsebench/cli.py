@@ -258,11 +258,12 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     return 0
 
 
-def gate_options(alpha: float, regression_help: str):
+def gate_options(alpha: float, regression_help: str, max_regression: float = 10.0):
     """The options `compare` and `ab` share: how a verdict is reached and how it is shown."""
     def wrap(command):
         for option in reversed([
-            click.option("--max-regression", default=10.0, show_default=True, metavar="PCT", help=regression_help),
+            click.option("--max-regression", default=max_regression, show_default=True, metavar="PCT",
+                         help=regression_help),
             click.option("--alpha", default=alpha, show_default=True, help="Significance level of the test."),
             click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
                          show_default=True),
@@ -275,17 +276,18 @@ def gate_options(alpha: float, regression_help: str):
     return wrap
 
 
-def _emit(report, fmt: str, github_benchmark: Path | None, current) -> int:
-    from .analyze.difference import RENDERERS
+def _emit(reports, fmt: str, github_benchmark: Path | None, current) -> int:
+    """Print the reports (wall time, then CPU time where measured); exit 1 if any fails."""
     from .analyze.difference import github_benchmark as benchmark_json
+    from .analyze.difference import render_all
 
-    click.echo(RENDERERS[fmt](report))
+    click.echo(render_all(reports, fmt))
     if github_benchmark is not None:
         try:
             github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
-    return report.exit_code
+    return max(report.exit_code for report in reports)
 
 
 @cli.command()
@@ -308,11 +310,14 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
         click.echo(f"warning: {warning}", err=True)
     factor = comparing.STORED_NOISE_FACTOR if noise_factor is None else noise_factor
     shift = comparing.STORED_MAX_SHIFT if max_shift is None else max_shift / 100.0
-    report = comparing.difference_report(base, cur, max_regression=max_regression / 100.0, alpha=alpha,
-                                         noise_factor=factor, max_shift=shift)
-    if strict_env and report.environment_warnings:
-        raise UserError("--strict-env: " + "; ".join(report.environment_warnings))
-    return _emit(report, fmt, github_benchmark, cur)
+    reports = [comparing.difference_report(base, cur, max_regression=max_regression / 100.0, alpha=alpha,
+                                           noise_factor=factor, max_shift=shift, metric=metric)
+               for metric in comparing.metrics_in(base, cur)]
+    if strict_env and reports[0].environment_warnings:
+        raise UserError("--strict-env: " + "; ".join(reports[0].environment_warnings))
+    for later in reports[1:]:
+        later.environment_warnings = []  # the same machines: said once, above the first table
+    return _emit(reports, fmt, github_benchmark, cur)
 
 
 @cli.command()
@@ -329,17 +334,25 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
 @click.option("--interleave", type=click.Choice(["cell", "suite"]), default="cell", show_default=True,
               help="cell: the sides take turns cell by cell (both interpreters must run this sparsebench's "
                    "worker protocol; else it falls back to suite); suite: each side runs the whole suite per round.")
-@gate_options(0.05, "Slowdown of B (percent of A) a cell must exceed to regress.")
+@gate_options(0.05, "Slowdown of B (percent of A) a cell must exceed to regress (its test Holm-adjusted over the "
+                    "cells).", max_regression=5.0)
+@click.option("--max-suite-regression", default=2.0, show_default=True, metavar="PCT",
+              help="Slowdown of the whole suite (geometric mean of the cells) that regresses it.")
+@click.option("--suite-alpha", default=0.01, show_default=True,
+              help="Significance level of the suite-level test.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
-       alpha, fmt, github_benchmark, output):
-    """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A."""
-    from .analyze.paired import check_options, paired_report
+       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, output):
+    """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
+    (a cell, or the suite as a whole; in wall time or in CPU time)."""
+    from .analyze.paired import METRICS, check_options, paired_report
     from .execute import ab as ab_runner
     from .results import read_results
 
-    check_options(max_regression=max_regression / 100.0, alpha=alpha, test=test)
+    decision = dict(max_regression=max_regression / 100.0, alpha=alpha, test=test, suite_alpha=suite_alpha,
+                    max_suite_regression=max_suite_regression / 100.0)
+    check_options(**decision)
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
@@ -355,13 +368,13 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
         click.echo(f"\ninterrupted: the finished rounds' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
-    report = paired_report(side_a, side_b, max_regression=max_regression / 100.0, alpha=alpha, test=test,
-                           aa=ab_runner.identical(a, b))
+    measured = [m for m in METRICS if m == "wall" or any(r.cpu_samples_per_sec for r in side_a.records + side_b.records)]
+    reports = [paired_report(side_a, side_b, aa=ab_runner.identical(a, b), metric=m, **decision) for m in measured]
     order = " ".join(run.order[:8]) + (" ..." if len(run.order) > 8 else "")
-    report.notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
-                             f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
-                             f"{run.results['B']}"]
-    return _emit(report, fmt, github_benchmark, side_b)
+    reports[0].notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
+                                 f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
+                                 f"{run.results['B']}"]
+    return _emit(reports, fmt, github_benchmark, side_b)
 
 
 @cli.command()

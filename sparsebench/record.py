@@ -123,6 +123,17 @@ class Record:
     window_seconds: list = _field("s", Merge.EACH, "each window's wall seconds")
     window_steps: list = _field("steps", Merge.EACH, "each window's train steps (all Hogwild workers together)")
     steps_timed: int = _field("steps", Merge.EACH, "steps timed over all windows")
+    window_cpu_seconds: list = _field("s", Merge.EACH, "each window's CPU seconds (user + system) of the worker "
+                                                     "process, every thread; of the coordinator and its local "
+                                                     "cluster's tasks for a PS cell")
+    cpu_windows: list = _field("samples/CPU-s", Merge.EACH, "each window's samples over its CPU seconds")
+    cpu_samples_per_sec: float = _field("samples/CPU-s", Merge.MEDIAN, "a process's CPU rate: the median of its "
+                                                                        "cpu_windows; merged: the median over the "
+                                                                        "processes")
+    cpu_busy_cores: float = _field("cores", Merge.MEDIAN, "CPU seconds over wall seconds of the timed windows: how "
+                                                          "many cores the cell kept busy")
+    thread_cpu_seconds: dict = _field("s", Merge.EACH, "CPU seconds per thread name over the timed windows "
+                                                       "(local cells; tf_Compute is TensorFlow's inter-op pool)")
     step_ms_p50: float = _field("ms", Merge.MEDIAN, "median wall time of one train step")
     step_ms_p90: float = _field("ms", Merge.MEDIAN, "90th percentile of the step time")
     step_ms_p99: float = _field("ms", Merge.MEDIAN, "99th percentile of the step time")
@@ -347,6 +358,11 @@ def round_rate(record: Record) -> float | None:
     """One side's figure for one round of `sparsebench ab`: the process rate of that round's
     process (as its worker recorded it)."""
     return record.samples_per_sec
+
+
+def round_cpu_rate(record: Record) -> float | None:
+    """The same in samples per CPU-second: the process's CPU rate."""
+    return record.cpu_samples_per_sec
 
 
 # -- merging ----------------------------------------------------------------------------

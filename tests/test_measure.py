@@ -1,5 +1,7 @@
 """The measurement loop and its statistics, with a fake clock: no real timing asserted."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -133,3 +135,36 @@ def test_a_window_shorter_than_the_clock_can_time_is_a_config_error():
 
     with pytest.raises(ConfigError, match="seconds_per_window: must be at least 0.01 s"):
         MeasureSpec(seconds_per_window=1e-300).validate()
+
+
+def test_every_window_records_its_cpu_seconds_beside_its_wall_seconds():
+    """A fake CPU clock that runs at half the wall clock (the process was scheduled half the
+    time): the windows' CPU rates are twice their wall rates, and the record says so."""
+    from sparsebench.train.cell import cpu_fields
+
+    clock = FakeClock()
+
+    def step(batch):
+        clock.now += 0.1
+        return batch
+
+    result = measure(step, [(0,)], batch_size=10,
+                     settings=MeasureSpec(warmup_steps=0, windows=3, steps_per_window=4), clock=clock,
+                     cpu_clock=lambda: clock.now / 2)
+    np.testing.assert_allclose(result.window_seconds, [0.4] * 3)
+    np.testing.assert_allclose(result.window_cpu_seconds, [0.2] * 3)
+    fields = cpu_fields(result)
+    np.testing.assert_allclose(fields["cpu_windows"], [200.0] * 3)
+    assert fields["cpu_samples_per_sec"] == pytest.approx(200.0) and fields["cpu_busy_cores"] == pytest.approx(0.5)
+
+
+def test_thread_cpu_seconds_name_this_process_threads():
+    """0.3 CPU-seconds spun on this thread show up under its name (to clock-tick precision)."""
+    from sparsebench.train.measure.cputime import thread_cpu_difference, thread_cpu_seconds
+
+    before = thread_cpu_seconds()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:
+        pass
+    spent = thread_cpu_difference(before, thread_cpu_seconds())
+    assert spent is not None and max(spent.values()) >= 0.25

@@ -136,7 +136,7 @@ def test_an_a_a_run_flags_nothing_and_reports_the_noise_floor(tmp_path):
     rep = paired_report(a, b, max_regression=0.10, alpha=0.01, aa=True)
     (c,) = rep.cells
     assert c.status == "unchanged" and 0 < c.detectable < 0.10
-    assert any("noise floor" in n and f"{c.detectable:.1%}" in n for n in rep.notes)
+    assert any("A/A run" in n and f"{c.detectable:.1%}" in n for n in rep.notes)
 
 
 def test_paired_test_arithmetic():

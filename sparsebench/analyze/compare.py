@@ -53,8 +53,15 @@ def _threads(record: Record) -> tuple | None:
                                          "omp_num_threads", "mkl_num_threads", "tf_enable_onednn_opts"))
 
 
+def metrics_in(baseline: Results, current: Results) -> list[str]:
+    """wall, and cpu where both runs recorded CPU time (records from before it did not)."""
+    both = all(any(r.cpu_windows for r in run.records) for run in (baseline, current))
+    return ["wall", "cpu"] if both else ["wall"]
+
+
 def difference_report(baseline: Results, current: Results, *, max_regression: float = 0.10, alpha: float = 0.01,
-                      noise_factor: float = STORED_NOISE_FACTOR, max_shift: float = STORED_MAX_SHIFT) -> DifferenceReport:
+                      noise_factor: float = STORED_NOISE_FACTOR, max_shift: float = STORED_MAX_SHIFT,
+                      metric: str = "wall") -> DifferenceReport:
     for name, value in (("--max-regression", max_regression), ("--max-shift", max_shift)):
         if not 0 < value < 1:
             raise UserError(f"{name}: must be between 0 and 100 percent, got {value * 100:g}")
@@ -68,8 +75,8 @@ def difference_report(baseline: Results, current: Results, *, max_regression: fl
     if not common:
         raise UserError(f"{baseline.path} and {current.path} have no cell in common (different suites or settings?)")
     report = DifferenceReport(
-        max_regression=max_regression, alpha=alpha,
-        rule=(f"regressed/improved: a cell's change beyond the shared shift exceeds {max_regression:.0%} "
+        max_regression=max_regression, alpha=alpha, metric=metric, unit=UNITS[metric],
+        rule=(f"{metric} time: regressed/improved: a cell's change beyond the shared shift exceeds {max_regression:.0%} "
               f"(and {noise_factor:g}x either way for a cell measured in one process) and p < {alpha:g} (Welch t-test on the "
               f"processes' medians, or Mann-Whitney U on one process's windows); the shared shift itself "
               f"counts as a regression of the whole run beyond {max_shift:.0%}"))
@@ -89,7 +96,7 @@ def difference_report(baseline: Results, current: Results, *, max_regression: fl
                 f"unknown, so those cells are flagged only when they change {noise_factor:g}x beyond the shared shift "
                 f"(--noise-factor); "
                 f"measure with --processes N, or compare with `sparsebench ab`")
-    groups = {cid: (_groups(base[cid]), _groups(cur[cid])) for cid in common}
+    groups = {cid: (_groups(base[cid], metric), _groups(cur[cid], metric)) for cid in common}
     logs = [math.log(_median(b) / _median(a)) for a, b in groups.values()
             if a and b and _median(a) > 0 and _median(b) > 0]
     shift = float(np.median(logs)) if len(logs) >= MIN_CELLS_FOR_SHIFT else 0.0
@@ -115,10 +122,18 @@ def difference_report(baseline: Results, current: Results, *, max_regression: fl
     return report
 
 
-def _groups(record: Record) -> list[list[float]]:
-    """A record's windows by process (one group for a one-process record)."""
+UNITS = {"wall": "samples/s", "cpu": "samples/CPU-s"}
+
+
+def _groups(record: Record, metric: str = "wall") -> list[list[float]]:
+    """A record's windows by process (one group for a one-process record), in wall time or
+    in CPU time (a merged record holds each process's CPU windows)."""
     if not record.ok:
         return []
+    if metric == "cpu":
+        windows = record.cpu_windows or []
+        groups = windows if windows and isinstance(windows[0], list) else [windows]
+        return [[w for w in g if w is not None] for g in groups if g]
     return [g for g in (record.process_windows or [record.windows or []]) if g]
 
 

@@ -10,6 +10,7 @@ report and its rendering).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,14 +33,41 @@ class CellDifference:
     p_value: float | None = None
     samples: tuple[int, int] = (0, 0)  # how many of `unit` each side had
     unit: str = "windows"  # windows | processes | rounds
-    detectable: float | None = None  # the smallest change this cell's test could call (a fraction)
+    detectable: float | None = None  # the slowdown (as a positive fraction) this cell's test detects with 80% power
     note: str = ""
+    p_adjusted: float | None = None  # ab: Holm-adjusted over the suite's cells (the verdict uses it)
+    detect_slowdown: float | None = None  # ab: the slowdown (negative) detected with 80% power
+    detect_speedup: float | None = None  # ab: the speed-up (positive) likewise
 
     def basis(self) -> str:
         if self.unit == "rounds":
-            floor = f", detectable ±{self.detectable:.1%}" if self.detectable is not None else ""
+            floor = (f", detects {self.detect_slowdown:+.1%} / {self.detect_speedup:+.1%}"
+                     if self.detect_slowdown is not None else "")
             return f"{self.samples[0]} paired rounds{floor}"
         return f"{self.samples[0]} vs {self.samples[1]} {self.unit}"
+
+
+@dataclass
+class SuiteDifference:
+    """`ab`: the geometric mean of every compared cell's ratio, tested over the rounds."""
+
+    status: str  # regressed | improved | unchanged
+    ratio: float
+    ratio_low: float
+    ratio_high: float
+    p_value: float
+    rounds: int
+    cells: int
+    detect_slowdown: float
+    detect_speedup: float
+    alpha: float
+    max_regression: float
+
+    def line(self) -> str:
+        interval = (f" [{_pct(self.ratio_low)}, {_pct(self.ratio_high)}]" if math.isfinite(self.ratio_low) else "")
+        return (f"suite ({self.cells} cells, {self.rounds} rounds): {_pct(self.ratio)}{interval} at "
+                f"{1 - self.alpha:.0%}, p {self.p_value:.3g}, detects {self.detect_slowdown:+.1%} / "
+                f"{self.detect_speedup:+.1%}: {self.status.upper() if self.status != 'unchanged' else 'unchanged'}")
 
 
 @dataclass
@@ -56,6 +84,10 @@ class DifferenceReport:
     alpha: float = 0.01
     shift: float | None = None  # the change every cell shared (stored runs), as a fraction
     shift_status: str = "unchanged"  # a shared shift beyond its limit is a finding of its own
+    metric: str = "wall"  # wall | cpu: which time the rates are per
+    unit: str = "samples/s"
+    suite: SuiteDifference | None = None  # ab: the suite-level test
+    confidence: float = 0.95  # of the cells' intervals
 
     def count(self, status: str) -> int:
         return sum(1 for c in self.cells if c.status == status)
@@ -73,11 +105,14 @@ class DifferenceReport:
                      + (f" and {len(failed) - 3} more" if len(failed) > 3 else ""))
         if self.shift_status != "unchanged":
             line += f"; the whole run {self.shift_status} ({self.shift:+.1%} shared by all cells)"
-        return line
+        if self.suite is not None:
+            line += f"; suite {_pct(self.suite.ratio)} (p {self.suite.p_value:.2g}) {self.suite.status}"
+        return (f"{self.metric} time: " if self.metric != "wall" else "") + line
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.count("regressed") or self.count("failed") or self.shift_status == "regressed" else 0
+        suite = self.suite is not None and self.suite.status == "regressed"
+        return 1 if self.count("regressed") or self.count("failed") or self.shift_status == "regressed" or suite else 0
 
 
 def verdict(ratio: float, p: float, max_regression: float, alpha: float, noise_factor: float | None = None) -> str:
@@ -100,8 +135,8 @@ def _pct(ratio: float | None) -> str:
 
 def _header(report: DifferenceReport) -> list[str]:
     first, second = report.names
-    return ["cell", "verdict", f"{first} samples/s", f"{second} samples/s", "change", "95% CI of change", "p",
-            "basis", "note"]
+    return ["cell", "verdict", f"{first} {report.unit}", f"{second} {report.unit}", "change",
+            f"{report.confidence:.0%} CI of change", "p (Holm)" if report.suite is not None else "p", "basis", "note"]
 
 
 def _rows(report: DifferenceReport) -> list[list[str]]:
@@ -116,9 +151,15 @@ def _rows(report: DifferenceReport) -> list[list[str]]:
         rows.append([
             c.cell_id, c.status.upper() if c.status != "unchanged" else c.status,
             f"{c.baseline:,.0f}", f"{c.current:,.0f}", _pct(c.ratio), interval,
-            f"{c.p_value:.3g}" if c.p_value is not None else "", c.basis(), c.note,
+            _p_text(c), c.basis(), c.note,
         ])
     return rows
+
+
+def _p_text(c: CellDifference) -> str:
+    if c.p_value is None:
+        return ""
+    return f"{c.p_value:.3g} ({c.p_adjusted:.3g})" if c.p_adjusted is not None else f"{c.p_value:.3g}"
 
 
 def _warnings(report: DifferenceReport) -> list[str]:
@@ -138,7 +179,7 @@ def render_table(report: DifferenceReport) -> str:
     lines = _warnings(report)
     lines += ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
-    lines += ["", report.rule, report.summary()]
+    lines += [*([report.suite.line()] if report.suite else []), "", report.rule, report.summary()]
     return "\n".join(lines)
 
 
@@ -149,7 +190,7 @@ def render_markdown(report: DifferenceReport) -> str:
     header = _header(report)
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in _rows(report)]
-    lines += ["", report.rule, "", report.summary()]
+    lines += [*(["", report.suite.line()] if report.suite else []), "", report.rule, "", report.summary()]
     return "\n".join(lines)
 
 
@@ -167,6 +208,9 @@ def render_json(report: DifferenceReport) -> str:
         "alpha": report.alpha,
         "shift": report.shift,
         "shift_status": report.shift_status,
+        "metric": report.metric,
+        "unit": report.unit,
+        "suite": asdict(report.suite) if report.suite is not None else None,
         "summary": report.summary(),
         **{status: report.count(status) for status in ("regressed", "improved", "unchanged", "failed")},
     }
@@ -174,6 +218,21 @@ def render_json(report: DifferenceReport) -> str:
 
 
 RENDERERS = {"table": render_table, "markdown": render_markdown, "json": render_json}
+
+
+def render_all(reports: list[DifferenceReport], fmt: str) -> str:
+    """Several reports of one comparison (wall time, then CPU time): each in turn, then, in
+    text, one line with every summary (the line a CI log ends on). In JSON the first
+    report's object, with the others under their metric's name."""
+    if fmt == "json":
+        payload = json.loads(render_json(reports[0]))
+        for other in reports[1:]:
+            payload[other.metric] = json.loads(render_json(other))
+        return json.dumps(payload, indent=2, allow_nan=False)
+    text = "\n\n".join(RENDERERS[fmt](r) for r in reports)
+    if len(reports) > 1:
+        text += "\n\n" + " | ".join(r.summary() for r in reports)
+    return text
 
 
 def github_benchmark(current: Results) -> list[dict[str, Any]]:

@@ -1,25 +1,47 @@
-"""Deciding an interleaved A/B run: per cell, the paired ratios of its rounds.
+"""Deciding an interleaved A/B run: every cell's paired rounds, and the suite as a whole.
 
 Each round measured every cell once on side A and once on side B, close together in
 time, so the ratio B/A of one round is free of the drift between rounds. Over R rounds a
-cell has R paired ratios; a paired test on their logs (`stats.paired_test`) says whether
-B differs from A, and the spread of those ratios says how small a change this machine
-could have shown (`detectable`: the noise floor an A/A run reports).
+cell has R paired log ratios. The decision uses all cells together (`stats`, "deciding
+many cells at once"):
 
-Cells pair by their place in the suite's expansion, which both sides share when they
-run the same suite file; a side whose settings change a cell's id (say
-`--b-set intra_op_threads=1`) still pairs cell for cell.
+- per cell, a t-test of the mean log ratio whose variance is moderated towards the
+  suite's (more degrees of freedom than the cell's own R - 1), Holm-adjusted over the
+  cells so a whole A/A run flags some cell at most `alpha` of the time; a cell regresses
+  when its adjusted p < alpha and it slowed by more than `max_regression`;
+- the suite: the per-round geometric mean of all cells' ratios, tested over the rounds at
+  `suite_alpha`; it regresses when significant and slower by more than
+  `max_suite_regression` (a uniform few-percent slowdown of every cell is the commonest
+  regression, and no single cell's test can see it);
+- what each test can see: the slowdown and the speed-up it detects with 80% power at its
+  level (`detect_slowdown`, `detect_speedup`), per cell and for the suite: the noise
+  floor an A/A run reports.
+
+A metric is wall time (`samples/s`, the default) or CPU time (`samples/CPU-s`); `ab`
+decides both, each with its own floors. Cells pair by their place in the suite's
+expansion, which both sides share when they run the same suite file; a side whose
+settings change a cell's id (say `--b-set intra_op_threads=1`) still pairs cell for cell.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
+from typing import Callable
+
+import numpy as np
 
 from ..errors import UserError
-from ..record import Record, round_rate
+from ..record import Record, round_cpu_rate, round_rate
 from ..results import Results
-from ..stats import PAIRED_TESTS, paired_test, wilcoxon_min_p
-from .difference import CellDifference, DifferenceReport, verdict
+from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, wilcoxon_min_p
+from .difference import CellDifference, DifferenceReport, SuiteDifference, verdict
+
+# What a metric reads from one round's record, and how a table names its unit.
+METRICS: dict[str, tuple[Callable[[Record], float | None], str]] = {
+    "wall": (round_rate, "samples/s"),
+    "cpu": (round_cpu_rate, "samples/CPU-s"),
+}
 
 
 def _rounds(results: Results) -> list[tuple[str, dict[int, Record]]]:
@@ -27,78 +49,135 @@ def _rounds(results: Results) -> list[tuple[str, dict[int, Record]]]:
     return list(results.by_round().items())
 
 
-def check_options(*, max_regression: float, alpha: float, test: str) -> None:
+def check_options(*, max_regression: float, alpha: float, test: str, suite_alpha: float = 0.01,
+                  max_suite_regression: float = 0.02) -> None:
     """The decision's options, checked before `ab` measures anything (a bad one would
     otherwise fail after minutes of rounds)."""
-    if not 0 < max_regression < 1:
-        raise UserError(f"--max-regression: must be between 0 and 100 percent, got {max_regression * 100:g}")
-    if not 0 < alpha < 1:
-        raise UserError(f"--alpha: must be between 0 and 1, got {alpha:g}")
+    for name, value in (("--max-regression", max_regression), ("--max-suite-regression", max_suite_regression)):
+        if not 0 < value < 1:
+            raise UserError(f"{name}: must be between 0 and 100 percent, got {value * 100:g}")
+    for name, value in (("--alpha", alpha), ("--suite-alpha", suite_alpha)):
+        if not 0 < value < 1:
+            raise UserError(f"{name}: must be between 0 and 1, got {value:g}")
     if test not in PAIRED_TESTS:
         raise UserError(f"--test: must be one of {', '.join(PAIRED_TESTS)}, got {test!r}")
 
 
-def paired_report(a: Results, b: Results, *, max_regression: float = 0.10, alpha: float = 0.05, test: str = "t",
-                  aa: bool = False) -> DifferenceReport:
-    check_options(max_regression=max_regression, alpha=alpha, test=test)
+def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha: float = 0.05, test: str = "t",
+                  aa: bool = False, metric: str = "wall", suite_alpha: float = 0.01,
+                  max_suite_regression: float = 0.02) -> DifferenceReport:
+    check_options(max_regression=max_regression, alpha=alpha, test=test, suite_alpha=suite_alpha,
+                  max_suite_regression=max_suite_regression)
+    rate, unit = METRICS[metric]
     cells_a, cells_b = _rounds(a), _rounds(b)
     if len(cells_a) != len(cells_b):
         raise UserError(f"{a.path} holds {len(cells_a)} cells and {b.path} {len(cells_b)}: not two sides of one A/B run")
-    test_name = "paired t-test on log ratios" if test == "t" else "Wilcoxon signed-rank test on log ratios"
-    report = DifferenceReport(names=("A", "B"), max_regression=max_regression, alpha=alpha,
-                              rule=f"regressed/improved: B's change beyond {max_regression:.0%} and a {test_name} "
-                                   f"over the rounds with p < {alpha:g}")
-    floors = []
+    test_name = ("moderated paired t-test on log ratios" if test == "t" else "Wilcoxon signed-rank test on log ratios")
+    report = DifferenceReport(
+        names=("A", "B"), max_regression=max_regression, alpha=alpha, metric=metric, unit=unit, confidence=1 - alpha,
+        rule=(f"{metric} time: a cell regressed/improved when B's change is beyond {max_regression:.0%} and a "
+              f"{test_name} over the rounds (variance moderated across cells, Holm-adjusted over them) gives "
+              f"p < {alpha:g}; the suite when the geometric mean of all cells moved beyond "
+              f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds)"))
+    pending: list[tuple[int, list[int], np.ndarray, list[float], list[float], str]] = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
-        diff = _pair_cell(label, rounds_a, rounds_b, max_regression, alpha, test)
+        diff, paired = _pair_cell(label, rounds_a, rounds_b, rate)
         report.cells.append(diff)
-        if diff.detectable is not None and diff.status != "not compared":
-            floors.append(diff.detectable)
-    rounds = max((c.samples[0] for c in report.cells), default=0)
-    if test == "wilcoxon" and wilcoxon_min_p(rounds) > alpha:
+        if paired is not None:
+            pending.append((len(report.cells) - 1, *paired))
+    if pending:
+        _decide(report, pending, max_regression, alpha, test)
+        report.suite = _suite(pending, suite_alpha, max_suite_regression)
+    compared = [c for c in report.cells if c.status not in ("not compared", "failed")]
+    rounds = max((c.samples[0] for c in compared), default=0)
+    if test == "wilcoxon" and wilcoxon_min_p(rounds) * len(compared) > alpha:
         report.power_warnings.append(
-            f"with {rounds} rounds the signed-rank test cannot reach p < {alpha:g} (smallest possible p = "
-            f"{wilcoxon_min_p(rounds):.3g}): no cell can be flagged; run more rounds or use --test t")
-    blind = [c.cell_id for c in report.cells if c.detectable is not None and c.detectable > max_regression
-             and c.status != "not compared"]
+            f"with {rounds} rounds and {len(compared)} cells the Holm-adjusted signed-rank test cannot reach "
+            f"p < {alpha:g} (smallest possible p = {wilcoxon_min_p(rounds):.3g} per cell): no cell can be flagged; "
+            f"run more rounds or use --test t")
+    blind = [c.cell_id for c in compared if c.detect_slowdown is not None and -c.detect_slowdown > max_regression]
     if blind:
         report.power_warnings.append(
-            f"{len(blind)} cell(s) varied so much from round to round that a {max_regression:.0%} change could not "
-            f"reach p < {alpha:g} (e.g. {blind[0]}); run more rounds for them")
-    if aa and floors:
-        floors.sort()
-        report.notes.append(
-            f"A/A run (both sides identical): the noise floor, the smallest change this machine can detect at "
-            f"alpha {alpha:g} with {rounds} rounds, is {floors[len(floors) // 2]:.1%} for the median cell "
-            f"(from {floors[0]:.1%} to {floors[-1]:.1%}); any flagged cell here is a false alarm")
+            f"{len(blind)} of {len(compared)} cell(s) varied so much from round to round that even a slowdown beyond "
+            f"{max_regression:.0%} would be missed more than 20% of the time (e.g. {blind[0]}); run more rounds")
+    if aa and compared:
+        report.notes.append(_floor_note(compared, report.suite, alpha, rounds, metric))
     return report
 
 
-def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Record], max_regression: float,
-               alpha: float, test: str) -> CellDifference:
-    common = sorted(r for r in rounds_a if r in rounds_b and rounds_a[r].ok and rounds_b[r].ok
-                    and (round_rate(rounds_a[r]) or 0) > 0 and (round_rate(rounds_b[r]) or 0) > 0)
+def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Record], rate) \
+        -> tuple[CellDifference, tuple | None]:
+    """The cell's difference so far and, where it can be tested, (rounds, log ratios, A's
+    rates, B's rates, note)."""
+    def usable(record: Record) -> bool:
+        return record.ok and (rate(record) or 0) > 0
+
+    common = sorted(r for r in rounds_a if r in rounds_b and usable(rounds_a[r]) and usable(rounds_b[r]))
     missing = sorted((set(rounds_a) | set(rounds_b)) - set(common))
     # B crashed where A measured: a gate whose head fails a cell must fail, whatever the rest says.
     crashed = sorted(r for r in rounds_b if rounds_b[r].status in ("failed", "timeout")
                      and r in rounds_a and rounds_a[r].ok)
     if crashed:
         first = rounds_b[crashed[0]]
-        a_rates = [round_rate(rounds_a[r]) for r in sorted(rounds_a) if rounds_a[r].ok and round_rate(rounds_a[r])]
+        a_rates = [rate(rounds_a[r]) for r in sorted(rounds_a) if usable(rounds_a[r])]
         return CellDifference(label, "failed", baseline=float(statistics.median(a_rates)) if a_rates else None,
                               unit="rounds", samples=(len(common), len(common)),
                               note=f"B {first.status} in round(s) {', '.join(map(str, crashed))} where A measured it "
-                                   f"({first.reason})")
+                                   f"({first.reason})"), None
     if len(common) < 2:
         statuses = {str(rec.status) for rec in [*rounds_a.values(), *rounds_b.values()]}
+        no_rate = any(rec.ok and not rate(rec) for rec in [*rounds_a.values(), *rounds_b.values()])
+        why = "; no figure of this metric in the records (written before it existed?)" if no_rate else ""
         return CellDifference(label, "not compared", unit="rounds", samples=(len(common), len(common)),
-                              note=f"{len(common)} round(s) measured on both sides ({', '.join(sorted(statuses))})")
-    a = [round_rate(rounds_a[r]) for r in common]
-    b = [round_rate(rounds_b[r]) for r in common]
-    result = paired_test(a, b, alpha, test)
+                              note=f"{len(common)} round(s) measured on both sides ({', '.join(sorted(statuses))}){why}"), None
+    a = [rate(rounds_a[r]) for r in common]
+    b = [rate(rounds_b[r]) for r in common]
+    logs = np.log(np.asarray(b) / np.asarray(a))
     note = f"rounds {', '.join(map(str, missing))} not paired" if missing else ""
-    return CellDifference(label, verdict(result.ratio, result.p_value, max_regression, alpha),
-                          float(statistics.median(a)), float(statistics.median(b)), result.ratio,
-                          result.ratio_low, result.ratio_high, result.p_value, (len(common), len(common)), "rounds",
-                          result.detectable, note)
+    diff = CellDifference(label, "unchanged", float(statistics.median(a)), float(statistics.median(b)),
+                          samples=(len(common), len(common)), unit="rounds", note=note)
+    return diff, (common, logs, a, b, note)
+
+
+def _decide(report: DifferenceReport, pending: list, max_regression: float, alpha: float, test: str) -> None:
+    """Every testable cell at once: moderated variances, Holm-adjusted p-values."""
+    changes, _, _ = moderated_cells([logs for _, _, logs, *_ in pending], alpha)
+    if test == "wilcoxon":
+        from scipy import stats as sps
+
+        raw = [1.0 if np.all(logs == 0) else float(sps.wilcoxon(logs, alternative="two-sided").pvalue)
+               for _, _, logs, *_ in pending]
+        adjusted = holm(raw)
+        changes = [c.__class__(**{**c.__dict__, "p_value": p, "p_adjusted": q}) for c, p, q in zip(changes, raw, adjusted)]
+    for (index, *_), change in zip(pending, changes):
+        diff = report.cells[index]
+        diff.ratio, diff.ratio_low, diff.ratio_high = change.ratio, change.ratio_low, change.ratio_high
+        diff.p_value, diff.p_adjusted = change.p_value, change.p_adjusted
+        diff.detect_slowdown, diff.detect_speedup = change.detect_slowdown, change.detect_speedup
+        diff.detectable = -change.detect_slowdown
+        diff.status = verdict(change.ratio, change.p_adjusted, max_regression, alpha)
+
+
+def _suite(pending: list, alpha: float, max_regression: float) -> SuiteDifference | None:
+    """The suite's change over the rounds every testable cell shares."""
+    shared = sorted(set.intersection(*(set(rounds) for _, rounds, *_ in pending)))
+    if len(shared) < 2:
+        return None
+    table = [[logs[rounds.index(r)] for r in shared] for _, rounds, logs, *_ in pending]
+    change = suite_change(table, alpha)
+    return SuiteDifference(verdict(change.ratio, change.p_value, max_regression, alpha), change.ratio,
+                           change.ratio_low, change.ratio_high, change.p_value, change.rounds, change.cells,
+                           change.detect_slowdown, change.detect_speedup, alpha, max_regression)
+
+
+def _floor_note(compared: list[CellDifference], suite: SuiteDifference | None, alpha: float, rounds: int,
+                metric: str) -> str:
+    slow = sorted(-c.detect_slowdown for c in compared if c.detect_slowdown is not None)
+    text = (f"A/A run (both sides identical), {metric} time: with {rounds} rounds a cell's test detects, with 80% "
+            f"power at its Holm-adjusted alpha {alpha:g}, a slowdown of {slow[len(slow) // 2]:.1%} for the median "
+            f"cell and {slow[-1]:.1%} for the worst (best {slow[0]:.1%})")
+    if suite is not None and suite.detect_slowdown is not None and math.isfinite(suite.detect_slowdown):
+        text += (f"; the suite-level test detects a uniform slowdown of {-suite.detect_slowdown:.1%} "
+                 f"(speed-up {suite.detect_speedup:+.1%}) at alpha {suite.alpha:g}")
+    return text + "; any flagged cell here is a false alarm"

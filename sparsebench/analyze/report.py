@@ -197,6 +197,7 @@ def _multi_run(frame: pd.DataFrame) -> bool:
 def view_matrix(frame: pd.DataFrame) -> View:
     rows = []
     has_pipeline = frame["input_samples_per_sec"].notna().any()
+    has_cpu = frame["cpu_samples_per_sec"].notna().any()  # records from before CPU time have none
     for _, row in frame.iterrows():
         ok = row["status"] == "ok"
         rows.append({
@@ -207,6 +208,9 @@ def view_matrix(frame: pd.DataFrame) -> View:
             "95% interval": interval_text(row) if ok else "",
             "processes": str(int(row["processes"])) if ok and not pd.isna(row["processes"]) else "",
             "CV (within / between)": _spread_text(row) if ok else "",
+            **({"samples/CPU-s": sig3(row["cpu_samples_per_sec"]) if ok else "",
+                "cores busy": f"{row['cpu_busy_cores']:.2f}" if ok and not pd.isna(row["cpu_busy_cores"]) else ""}
+               if has_cpu else {}),
             "loss": _quality_text(row, "loss", "{:.4f}") if ok else "",
             "AUC": _quality_text(row, "auc", "{:.3f}") if ok else "",
             "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",

@@ -24,7 +24,7 @@ from .. import stats
 from ..errors import CellSkipped, ConfigError
 from ..plan.cell import Cell
 from ..plan.spec import CUSTOM_OP_VARIANTS
-from ..record import Record, input_bound_verdict
+from ..record import Record, input_bound_verdict, process_rate
 from .inputs.open import CellInput, open_input
 from .measure.tf_facts import threads_in_effect
 
@@ -94,7 +94,23 @@ def measured_fields(measurement) -> dict[str, Any]:
         "step_ms_p90": step_ms["p90"],
         "step_ms_p99": step_ms["p99"],
         "steps_timed": len(measurement.step_seconds),
+        **cpu_fields(measurement),
     }
+
+
+def cpu_fields(measurement) -> dict[str, Any]:
+    """CPU time beside wall time: each window's CPU seconds, samples per CPU-second (the
+    median over the windows is the process's CPU rate), the cores kept busy, and where the
+    CPU time went by thread name (local cells)."""
+    samples = [rate * seconds for rate, seconds in zip(measurement.window_samples_per_sec, measurement.window_seconds)]
+    windows = [n / cpu if cpu > 0 else float("nan") for n, cpu in zip(samples, measurement.window_cpu_seconds)]
+    if not windows:
+        return {}
+    wall, cpu = sum(measurement.window_seconds), sum(measurement.window_cpu_seconds)
+    return {"window_cpu_seconds": measurement.window_cpu_seconds, "cpu_windows": windows,
+            "cpu_samples_per_sec": process_rate(windows),
+            "cpu_busy_cores": cpu / wall if wall > 0 else None,
+            "thread_cpu_seconds": measurement.thread_cpu_seconds}
 
 
 def model_fields(prepared: Prepared) -> dict[str, Any]:

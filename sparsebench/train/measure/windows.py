@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ...plan.spec import MeasureSpec
+from .cputime import process_cpu_seconds, thread_cpu_difference, thread_cpu_seconds
 from .hogwild import run_hogwild
 
 
@@ -24,6 +25,8 @@ class EmptyWindow(RuntimeError):
 class Measurement:
     window_samples_per_sec: list[float] = field(default_factory=list)
     window_seconds: list[float] = field(default_factory=list)
+    window_cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU seconds (all threads)
+    thread_cpu_seconds: dict[str, float] | None = None  # per thread name, over all the timed windows
     window_steps: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
     warmup_seconds: float = 0.0
@@ -39,6 +42,7 @@ def measure(
     sync: Callable = lambda result: result,
     clock: Callable[[], float] = time.perf_counter,
     on_windows_start: Callable[[], None] = lambda: None,
+    cpu_clock: Callable[[], float] = process_cpu_seconds,
 ) -> Measurement:
     """Warm up (first calls trace the graph), then time `settings.windows` windows.
     `on_windows_start` runs between the two (e.g. to start a GPU sampler after warm-up).
@@ -57,18 +61,21 @@ def measure(
         offset += warm.steps
     steps_per_window, seconds_per_window = settings.window_limits()
     on_windows_start()
+    threads_before = thread_cpu_seconds()
     for _ in range(settings.windows):
-        start = clock()
+        start, cpu_start = clock(), cpu_clock()
         run = run_hogwild(step, batches, workers, steps_per_worker=steps_per_window,
                           seconds=seconds_per_window, offset=offset, sync=sync, clock=clock)
-        elapsed = clock() - start
+        elapsed, cpu = clock() - start, cpu_clock() - cpu_start
         if run.steps == 0:
             raise EmptyWindow(f"timed window {len(result.window_steps) + 1} ran no step in {elapsed:.3g} s: the step "
                               f"takes longer than the window (raise seconds_per_window)")
         offset += run.steps
         result.window_seconds.append(elapsed)
+        result.window_cpu_seconds.append(cpu)
         result.window_steps.append(run.steps)
         result.window_samples_per_sec.append(run.steps * batch_size / elapsed if elapsed > 0 else float("nan"))
         result.step_seconds.extend(run.step_seconds)
         result.last_results = run.last_results
+    result.thread_cpu_seconds = thread_cpu_difference(threads_before, thread_cpu_seconds())
     return result

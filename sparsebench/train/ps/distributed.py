@@ -30,6 +30,7 @@ import numpy as np
 from ...errors import CellSkipped
 from ...plan.cell import Cell
 from ...plan.spec import CUSTOM_OP_VARIANTS
+from ..measure.cputime import process_tree_cpu_seconds
 from ..measure.windows import Measurement
 
 POOL_CAP = 8  # batches shipped to each worker inside its dataset function (they travel as constants)
@@ -142,7 +143,8 @@ class PsTraining:
         return functions * self.steps_per_execution, [float(r.fetch()) for r in remote]
 
     def measure(self, batch_size: int, clock: Callable[[], float] = time.perf_counter,
-                on_windows_start: Callable[[], None] = lambda: None) -> Measurement:
+                on_windows_start: Callable[[], None] = lambda: None,
+                cpu_clock: Callable[[], float] = process_tree_cpu_seconds) -> Measurement:
         """Warm up (every worker traces), estimate a function's rate, then time the windows
         (`on_windows_start` runs just before the first)."""
         settings = self.cell.measure
@@ -167,10 +169,11 @@ class PsTraining:
         on_windows_start()
         steps_before = self.worker_steps()
         for _ in range(settings.windows):
-            start = clock()
+            start, cpu_start = clock(), cpu_clock()
             self.schedule(functions)
             self.coordinator.join()
-            elapsed = clock() - start
+            elapsed, cpu = clock() - start, cpu_clock() - cpu_start
+            result.window_cpu_seconds.append(cpu)
             steps = functions * self.steps_per_execution
             result.window_seconds.append(elapsed)
             result.window_steps.append(steps)
