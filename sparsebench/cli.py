@@ -276,8 +276,9 @@ def gate_options(alpha: float, regression_help: str, max_regression: float = 10.
     return wrap
 
 
-def _emit(reports, fmt: str, github_benchmark: Path | None, current) -> int:
-    """Print the reports (wall time, then CPU time where measured); exit 1 if any fails."""
+def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: str = "any") -> int:
+    """Print the reports (wall time, then CPU time where measured); exit 1 if any fails
+    (`fail_on` "suite": only a suite-level regression or a failed cell counts)."""
     from .analyze.difference import github_benchmark as benchmark_json
     from .analyze.difference import render_all
 
@@ -287,6 +288,8 @@ def _emit(reports, fmt: str, github_benchmark: Path | None, current) -> int:
             github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
+    if fail_on == "suite":
+        return int(any((r.suite is not None and r.suite.status == "regressed") or r.count("failed") for r in reports))
     return max(report.exit_code for report in reports)
 
 
@@ -340,10 +343,21 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
               help="Slowdown of the whole suite (geometric mean of the cells) that regresses it.")
 @click.option("--suite-alpha", default=0.01, show_default=True,
               help="Significance level of the suite-level test.")
+@click.option("--fail-on", type=click.Choice(["any", "suite"]), default="any", show_default=True,
+              help="any: exit 1 on a regressed cell or suite; suite: only on the suite-level test (and on a cell B "
+                   "failed), for a gate that must almost never fail spuriously.")
+@click.option("--count", "counted", is_flag=True,
+              help="The counted tier instead: each side's cells under valgrind's callgrind (one thread, fixed "
+                   "steps), gated on instructions and estimated cycles per example.")
+@click.option("--count-steps", default=5, show_default=True, type=click.IntRange(min=1),
+              help="--count: train steps counted per cell (after uncounted warm-up).")
+@click.option("--count-threshold", default=1.0, show_default=True, metavar="PCT",
+              help="--count: change of a cell's (or the suite's) counted work that is a finding.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
-       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, output):
+       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, fail_on, counted, count_steps, count_threshold,
+       output):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
     (a cell, or the suite as a whole; in wall time or in CPU time)."""
     from .analyze.paired import METRICS, check_options, paired_report
@@ -356,6 +370,9 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
+    if counted:
+        return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps, count_threshold / 100.0, fmt,
+                           github_benchmark, fail_on)
     notes = []
     if interleave == "cell" and not all(ab_runner.speaks_protocol(side.python) for side in (a, b)):
         interleave = "suite"
@@ -374,7 +391,28 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     reports[0].notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
                                  f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
                                  f"{run.results['B']}"]
-    return _emit(reports, fmt, github_benchmark, side_b)
+    return _emit(reports, fmt, github_benchmark, side_b, fail_on)
+
+
+def _ab_counted(suite_arg, overrides, a, b, folder, steps, threshold, fmt, github_benchmark, fail_on) -> int:
+    from .analyze.counted import COUNTED_METRICS, counted_report
+    from .execute import ab as ab_runner
+    from .results import read_results
+
+    if not 0 < threshold < 1:
+        raise UserError(f"--count-threshold: must be between 0 and 100 percent, got {threshold * 100:g}")
+    try:
+        run = ab_runner.run_counted(suite_arg=suite_arg, overrides=overrides, a=a, b=b, folder=folder, steps=steps)
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted: the counted cells' files are in {folder}", err=True)
+        return 130
+    side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
+    reports = [counted_report(side_a, side_b, metric=m, threshold=threshold) for m in ("cycles", "instructions")]
+    assert set(COUNTED_METRICS) == {r.metric for r in reports}
+    reports[0].notes.append(f"counted {steps} steps per cell on one thread under callgrind, both sides at once, in "
+                            f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "
+                            f"{run.results['A']} and {run.results['B']}")
+    return _emit(reports, fmt, github_benchmark, side_b, fail_on)
 
 
 @cli.command()

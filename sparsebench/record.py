@@ -180,6 +180,16 @@ class Record:
     gpu_samples: int = _field("samples", Merge.EACH, "NVML readings taken")
     gpu_error: str = _field("", Merge.EACH, "why NVML could not be read")
     gpu_peak_mb: float = _field("MiB", Merge.MAX, "TensorFlow's peak GPU memory (profiled cells)")
+    # -- counted work (ab --count) ---------------------------------------------------------
+    counted_steps: int = _field("steps", Merge.SAME, "train steps counted under callgrind")
+    instructions_per_example: float = _field("instructions", Merge.MEDIAN, "instructions executed per example over "
+                                                                           "the counted steps")
+    cycles_per_example: float = _field("cycles", Merge.MEDIAN, "estimated cycles per example: instructions + 10 x "
+                                                               "simulated L1 misses + 100 x last-level misses")
+    count_events: dict = _field("events", Merge.FIRST, "every callgrind event per example (Ir, Dr, Dw, I1mr, D1mr, "
+                                                       "D1mw, ILmr, DLmr, DLmw)")
+    count_functions: dict = _field("events", Merge.FIRST, "the costliest functions (by estimated cycles): their own "
+                                                          "instructions and cycles per example")
     # -- profiles -----------------------------------------------------------------------
     profile_dir: str = _field("", Merge.FIRST, "where `sparsebench profile` wrote this cell's profile")
     profile: dict = _field("", Merge.FIRST, "the profile's op table and step time")

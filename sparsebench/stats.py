@@ -414,3 +414,22 @@ def suite_change(log_ratios: Sequence[Sequence[float]], alpha: float = 0.01) -> 
     low, high = _t_bounds(mean, se, rounds - 1, alpha)
     slow, fast = _detectable(se, rounds - 1, alpha)
     return SuiteChange(rounds, cells, math.exp(mean), low, high, p, slow, fast, sd)
+
+
+def variance_components(a: Sequence[float], b: Sequence[float], windows: Sequence[Sequence[float]] = ()) \
+        -> dict[str, float | None]:
+    """Where one cell's noise comes from, in an A/A run (as standard deviations of logs,
+    which read as CVs). The model: log rate of side s in round r = mean_s + round_r +
+    process_sr, with round_r shared by both sides of a round (the machine's drift) and
+    process_sr each process's own luck; within a process, its windows spread by `within`.
+    Then var(log b - log a) = 2 var(process) and var of the round's mean of the two logs =
+    var(round) + var(process) / 2. `windows`: every process's windows (either side)."""
+    la, lb = np.log(np.asarray(a, dtype=np.float64)), np.log(np.asarray(b, dtype=np.float64))
+    if len(la) < 2:
+        return {"within": None, "between_process": None, "between_round": None}
+    process_var = float(np.var(lb - la, ddof=1)) / 2.0
+    round_var = float(np.var((la + lb) / 2.0, ddof=1)) - process_var / 2.0
+    within = [float(np.std(np.log(np.asarray(w, dtype=np.float64)), ddof=1)) for w in windows if len(w) > 1]
+    return {"within": float(math.sqrt(np.mean(np.square(within)))) if within else None,
+            "between_process": math.sqrt(process_var),
+            "between_round": math.sqrt(max(round_var, 0.0))}

@@ -104,7 +104,8 @@ def difference_report(baseline: Results, current: Results, *, max_regression: fl
     for cid in common:
         diff = _compare_cell(cid, base[cid], cur[cid], *groups[cid], shift, max_regression, alpha, noise_factor)
         report.cells.append(diff)
-        if diff.status != "not compared" and diff.unit == "windows" and mann_whitney_min_p(*diff.samples) > alpha:
+        if diff.status not in ("not compared", "failed") and diff.unit == "windows" \
+                and mann_whitney_min_p(*diff.samples) > alpha:
             underpowered.add(diff.samples)
     for n, m in sorted(underpowered):
         report.power_warnings.append(

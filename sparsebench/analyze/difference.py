@@ -40,6 +40,8 @@ class CellDifference:
     detect_speedup: float | None = None  # ab: the speed-up (positive) likewise
 
     def basis(self) -> str:
+        if self.unit == "counted":
+            return "counted (callgrind)"
         if self.unit == "rounds":
             floor = (f", detects {self.detect_slowdown:+.1%} / {self.detect_speedup:+.1%}"
                      if self.detect_slowdown is not None else "")
@@ -64,6 +66,9 @@ class SuiteDifference:
     max_regression: float
 
     def line(self) -> str:
+        if math.isnan(self.p_value):  # counted: no test, a threshold
+            return (f"suite ({self.cells} cells, counted): {_pct(self.ratio)} (threshold {self.max_regression:.1%}): "
+                    f"{self.status.upper() if self.status != 'unchanged' else 'unchanged'}")
         interval = (f" [{_pct(self.ratio_low)}, {_pct(self.ratio_high)}]" if math.isfinite(self.ratio_low) else "")
         return (f"suite ({self.cells} cells, {self.rounds} rounds): {_pct(self.ratio)}{interval} at "
                 f"{1 - self.alpha:.0%}, p {self.p_value:.3g}, detects {self.detect_slowdown:+.1%} / "
@@ -88,6 +93,7 @@ class DifferenceReport:
     unit: str = "samples/s"
     suite: SuiteDifference | None = None  # ab: the suite-level test
     confidence: float = 0.95  # of the cells' intervals
+    counted: bool = False  # ab --count: deterministic counts, no interval and no test
 
     def count(self, status: str) -> int:
         return sum(1 for c in self.cells if c.status == status)
@@ -106,8 +112,10 @@ class DifferenceReport:
         if self.shift_status != "unchanged":
             line += f"; the whole run {self.shift_status} ({self.shift:+.1%} shared by all cells)"
         if self.suite is not None:
-            line += f"; suite {_pct(self.suite.ratio)} (p {self.suite.p_value:.2g}) {self.suite.status}"
-        return (f"{self.metric} time: " if self.metric != "wall" else "") + line
+            p = "" if math.isnan(self.suite.p_value) else f" (p {self.suite.p_value:.2g})"
+            line += f"; suite {_pct(self.suite.ratio)}{p} {self.suite.status}"
+        what = {"wall": "", "cpu": "cpu time: "}.get(self.metric, f"counted {self.metric}: ")
+        return what + line
 
     @property
     def exit_code(self) -> int:
@@ -135,6 +143,9 @@ def _pct(ratio: float | None) -> str:
 
 def _header(report: DifferenceReport) -> list[str]:
     first, second = report.names
+    if report.counted:
+        return ["cell", "verdict", f"{first} {report.unit}", f"{second} {report.unit}", "change", "basis",
+                "where (functions whose own cost per example changed most)"]
     return ["cell", "verdict", f"{first} {report.unit}", f"{second} {report.unit}", "change",
             f"{report.confidence:.0%} CI of change", "p (Holm)" if report.suite is not None else "p", "basis", "note"]
 
@@ -144,10 +155,15 @@ def _rows(report: DifferenceReport) -> list[list[str]]:
     for c in report.cells:
         if c.status in ("not compared", "failed"):
             baseline = f"{c.baseline:,.0f}" if c.baseline is not None else ""
-            rows.append([c.cell_id, c.status.upper() if c.status == "failed" else c.status, baseline, "", "", "", "",
-                         "", c.note])
+            blanks = 3 if report.counted else 5
+            rows.append([c.cell_id, c.status.upper() if c.status == "failed" else c.status, baseline,
+                         *[""] * blanks, c.note])
             continue
         interval = f"{_pct(c.ratio_low)} .. {_pct(c.ratio_high)}" if c.ratio_low is not None else ""
+        if report.counted:
+            rows.append([c.cell_id, c.status.upper() if c.status != "unchanged" else c.status, f"{c.baseline:,.0f}",
+                         f"{c.current:,.0f}", _pct(c.ratio), c.basis(), c.note])
+            continue
         rows.append([
             c.cell_id, c.status.upper() if c.status != "unchanged" else c.status,
             f"{c.baseline:,.0f}", f"{c.current:,.0f}", _pct(c.ratio), interval,

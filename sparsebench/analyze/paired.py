@@ -34,7 +34,7 @@ import numpy as np
 from ..errors import UserError
 from ..record import Record, round_cpu_rate, round_rate
 from ..results import Results
-from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, wilcoxon_min_p
+from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, variance_components, wilcoxon_min_p
 from .difference import CellDifference, DifferenceReport, SuiteDifference, verdict
 
 # What a metric reads from one round's record, and how a table names its unit.
@@ -103,7 +103,23 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
             f"{max_regression:.0%} would be missed more than 20% of the time (e.g. {blind[0]}); run more rounds")
     if aa and compared:
         report.notes.append(_floor_note(compared, report.suite, alpha, rounds, metric))
+        report.notes.append(_components_note(pending, cells_a, cells_b, metric))
     return report
+
+
+def _components_note(pending: list, cells_a, cells_b, metric: str) -> str:
+    """The A/A run's variance components, median over the cells (`stats.variance_components`)."""
+    windows_of = (lambda rec: rec.windows) if metric == "wall" else (lambda rec: rec.cpu_windows)
+    parts: dict[str, list[float]] = {"within": [], "between_process": [], "between_round": []}
+    for index, rounds, _, a, b, _ in pending:
+        (_, rounds_a), (_, rounds_b) = cells_a[index], cells_b[index]
+        windows = [windows_of(side[r]) or [] for side in (rounds_a, rounds_b) for r in rounds]
+        for name, value in variance_components(a, b, windows).items():
+            if value is not None:
+                parts[name].append(value)
+    text = ", ".join(f"{name.replace('_', '-')} {np.median(values):.1%}" for name, values in parts.items() if values)
+    return (f"variance components, {metric} time (standard deviation of log rates, median over cells): {text} "
+            f"(a window within its process; a process beyond its round; a round's drift, which pairing cancels)")
 
 
 def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Record], rate) \

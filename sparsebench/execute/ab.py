@@ -314,3 +314,84 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
             writer.close()
     run.seconds = time.monotonic() - started
     return run
+
+
+# -- counted work (ab --count) ---------------------------------------------------------------
+# Counted cells run on one thread each (the counts then repeat to a few hundredths of a
+# percent), every cell of a side in one worker under valgrind, both sides at once.
+COUNT_OVERRIDES = ["intra_op_threads=1", "inter_op_threads=1", "processes=1"]
+
+
+def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path, steps: int,
+                say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
+    """Count every cell of both sides under callgrind, the two sides concurrently."""
+    from ..plan.job import CountRequest
+    from .counting import unavailable
+
+    if steps < 1:
+        raise UserError(f"--count-steps: must be >= 1, got {steps}")
+    problem = unavailable()
+    if problem:
+        raise UserError(f"ab --count: counting needs valgrind's callgrind, but {problem}")
+    suite_file = prepare(suite_arg, [*overrides, *COUNT_OVERRIDES], a, b, folder)
+    sides = {"A": a, "B": b}
+    cells, writers, metas = {}, {}, {}
+    for name, side in sides.items():
+        suite = load_suite(str(suite_file))
+        for assignment in [*overrides, *side.overrides, *COUNT_OVERRIDES]:
+            suite.override(assignment)
+        cells[name] = [c for c in suite.cells() if c.workers == 1 and c.distribution.is_local]
+        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides, *COUNT_OVERRIDES], "env",
+                                 len(cells[name]), ab={"side": name, "python": side.python, "overrides": side.overrides,
+                                                       "count_steps": steps})
+        metas[name]["custom_op"] = prebuild(cells[name], side.python)
+        reason = skip_reason(metas[name]["custom_op"])
+        if reason:
+            raise UserError(f"ab --count: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
+                            f"--set variant=...")
+    if len(cells["A"]) != len(cells["B"]) or not cells["A"]:
+        raise UserError(f"ab --count: {len(cells['A'])} and {len(cells['B'])} cells to count (Hogwild and "
+                        f"parameter-server cells are timed only)")
+    for name, side in sides.items():
+        writers[name] = ResultsWriter(folder / f"{name.lower()}-count.jsonl", lambda side=side, meta=metas[name]:
+                                      {"run": meta, "environment": fingerprint(side.python)})
+    run = ABRun(folder, suite_file, 1, {name: w.path for name, w in writers.items()})
+    started = time.monotonic()
+    errors: list[BaseException] = []
+    orchestrators = {}
+
+    def work(name: str) -> None:
+        dumps = folder / f"callgrind-{name.lower()}"
+        dumps.mkdir(exist_ok=True)
+
+        def record(outcome, name=name):
+            writers[name].append(outcome.record)
+            say(f"counted side {name}: {outcome.cell.label}: {outcome.record.status}"
+                + (f" ({outcome.record.reason})" if outcome.record.reason else ""))
+
+        orchestrators[name] = Orchestrator(record=record, isolation="env", python=sides[name].python,
+                                           count=CountRequest(steps, str(dumps.resolve())))
+        try:
+            orchestrators[name].run(cells[name], round=1)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(name,), name=f"count-{name}", daemon=True) for name in SIDES]
+    try:
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(timeout=0.2)
+    except KeyboardInterrupt:
+        for orchestrator in orchestrators.values():
+            orchestrator.kill()
+        raise
+    finally:
+        for writer in writers.values():
+            writer.close()
+    if errors:
+        raise errors[0]
+    run.order = list(SIDES)
+    run.seconds = time.monotonic() - started
+    return run

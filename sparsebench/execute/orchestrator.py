@@ -31,8 +31,9 @@ from typing import Any, Callable
 
 from ..lifetime import UNSHARE, die_with_parent, exposed_opt_in
 from ..plan.cell import Cell
-from ..plan.job import Job, ProfileRequest, RemoteCluster
+from ..plan.job import CountRequest, Job, ProfileRequest, RemoteCluster
 from ..record import Record
+from .counting import VALGRIND_SLOWDOWN, valgrind_prefix
 
 # Passed through from the parent's environment (pyperf's approach): enough to find Python,
 # the package and the GPU driver, nothing that silently changes threading.
@@ -133,6 +134,7 @@ class Orchestrator:
         cluster: RemoteCluster | None = None,
         profile: ProfileRequest | None = None,
         gate: Callable[[Cell], None] | None = None,
+        count: CountRequest | None = None,
     ):
         """`cluster`: a real cluster the parameter-server cells run against; `profile`:
         profile the cells instead of timing them (`sparsebench profile`).
@@ -147,6 +149,7 @@ class Orchestrator:
         self.cluster = cluster
         self.profile = profile
         self.gate = gate
+        self.count = count  # count instructions under callgrind instead of timing (ab --count)
         self._process: subprocess.Popen | None = None
         self._round = 1
         # A parameter-server cell's worker starts its cluster: in a private network
@@ -169,13 +172,17 @@ class Orchestrator:
             jobs = tmp_path / "jobs.json"
             private = self.private_network and not cells[0].distribution.is_local
             Job(cells=tuple(cells), isolation=self.isolation, round=self._round, lockstep=self.gate is not None,
-                private_network=private, cluster=self.cluster, profile=self.profile).write(jobs)
+                private_network=private, cluster=self.cluster, profile=self.profile, count=self.count).write(jobs)
             stderr_path = tmp_path / "worker.log"
             prefix = UNSHARE if private else []
+            env = worker_environment(cells[0])
+            if self.count is not None:
+                prefix = [*prefix, *valgrind_prefix(Path(self.count.folder))]
+                env["PYTHONHASHSEED"] = "0"  # the same dict orders, the same instructions, every run
             with open(stderr_path, "w") as log:
                 self._process = subprocess.Popen(
                     [*prefix, self.python, "-m", "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
-                    env=worker_environment(cells[0]),
+                    env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -223,10 +230,10 @@ class Orchestrator:
                 self.record(Outcome(cell, Record.new(cell, self._round, "failed",
                                                      f"{reason}: {detail}" if detail else reason)))
                 return cells[index + 1 :]
-            if time.monotonic() - clock_start > cell.measure.timeout_s:
+            timeout = cell.measure.timeout_s * (VALGRIND_SLOWDOWN if self.count is not None else 1)
+            if time.monotonic() - clock_start > timeout:
                 self.kill()
-                self.record(Outcome(cell, Record.new(cell, self._round, "timeout",
-                                                     f"no result after {cell.measure.timeout_s:g} s")))
+                self.record(Outcome(cell, Record.new(cell, self._round, "timeout", f"no result after {timeout:g} s")))
                 return cells[index + 1 :]
             time.sleep(POLL_S)
 

@@ -55,6 +55,23 @@ class ProfileRequest:
 
 
 @dataclass(frozen=True)
+class CountRequest:
+    """`sparsebench ab --count`: count `steps` steps per cell under callgrind (the worker
+    runs under valgrind; its dumps go to `folder`)."""
+
+    steps: int
+    folder: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "dir": self.folder}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "CountRequest":
+        _known(data, ("steps", "dir"), "job.count")
+        return cls(steps=int(data["steps"]), folder=str(data["dir"]))
+
+
+@dataclass(frozen=True)
 class Job:
     """The cells one worker process runs, in order, and how."""
 
@@ -65,6 +82,7 @@ class Job:
     private_network: bool = False  # the worker runs in a network namespace of its own: bring `lo` up
     cluster: RemoteCluster | None = None  # parameter-server cells run against this real cluster
     profile: ProfileRequest | None = None  # profile instead of timing windows
+    count: CountRequest | None = None  # count instructions under callgrind instead of timing windows
 
     def to_json(self) -> str:
         payload: dict[str, Any] = {"cells": [c.to_dict() for c in self.cells], "isolation": self.isolation,
@@ -74,6 +92,8 @@ class Job:
             payload["cluster"] = self.cluster.to_dict()
         if self.profile is not None:
             payload["profile"] = self.profile.to_dict()
+        if self.count is not None:
+            payload["count"] = self.count.to_dict()
         return json.dumps(payload)
 
     @classmethod
@@ -81,7 +101,8 @@ class Job:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ConfigError("job: not a JSON object")
-        _known(data, ("cells", "isolation", "round", "lockstep", "private_network", "cluster", "profile"), "job")
+        _known(data, ("cells", "isolation", "round", "lockstep", "private_network", "cluster", "profile", "count"),
+               "job")
         if data.get("isolation", "cell") not in ISOLATIONS:
             raise ConfigError(f"job.isolation: one of {', '.join(ISOLATIONS)}, got {data.get('isolation')!r}")
         return cls(
@@ -92,6 +113,7 @@ class Job:
             private_network=bool(data.get("private_network", False)),
             cluster=RemoteCluster.from_dict(data["cluster"]) if data.get("cluster") else None,
             profile=ProfileRequest.from_dict(data["profile"]) if data.get("profile") else None,
+            count=CountRequest.from_dict(data["count"]) if data.get("count") else None,
         )
 
     def write(self, path: Path) -> None:

@@ -219,6 +219,38 @@ def input_fields(cell: Cell, inp: CellInput, measurement, trained: float) -> dic
             "input_bound": input_bound_verdict(wait_share, alone, trained)}
 
 
+def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Path, index: int) -> Record:
+    """Warm up (uncounted), then count `steps` steps under callgrind: instructions and
+    estimated cycles per example, and the costliest functions (`measure.counting`)."""
+    import os
+
+    from .measure.counting import CountingUnavailable, Shim, count_steps, newest_dump, parse_callgrind, per_example
+    from .measure.hogwild import run_hogwild
+
+    if cell.workers != 1:
+        raise CellSkipped("not counted with Hogwild workers", "counting needs one thread: Hogwild cells are timed only")
+    shim = Shim()
+    if not shim.under_valgrind:
+        raise CountingUnavailable("the worker is not running under valgrind")
+    prepared = prepare(cell)
+    trainer, batches = prepared.trainer, prepared.input.batches
+    sync = lambda loss: loss.numpy()  # noqa: E731
+    run_hogwild(trainer.train_step, batches, 1, steps_per_worker=max(1, cell.measure.warmup_steps), sync=sync)
+    count_steps(shim, trainer.train_step, batches, steps, label=f"cell {index}: {cell.cell_id}",
+                offset=cell.measure.warmup_steps, sync=sync)
+    dump = newest_dump(folder, os.getpid())
+    if dump is None:
+        raise CountingUnavailable(f"callgrind wrote no dump into {folder}")
+    profile = parse_callgrind(dump)
+    dump.unlink()  # tens of MB each; the record keeps what is compared
+    fields = model_fields(prepared)
+    return Record.new(cell, round, "ok", isolation=isolation, counted_steps=steps,
+                      **per_example(profile, steps * cell.batch_size),
+                      **{k: fields[k] for k in ("peak_rss_mb", "grad_type", "update_path", "phases", "variables_mb",
+                                                "num_features", "avg_nnz_per_batch", "data_source",
+                                                "threads_in_effect")})
+
+
 def profile_cell(cell: Cell, *, round: int, isolation: str, steps: int, logdir: Path) -> Record:
     """Warm up, then run `steps` steps under TensorFlow's profiler; write the op tables."""
     import tensorflow as tf

@@ -67,9 +67,14 @@ def _write_atomic(path: Path, record: Record) -> None:
 
 def run_cell_of(job: Job, cell: Cell, index: int, out_dir: Path, fail_now) -> Record:
     """Run one of the job's cells the way the job asks: timed or profiled, local or on PS."""
-    from .cell import profile_cell, run_cell
+    from .cell import count_cell, profile_cell, run_cell
 
     how = {"round": job.round, "isolation": job.isolation}
+    if job.count is not None:
+        if not cell.distribution.is_local:
+            raise CellSkipped("not counted on parameter servers",
+                              "parameter-server cells are not counted: their work is spread over processes")
+        return count_cell(cell, **how, steps=job.count.steps, folder=Path(job.count.folder), index=index)
     logdir = Path(job.profile.folder) / cell.cell_id if job.profile is not None else None
     if not cell.distribution.is_local:
         from .ps.cell import profile_ps_cell, run_ps_cell

@@ -1,0 +1,219 @@
+"""Counted work: instructions and simulated cache misses of a block of train steps, under
+valgrind's callgrind, for a gate that does not move with the machine's load.
+
+Wall time on a shared VM varies by tens of percent between minutes; the instructions a
+step executes do not (0.03% between processes here, with one intra-op and one inter-op
+thread and a fixed hash seed). This VM has no hardware counters, so callgrind counts them
+in simulation: the worker runs under `valgrind --tool=callgrind --instr-atstart=no`
+(nothing is instrumented while TensorFlow imports and the model builds), and around the
+counted steps a tiny C shim issues callgrind's client requests (zero the counters, start
+instrumenting, stop, dump with a label). With `--cache-sim=yes` the dump also holds
+simulated L1 and last-level misses, from which `estimated_cycles` weighs memory cost the
+way cachegrind's documentation suggests (CodSpeed gates on such a figure):
+
+    cycles ~ Ir + 10 x (I1mr + D1mr + D1mw) + 100 x (ILmr + DLmr + DLmw)
+
+The shim is compiled like the fused op (cached by source and compiler) from callgrind's
+own header, which Debian's `valgrind` package ships (`/usr/include/valgrind`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ...errors import CellSkipped
+from ...lifetime import die_with_parent
+
+SHIM_SOURCE = """
+#include <valgrind/valgrind.h>
+#include <valgrind/callgrind.h>
+int sb_running(void) { return RUNNING_ON_VALGRIND; }
+void sb_zero(void) { CALLGRIND_ZERO_STATS; }
+void sb_start(void) { CALLGRIND_START_INSTRUMENTATION; }
+void sb_stop(void) { CALLGRIND_STOP_INSTRUMENTATION; }
+void sb_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
+"""
+HEADER = Path("/usr/include/valgrind/callgrind.h")
+L1_MISS_WEIGHT, LL_MISS_WEIGHT = 10, 100
+TOP_FUNCTIONS = 150  # per cell, by estimated cycles: enough to name what changed (a function below
+# the cut on one side is unknown there, not zero: analyze.counted compares accordingly)
+
+
+class CountingUnavailable(CellSkipped):
+    def __init__(self, why: str):
+        super().__init__(f"counting unavailable: {why}")
+
+
+def estimated_cycles(events: dict[str, float]) -> float:
+    """Instructions plus weighted simulated misses (the module docstring's formula)."""
+    l1 = sum(events.get(e, 0) for e in ("I1mr", "D1mr", "D1mw"))
+    ll = sum(events.get(e, 0) for e in ("ILmr", "DLmr", "DLmw"))
+    return events.get("Ir", 0) + L1_MISS_WEIGHT * l1 + LL_MISS_WEIGHT * ll
+
+
+# -- the shim ----------------------------------------------------------------------------------
+def _cache_dir() -> Path:
+    base = Path(os.environ.get("SPARSEBENCH_OPS_CACHE") or
+                Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sparsebench" / "ops")
+    return base
+
+
+def build_shim() -> Path:
+    """The compiled shim (cached); CountingUnavailable without callgrind's header or a C compiler."""
+    if not HEADER.exists():
+        raise CountingUnavailable(f"{HEADER} is missing (install valgrind: apt-get install valgrind)")
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise CountingUnavailable(f"C compiler {cc!r} not found")
+    digest = hashlib.sha256((SHIM_SOURCE + cc).encode() + HEADER.read_bytes()).hexdigest()[:16]
+    folder = _cache_dir()
+    library = folder / f"sparsebench_callgrind_shim-{digest}.so"
+    if library.exists():
+        return library
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"{library.stem}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if library.exists():
+            return library
+        source = folder / f".{library.stem}.{os.getpid()}.c"
+        partial = folder / f".{library.name}.{os.getpid()}.tmp"
+        source.write_text(SHIM_SOURCE)
+        done = subprocess.run([cc, "-O2", "-shared", "-fPIC", str(source), "-o", str(partial)], capture_output=True,
+                              text=True, timeout=120, preexec_fn=die_with_parent)
+        source.unlink(missing_ok=True)
+        if done.returncode != 0:
+            partial.unlink(missing_ok=True)
+            raise CountingUnavailable(f"compiling the callgrind shim failed: {done.stderr.strip()[:200]}")
+        os.replace(partial, library)
+    return library
+
+
+class Shim:
+    """Callgrind's client requests, callable from Python (no-ops outside valgrind)."""
+
+    def __init__(self, library: Path | None = None):
+        self.lib = ctypes.CDLL(str(library or build_shim()))
+        self.lib.sb_dump.argtypes = [ctypes.c_char_p]
+
+    @property
+    def under_valgrind(self) -> bool:
+        return bool(self.lib.sb_running())
+
+    def count(self, run: Callable[[], None], label: str) -> None:
+        """Counters zeroed, instrumentation on around `run()` only, then a dump named `label`."""
+        self.lib.sb_zero()
+        self.lib.sb_start()
+        try:
+            run()
+        finally:
+            self.lib.sb_stop()
+            self.lib.sb_dump(label.encode())
+
+
+# -- reading callgrind's dumps -------------------------------------------------------------------
+@dataclass
+class CountedProfile:
+    """One dump: the totals of each event, and each function's own (exclusive) events."""
+
+    events: list[str]
+    totals: dict[str, int]
+    functions: dict[str, dict[str, int]] = field(default_factory=dict)
+    label: str | None = None
+
+
+_NAMED = re.compile(r"^\((\d+)\)(?: (.*))?$")
+
+
+def parse_callgrind(path: Path) -> CountedProfile:
+    """Callgrind's output format (name compression, `calls=` lines whose next cost line is
+    the callee's inclusive cost, not the caller's own): totals and exclusive costs per
+    function, keyed `function [object file name]`."""
+    names: dict[str, dict[str, str]] = {"ob": {}, "fn": {}}
+    events: list[str] = []
+    totals: dict[str, int] = {}
+    functions: dict[str, dict[str, int]] = {}
+    label = None
+    ob = fn = ""
+    skip_next = False
+    with open(path, errors="replace") as fh:
+        for line in fh:
+            line = line.rstrip("\n")
+            if not line:
+                continue
+            head = line[0]
+            if head.isdigit() or head in "+-*":
+                if skip_next:
+                    skip_next = False
+                    continue
+                costs = line.split()[1:]
+                key = f"{fn} [{os.path.basename(ob)}]"
+                into = functions.setdefault(key, {})
+                for event, value in zip(events, costs):
+                    into[event] = into.get(event, 0) + int(value)
+                continue
+            name, _, value = line.partition("=")
+            table = {"ob": "ob", "cob": "ob", "fn": "fn", "cfn": "fn"}.get(name)
+            if table is not None:  # a name is defined where it first appears, as a caller or a callee
+                match = _NAMED.match(value)
+                if match:
+                    number, text = match.groups()
+                    if text is not None:
+                        names[table][number] = text
+                    value = names[table].get(number, number)
+                if name == "ob":
+                    ob = value
+                elif name == "fn":
+                    fn = value
+            elif name == "calls":
+                skip_next = True
+            elif line.startswith("events:"):
+                events = line.split(":", 1)[1].split()
+            elif line.startswith("totals:"):
+                totals = dict(zip(events, map(int, line.split(":", 1)[1].split())))
+            elif line.startswith("desc: Trigger: Client Request: "):
+                label = line.split("Client Request: ", 1)[1]
+    if not totals:  # older dumps carry only `summary:`; the functions add up to it
+        totals = {e: sum(f.get(e, 0) for f in functions.values()) for e in events}
+    return CountedProfile(events, totals, functions, label)
+
+
+def newest_dump(folder: Path, pid: int) -> Path | None:
+    """The last dump this process wrote (`callgrind.<pid>.<n>`, n counting up)."""
+    dumps = []
+    for path in folder.glob(f"callgrind.{pid}.*"):
+        suffix = path.name.rsplit(".", 1)[-1]
+        if suffix.isdigit():
+            dumps.append((int(suffix), path))
+    return max(dumps)[1] if dumps else None
+
+
+def per_example(profile: CountedProfile, examples: int, top: int = TOP_FUNCTIONS) -> dict:
+    """The record's counted fields: totals and the costliest functions, per example."""
+    cycles = {name: estimated_cycles(costs) for name, costs in profile.functions.items()}
+    costliest = sorted(cycles, key=cycles.get, reverse=True)[:top]
+    return {
+        "instructions_per_example": profile.totals.get("Ir", 0) / examples,
+        "cycles_per_example": estimated_cycles(profile.totals) / examples,
+        "count_events": {event: value / examples for event, value in profile.totals.items()},
+        "count_functions": {name: {"Ir": profile.functions[name].get("Ir", 0) / examples,
+                                   "cycles": cycles[name] / examples} for name in costliest},
+    }
+
+
+def count_steps(shim: Shim, step: Callable, batches: Sequence, steps: int, label: str, offset: int = 0,
+                sync: Callable = lambda result: result.numpy()) -> None:
+    """`steps` train steps, counted (one thread: the counts are the same every run)."""
+    def run() -> None:
+        for i in range(steps):
+            sync(step(*batches[(offset + i) % len(batches)]))
+
+    shim.count(run, label)

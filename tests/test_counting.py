@@ -1,0 +1,150 @@
+"""Counted work (`ab --count`): callgrind's dumps are read right, the shim's requests count
+exactly the steps between them (where valgrind is installed), and the CI self-gate reads
+`perf-accepted:`."""
+
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sparsebench.analyze.counted import counted_report, function_changes
+from sparsebench.record import Record
+from sparsebench.train.measure.counting import estimated_cycles, parse_callgrind
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# A callgrind dump by hand: name compression (a name defined where it first appears, also
+# as a callee), a call whose next cost line is the callee's inclusive cost (not the caller's).
+DUMP = textwrap.dedent("""\
+    # callgrind format
+    version: 1
+    creator: callgrind-3.19.0
+    desc: Trigger: Client Request: cell 0: x
+    positions: line
+    events: Ir I1mr D1mr D1mw ILmr DLmr DLmw
+    summary: 0
+
+    ob=(1) /lib/libtf.so
+    fl=(1) ???
+    fn=(1) outer
+    0 100 1 2 0 0 1 0
+    cob=(2) /lib/libc.so
+    cfi=(2) ???
+    cfn=(2) memcpy
+    calls=3 0
+    0 400 0 10 0 0 0 0
+    0 50
+    ob=(2)
+    fl=(2)
+    fn=(2)
+    0 400 0 10 0 0 0 0
+    totals: 550 1 12 0 0 1 0
+    """)
+
+
+def test_a_dump_is_read_with_exclusive_costs_per_function(tmp_path):
+    path = tmp_path / "callgrind.1.1"
+    path.write_text(DUMP)
+    profile = parse_callgrind(path)
+    assert profile.label == "cell 0: x" and profile.totals["Ir"] == 550
+    assert profile.functions == {"outer [libtf.so]": {"Ir": 150, "I1mr": 1, "D1mr": 2, "D1mw": 0, "ILmr": 0,
+                                                      "DLmr": 1, "DLmw": 0},
+                                 "memcpy [libc.so]": {"Ir": 400, "I1mr": 0, "D1mr": 10, "D1mw": 0, "ILmr": 0,
+                                                      "DLmr": 0, "DLmw": 0}}
+    assert sum(f["Ir"] for f in profile.functions.values()) == profile.totals["Ir"]
+    assert estimated_cycles(profile.totals) == 550 + 10 * 13 + 100 * 1
+
+
+def _counted(cell_id, cycles, functions, status="ok"):
+    return Record(cell_id=cell_id, axes={}, status=status, round=1, cycles_per_example=cycles,
+                  instructions_per_example=cycles / 2, count_functions=functions)
+
+
+def test_the_counted_report_flags_a_1_percent_change_and_names_the_function(tmp_path):
+    from fixtures.make_fixtures import write_to
+
+    from sparsebench.results import read_results
+
+    base = {"tf::Sort [libtf.so]": {"Ir": 10.0, "cycles": 20.0}, "memcpy [libc.so]": {"Ir": 500.0, "cycles": 900.0},
+            "tiny [libtf.so]": {"Ir": 1.0, "cycles": 1.0}}
+    slower = {**base, "tf::Sort [libtf.so]": {"Ir": 40.0, "cycles": 80.0}}
+    write_to(tmp_path / "a.jsonl", [_counted("c1", 1000.0, base), _counted("c2", 1000.0, base)], "s")
+    write_to(tmp_path / "b.jsonl", [_counted("c1", 1011.0, slower), _counted("c2", 1004.0, base)], "s")
+    report = counted_report(read_results(tmp_path / "a.jsonl"), read_results(tmp_path / "b.jsonl"))
+    one, two = report.cells
+    assert one.status == "regressed" and two.status == "unchanged" and report.exit_code == 1
+    assert one.note.startswith("+60 cycles/ex (+300%) tf::Sort [libtf.so]")
+    assert two.note == ""  # only a flagged cell says where
+
+
+def test_a_function_below_one_sides_cut_is_not_called_new():
+    """Each side lists its costliest functions only: one missing on a side is unknown there
+    unless the other side's cost is above that side's cut (then it would have been listed)."""
+    a = _counted("c", 1.0, {"big [x]": {"Ir": 100.0}, "mid [x]": {"Ir": 10.0}, "low [x]": {"Ir": 6.0}})
+    b = _counted("c", 1.0, {"big [x]": {"Ir": 100.0}, "other [x]": {"Ir": 4.0}, "new [x]": {"Ir": 50.0}})
+    text = function_changes(a, b, "Ir")
+    assert text.startswith("+50 Ir/ex (new) new [x]") and "-10 Ir/ex (-100%) mid [x]" in text
+    assert "other" not in text  # 4 on B, below A's cut of 6: A may well have had it
+
+
+def _self_gate():
+    spec = importlib.util.spec_from_file_location("self_gate", ROOT / ".ci" / "self_gate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_self_gate_reads_perf_accepted_from_the_commit_messages():
+    gate = _self_gate()
+    messages = "Speed up the lookup\n\nSlower step: a copy we need\nperf-accepted: the copy fixes a race (#42)\n"
+    assert gate.accepted_reason(messages) == "the copy fixes a race (#42)"
+    assert gate.accepted_reason("perf-accepted:\nno reason given\n") is None
+    assert gate.accepted_reason("a perf-accepted: inside a line does not count") is None
+    assert gate.verdict(0, None) == (0, "no regression")
+    assert gate.verdict(1, None)[0] == 1 and "REGRESSION" in gate.verdict(1, None)[1]
+    code, words = gate.verdict(1, "the copy fixes a race (#42)")
+    assert code == 0 and "ACCEPTED" in words and "the copy fixes a race" in words
+    assert gate.verdict(2, "anything")[0] == 2  # a broken gate is never accepted
+
+
+def test_the_self_gate_names_a_baseline_that_exists():
+    gate = _self_gate()
+    if gate.baseline_commit() is None:
+        pytest.skip("this checkout has no git history: the self-gate says so and skips")
+    assert len(gate.baseline_commit()) == 40
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None or not Path("/usr/include/valgrind/callgrind.h").exists(),
+                    reason="valgrind is not installed")
+def test_the_shim_counts_exactly_the_work_between_its_requests(tmp_path):
+    """Under callgrind: a loop of N additions counted once with N and once with 2N
+    iterations; the counts differ by the loop, and twice the work counts about twice."""
+    script = tmp_path / "count.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from sparsebench.train.measure.counting import Shim
+        shim = Shim()
+        assert shim.under_valgrind
+        def work(n):
+            total = 0
+            for i in range(n):
+                total += i
+        shim.count(lambda: work(20000), "small")
+        shim.count(lambda: work(40000), "large")
+    """))
+    env = {**os.environ, "PYTHONHASHSEED": "0", "SPARSEBENCH_OPS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                           f"--callgrind-out-file={tmp_path}/callgrind.%p", sys.executable, str(script)],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dumps = sorted(tmp_path.glob("callgrind.*.*"), key=lambda p: int(p.name.rsplit(".", 1)[1]))
+    small, large = (parse_callgrind(p) for p in dumps)
+    assert (small.label, large.label) == ("small", "large")
+    ratio = large.totals["Ir"] / small.totals["Ir"]
+    assert 1.8 < ratio < 2.2, (small.totals, large.totals)
