@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_FILE = ROOT / ".ci" / "perf-baseline"
 ACCEPTED = re.compile(r"^[ \t]*perf-accepted:[ \t]*(\S.*)$", re.MULTILINE)
-TIME_ROUNDS = int(os.environ.get("SPARSEBENCH_GATE_ROUNDS", "6"))
+TIME_ROUNDS = int(os.environ.get("SPARSEBENCH_GATE_ROUNDS", "8"))
 
 
 def accepted_reason(messages: str) -> str | None:

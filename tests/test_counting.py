@@ -148,3 +148,14 @@ def test_the_shim_counts_exactly_the_work_between_its_requests(tmp_path):
     assert (small.label, large.label) == ("small", "large")
     ratio = large.totals["Ir"] / small.totals["Ir"]
     assert 1.8 < ratio < 2.2, (small.totals, large.totals)
+
+
+def test_the_fused_ops_library_is_named_alike_on_both_sides():
+    """Each venv builds its own copy of the op (the build key differs); its functions must
+    still pair up between the sides."""
+    from sparsebench.train.measure.counting import object_name
+
+    a = object_name("/a/ops/sparsebench_fused_layer-tf2.21.0-1a1ebb80667e6552.so")
+    b = object_name("/b/ops/sparsebench_fused_layer-tf2.21.0-415b4a83b8bc14a9.so")
+    assert a == b == "sparsebench_fused_layer-tf2.21.0.so"
+    assert object_name("/usr/lib/libc.so.6") == "libc.so.6"

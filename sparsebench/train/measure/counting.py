@@ -131,6 +131,13 @@ class CountedProfile:
 
 
 _NAMED = re.compile(r"^\((\d+)\)(?: (.*))?$")
+_BUILD_KEY = re.compile(r"-[0-9a-f]{16}(?=\.so)")
+
+
+def object_name(path: str) -> str:
+    """An object file as two sides name it alike: its file name, without the build key in
+    the fused op's cached library name (each venv builds its own copy)."""
+    return _BUILD_KEY.sub("", os.path.basename(path))
 
 
 def parse_callgrind(path: Path) -> CountedProfile:
@@ -155,7 +162,7 @@ def parse_callgrind(path: Path) -> CountedProfile:
                     skip_next = False
                     continue
                 costs = line.split()[1:]
-                key = f"{fn} [{os.path.basename(ob)}]"
+                key = f"{fn} [{object_name(ob)}]"
                 into = functions.setdefault(key, {})
                 for event, value in zip(events, costs):
                     into[event] = into.get(event, 0) + int(value)
