@@ -59,7 +59,9 @@ def _say(text: str) -> None:
 
 
 def baseline_commit() -> str | None:
-    name = BASELINE_FILE.read_text().split("#", 1)[0].strip() if BASELINE_FILE.exists() else ""
+    lines = BASELINE_FILE.read_text().splitlines() if BASELINE_FILE.exists() else []
+    names = [line.split("#", 1)[0].strip() for line in lines]
+    name = next((n for n in names if n), "")
     if not name:
         return None
     found = _git("rev-parse", "--verify", f"{name}^{{commit}}")

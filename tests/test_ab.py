@@ -153,3 +153,18 @@ def test_a_kill_9_of_ab_takes_its_probe_with_it(tmp_path):
     except psutil.TimeoutExpired:
         probe.kill()
         pytest.fail("the probe outlived the killed ab")
+
+
+@pytest.mark.skipif(__import__("shutil").which("valgrind") is None, reason="valgrind is not installed")
+def test_ab_count_counts_both_sides_and_an_a_a_run_changes_nothing(tmp_path):
+    """The counted tier end to end on the tiny suite: both sides under callgrind, every cell
+    counted, instructions per example equal to well within the 1% threshold."""
+    done = cli("ab", "--count", "--suite", str(TINY), "--count-steps", "3", "--format", "json",
+               "--output", str(tmp_path / "ab"), check=0)
+    payload = json.loads(done.stdout)
+    assert payload["metric"] == "instructions" and payload["cycles"]["metric"] == "cycles"
+    assert [c["status"] for c in payload["cells"]] == ["unchanged", "unchanged"]
+    assert all(abs(c["ratio"] - 1) < 0.01 for c in payload["cells"])
+    records = read_results(tmp_path / "ab" / "a-count.jsonl").records
+    assert all(r.counted_steps == 3 and r.instructions_per_example > 0 and r.count_functions for r in records)
+    assert all(r.threads_in_effect["intra_op_threads_resolved"] == 1 for r in records)

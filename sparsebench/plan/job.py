@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..errors import ConfigError
 from .cell import Cell
@@ -39,36 +39,36 @@ class RemoteCluster:
 
 
 @dataclass(frozen=True)
-class ProfileRequest:
-    """`sparsebench profile`: profile `steps` steps per cell into `folder/<cell id>/`."""
+class StepsRequest:
+    """A number of steps per cell and a folder for what they leave: in the job as
+    `{"steps": N, "dir": folder}` under the key `KEY`."""
 
     steps: int
     folder: str
+    KEY: ClassVar[str] = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"steps": self.steps, "dir": self.folder}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ProfileRequest":
-        _known(data, ("steps", "dir"), "job.profile")
+    def from_dict(cls, data: dict[str, Any]):
+        _known(data, ("steps", "dir"), f"job.{cls.KEY}")
         return cls(steps=int(data["steps"]), folder=str(data["dir"]))
 
 
 @dataclass(frozen=True)
-class CountRequest:
+class ProfileRequest(StepsRequest):
+    """`sparsebench profile`: profile `steps` steps per cell into `folder/<cell id>/`."""
+
+    KEY: ClassVar[str] = "profile"
+
+
+@dataclass(frozen=True)
+class CountRequest(StepsRequest):
     """`sparsebench ab --count`: count `steps` steps per cell under callgrind (the worker
     runs under valgrind; its dumps go to `folder`)."""
 
-    steps: int
-    folder: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "dir": self.folder}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "CountRequest":
-        _known(data, ("steps", "dir"), "job.count")
-        return cls(steps=int(data["steps"]), folder=str(data["dir"]))
+    KEY: ClassVar[str] = "count"
 
 
 @dataclass(frozen=True)
