@@ -134,6 +134,10 @@ class Record:
                                                           "many cores the cell kept busy")
     thread_cpu_seconds: dict = _field("s", Merge.EACH, "CPU seconds per thread name over the timed windows "
                                                        "(local cells; tf_Compute is TensorFlow's inter-op pool)")
+    other_cores: float = _field("cores", Merge.MAX, "the most cores' worth of CPU other processes on the machine "
+                                                    "used during one of the timed windows (local cells)")
+    steal_cores: float = _field("cores", Merge.MAX, "the most cores' worth the hypervisor gave other guests "
+                                                    "(steal time) during one of the timed windows")
     step_ms_p50: float = _field("ms", Merge.MEDIAN, "median wall time of one train step")
     step_ms_p90: float = _field("ms", Merge.MEDIAN, "90th percentile of the step time")
     step_ms_p99: float = _field("ms", Merge.MEDIAN, "99th percentile of the step time")

@@ -168,3 +168,14 @@ def test_thread_cpu_seconds_name_this_process_threads():
         pass
     spent = thread_cpu_difference(before, thread_cpu_seconds())
     assert spent is not None and max(spent.values()) >= 0.25
+
+
+def test_interference_is_the_machines_busy_time_beyond_this_process():
+    from sparsebench.train.measure.cputime import interference, machine_cpu_seconds
+
+    # 2 s of wall: the machine was busy 3.0 CPU-s (0.5 of it stolen), this process used 1.5
+    other, steal = interference((100.0, 10.0), (103.0, 10.5), own_cpu=1.5, wall=2.0)
+    assert other == pytest.approx(0.5) and steal == pytest.approx(0.25)
+    assert interference(None, (1.0, 0.0), 0.5, 1.0) == (None, None)
+    reading = machine_cpu_seconds()
+    assert reading is None or (reading[0] >= 0 and reading[1] >= 0)

@@ -107,10 +107,13 @@ def cpu_fields(measurement) -> dict[str, Any]:
     if not windows:
         return {}
     wall, cpu = sum(measurement.window_seconds), sum(measurement.window_cpu_seconds)
+    others, steals = measurement.window_other_cores, measurement.window_steal_cores
     return {"window_cpu_seconds": measurement.window_cpu_seconds, "cpu_windows": windows,
             "cpu_samples_per_sec": process_rate(windows),
             "cpu_busy_cores": cpu / wall if wall > 0 else None,
-            "thread_cpu_seconds": measurement.thread_cpu_seconds}
+            "thread_cpu_seconds": measurement.thread_cpu_seconds,
+            "other_cores": max(others) if others else None,
+            "steal_cores": max(steals) if steals else None}
 
 
 def model_fields(prepared: Prepared) -> dict[str, Any]:

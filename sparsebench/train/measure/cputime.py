@@ -65,3 +65,31 @@ def process_tree_cpu_seconds() -> float:
         except psutil.Error:
             pass  # a task that ended (a killed worker task) is out of the sum from then on
     return total
+
+
+def machine_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, stolen) CPU seconds of the whole machine so far, from /proc/stat's `cpu` line:
+    busy is everything but idle and iowait (this process included), stolen is the time the
+    hypervisor ran someone else on our virtual CPUs. None where /proc/stat is not there."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu":
+        return None
+    ticks = [int(v) for v in fields[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
+    steal = ticks[7] if len(ticks) > 7 else 0
+    return (sum(ticks[:8]) - idle) / CLOCK_TICKS, steal / CLOCK_TICKS
+
+
+def interference(before: tuple[float, float] | None, after: tuple[float, float] | None, own_cpu: float,
+                 wall: float) -> tuple[float | None, float | None]:
+    """(other cores, stolen cores) over a span: how many cores' worth of CPU went to other
+    processes (the machine's busy time minus ours) and to the hypervisor's other guests.
+    A cell that keeps 1.5 cores busy cannot while something else holds one of two."""
+    if before is None or after is None or wall <= 0:
+        return None, None
+    busy, steal = after[0] - before[0], after[1] - before[1]
+    return max(busy - steal - own_cpu, 0.0) / wall, steal / wall

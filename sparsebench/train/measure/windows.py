@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ...plan.spec import MeasureSpec
-from .cputime import process_cpu_seconds, thread_cpu_difference, thread_cpu_seconds
+from .cputime import (interference, machine_cpu_seconds, process_cpu_seconds, thread_cpu_difference,
+                      thread_cpu_seconds)
 from .hogwild import run_hogwild
 
 
@@ -26,6 +27,8 @@ class Measurement:
     window_samples_per_sec: list[float] = field(default_factory=list)
     window_seconds: list[float] = field(default_factory=list)
     window_cpu_seconds: list[float] = field(default_factory=list)  # the process's CPU seconds (all threads)
+    window_other_cores: list[float] = field(default_factory=list)  # cores other processes used meanwhile
+    window_steal_cores: list[float] = field(default_factory=list)  # cores the hypervisor gave other guests
     thread_cpu_seconds: dict[str, float] | None = None  # per thread name, over all the timed windows
     window_steps: list[int] = field(default_factory=list)
     step_seconds: list[float] = field(default_factory=list)
@@ -63,10 +66,14 @@ def measure(
     on_windows_start()
     threads_before = thread_cpu_seconds()
     for _ in range(settings.windows):
-        start, cpu_start = clock(), cpu_clock()
+        start, cpu_start, machine_start = clock(), cpu_clock(), machine_cpu_seconds()
         run = run_hogwild(step, batches, workers, steps_per_worker=steps_per_window,
                           seconds=seconds_per_window, offset=offset, sync=sync, clock=clock)
         elapsed, cpu = clock() - start, cpu_clock() - cpu_start
+        other, steal = interference(machine_start, machine_cpu_seconds(), cpu, elapsed)
+        if other is not None:
+            result.window_other_cores.append(other)
+            result.window_steal_cores.append(steal)
         if run.steps == 0:
             raise EmptyWindow(f"timed window {len(result.window_steps) + 1} ran no step in {elapsed:.3g} s: the step "
                               f"takes longer than the window (raise seconds_per_window)")
