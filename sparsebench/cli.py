@@ -289,7 +289,8 @@ def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: st
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
     if fail_on == "suite":
-        return int(any((r.suite is not None and r.suite.status == "regressed") or r.count("failed") for r in reports))
+        return int(any((r.gated and r.suite is not None and r.suite.status == "regressed") or r.count("failed")
+                       for r in reports))
     return max(report.exit_code for report in reports)
 
 
@@ -353,9 +354,10 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
               help="--count: train steps counted per cell (after uncounted warm-up).")
 @click.option("--count-threshold", default=1.0, show_default=True, metavar="PCT",
               help="--count: change of a cell's (or the suite's) instructions per example that is a finding.")
-@click.option("--cycles-threshold", default=3.0, show_default=True, metavar="PCT",
-              help="--count: the same for estimated cycles, whose simulated cache misses vary with memory "
-                   "addresses (A/A runs here moved them by up to 1.2%).")
+@click.option("--cycles-threshold", default=None, type=float, metavar="PCT",
+              help="--count: also gate on estimated cycles beyond this change. Off by default: their simulated "
+                   "cache misses vary with where memory lands, and A/A runs here moved a dense-Adam cell's "
+                   "estimated cycles by up to 3.9% (its instructions by 0.0%); the cycles table is printed either way.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
@@ -375,7 +377,8 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     folder = output or ab_runner.default_folder(suite_arg)
     if counted:
         return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps,
-                           {"instructions": count_threshold / 100.0, "cycles": cycles_threshold / 100.0}, fmt,
+                           {"instructions": count_threshold / 100.0,
+                            "cycles": cycles_threshold / 100.0 if cycles_threshold is not None else None}, fmt,
                            github_benchmark, fail_on)
     notes = []
     if interleave == "cell" and not all(ab_runner.speaks_protocol(side.python) for side in (a, b)):
@@ -404,7 +407,7 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
     from .results import read_results
 
     for option, metric in (("--count-threshold", "instructions"), ("--cycles-threshold", "cycles")):
-        if not 0 < thresholds[metric] < 1:
+        if thresholds[metric] is not None and not 0 < thresholds[metric] < 1:
             raise UserError(f"{option}: must be between 0 and 100 percent, got {thresholds[metric] * 100:g}")
     try:
         run = ab_runner.run_counted(suite_arg=suite_arg, overrides=overrides, a=a, b=b, folder=folder, steps=steps)
@@ -412,7 +415,8 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
         click.echo(f"\ninterrupted: the counted cells' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
-    reports = [counted_report(side_a, side_b, metric=m, threshold=thresholds[m]) for m in ("instructions", "cycles")]
+    reports = [counted_report(side_a, side_b, metric=m, threshold=thresholds[m] or 0.01, gated=thresholds[m] is not None)
+               for m in ("instructions", "cycles")]
     assert set(COUNTED_METRICS) == {r.metric for r in reports}
     reports[0].notes.append(f"counted {steps} steps per cell on one thread under callgrind, both sides at once, in "
                             f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "

@@ -26,7 +26,10 @@ COUNTED_METRICS = {
 FUNCTIONS_NAMED = 3
 
 
-def counted_report(a: Results, b: Results, *, metric: str = "cycles", threshold: float = 0.01) -> DifferenceReport:
+def counted_report(a: Results, b: Results, *, metric: str = "instructions", threshold: float = 0.01,
+                   gated: bool = True) -> DifferenceReport:
+    """`gated` False: the verdicts are shown but do not fail the run (estimated cycles by
+    default: see `ab --cycles-threshold`)."""
     if not 0 < threshold < 1:
         raise UserError(f"--count-threshold: must be between 0 and 100 percent, got {threshold * 100:g}")
     field, unit, event = COUNTED_METRICS[metric]
@@ -34,9 +37,10 @@ def counted_report(a: Results, b: Results, *, metric: str = "cycles", threshold:
     if len(cells_a) != len(cells_b):
         raise UserError(f"{a.path} holds {len(cells_a)} cells and {b.path} {len(cells_b)}: not two sides of one run")
     report = DifferenceReport(
-        names=("A", "B"), max_regression=threshold, alpha=1.0, metric=metric, unit=unit, counted=True,
+        names=("A", "B"), max_regression=threshold, alpha=1.0, metric=metric, unit=unit, counted=True, gated=gated,
         rule=(f"counted {metric} (callgrind, one thread, deterministic): a cell regressed/improved when its "
-              f"{metric} per example changed by more than {threshold:.1%}; the suite when the geometric mean did"))
+              f"{metric} per example changed by more than {threshold:.1%}; the suite when the geometric mean did"
+              + ("" if gated else " (shown only, not gated: see ab --cycles-threshold)")))
     logs = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"

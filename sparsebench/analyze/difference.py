@@ -94,6 +94,7 @@ class DifferenceReport:
     suite: SuiteDifference | None = None  # ab: the suite-level test
     confidence: float = 0.95  # of the cells' intervals
     counted: bool = False  # ab --count: deterministic counts, no interval and no test
+    gated: bool = True  # False: shown, but its verdicts do not set the exit code
 
     def count(self, status: str) -> int:
         return sum(1 for c in self.cells if c.status == status)
@@ -120,7 +121,8 @@ class DifferenceReport:
     @property
     def exit_code(self) -> int:
         suite = self.suite is not None and self.suite.status == "regressed"
-        return 1 if self.count("regressed") or self.count("failed") or self.shift_status == "regressed" or suite else 0
+        regressed = self.gated and (self.count("regressed") or self.shift_status == "regressed" or suite)
+        return 1 if regressed or self.count("failed") else 0
 
 
 def verdict(ratio: float, p: float, max_regression: float, alpha: float, noise_factor: float | None = None) -> str:
