@@ -78,7 +78,7 @@ def test_the_counted_report_flags_a_1_percent_change_and_names_the_function(tmp_
     report = counted_report(read_results(tmp_path / "a.jsonl"), read_results(tmp_path / "b.jsonl"))
     one, two = report.cells
     assert one.status == "regressed" and two.status == "unchanged" and report.exit_code == 1
-    assert one.note.startswith("+60 cycles/ex (+300%) tf::Sort [libtf.so]")
+    assert one.note.startswith("+30 Ir/ex (+300%) tf::Sort [libtf.so]")
     assert two.note == ""  # only a flagged cell says where
 
 
