@@ -325,7 +325,8 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
 
 
 @cli.command()
-@click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
+@click.option("--suite", "suite_arg", default="gate", show_default=True, metavar="NAME|PATH",
+              help="A shipped suite name or a TOML file (gate: every variant and optimizer, sized for CI).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override for both sides.")
 @click.option("--a-set", "a_overrides", multiple=True, metavar="KEY=V", help="Override for side A only.")
 @click.option("--b-set", "b_overrides", multiple=True, metavar="KEY=V", help="Override for side B only.")
