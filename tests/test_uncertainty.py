@@ -251,3 +251,13 @@ def test_a_shared_shift_is_one_finding_and_cells_are_judged_beyond_it(tmp_path):
     drift = difference_report(base, run(tmp_path / "c.jsonl", [0.88] * 5))  # -12%: the machine
     assert drift.shift_status == "unchanged" and drift.exit_code == 0
     assert all(c.status == "unchanged" for c in drift.cells)
+
+
+def test_measurements_beside_other_load_are_named(tmp_path):
+    a = _side(tmp_path / "a.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, seed=1)
+    b = _side(tmp_path / "b.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, seed=2)
+    b.records[2] = b.records[2].replace(other_cores=0.9)
+    rep = paired_report(a, b)
+    assert any("1 cell measurement(s) ran beside other load" in w and "side B, round 3: 0.9 cores" in w
+               for w in rep.power_warnings)
+    assert not any("other load" in w for w in paired_report(a, a).power_warnings)

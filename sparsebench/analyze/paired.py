@@ -101,10 +101,31 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         report.power_warnings.append(
             f"{len(blind)} of {len(compared)} cell(s) varied so much from round to round that even a slowdown beyond "
             f"{max_regression:.0%} would be missed more than 20% of the time (e.g. {blind[0]}); run more rounds")
+    disturbed = _disturbed(cells_a, cells_b)
+    if disturbed:
+        report.power_warnings.append(
+            f"{len(disturbed)} cell measurement(s) ran beside other load (other processes or the hypervisor took >= "
+            f"{DISTURBED_CORES:g} core while its windows ran), e.g. {disturbed[0]}: a cell that keeps 1.5 cores busy "
+            f"drops to one then, in wall time far more than in CPU time")
     if aa and compared:
         report.notes.append(_floor_note(compared, report.suite, alpha, rounds, metric))
         report.notes.append(_components_note(pending, cells_a, cells_b, metric))
     return report
+
+
+DISTURBED_CORES = 0.5  # other processes or steal beyond this during a cell's windows disturb it
+
+
+def _disturbed(cells_a, cells_b) -> list[str]:
+    """'cell (side X, round r: 0.9 other cores)' for every measurement beside other load."""
+    found = []
+    for side, cells in (("A", cells_a), ("B", cells_b)):
+        for cell_id, rounds in cells:
+            for r, record in sorted(rounds.items()):
+                load = max(record.other_cores or 0.0, record.steal_cores or 0.0)
+                if load >= DISTURBED_CORES:
+                    found.append(f"{cell_id} (side {side}, round {r}: {load:.1f} cores)")
+    return found
 
 
 def _components_note(pending: list, cells_a, cells_b, metric: str) -> str:
