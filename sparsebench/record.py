@@ -185,11 +185,13 @@ class Record:
     gpu_error: str = _field("", Merge.EACH, "why NVML could not be read")
     gpu_peak_mb: float = _field("MiB", Merge.MAX, "TensorFlow's peak GPU memory (profiled cells)")
     # -- counted work (ab --count) ---------------------------------------------------------
-    counted_steps: int = _field("steps", Merge.SAME, "train steps counted under callgrind")
-    instructions_per_example: float = _field("instructions", Merge.MEDIAN, "instructions executed per example over "
-                                                                           "the counted steps")
-    cycles_per_example: float = _field("cycles", Merge.MEDIAN, "estimated cycles per example: instructions + 10 x "
-                                                               "simulated L1 misses + 100 x last-level misses")
+    counted_steps: int = _field("steps", Merge.SAME, "train steps counted under callgrind, each on its own")
+    counted_step_instructions: list = _field("instructions", Merge.EACH, "each counted step's instructions")
+    instructions_per_example: float = _field("instructions", Merge.MEDIAN, "instructions executed per example in "
+                                                                           "the median counted step")
+    cycles_per_example: float = _field("cycles", Merge.MEDIAN, "estimated cycles per example (the median step): "
+                                                               "instructions + 10 x simulated L1 misses + 100 x "
+                                                               "last-level misses")
     count_events: dict = _field("events", Merge.FIRST, "every callgrind event per example (Ir, Dr, Dw, I1mr, D1mr, "
                                                        "D1mw, ILmr, DLmr, DLmw)")
     count_functions: dict = _field("events", Merge.FIRST, "the costliest functions (by estimated cycles): their own "

@@ -161,3 +161,13 @@ def test_the_fused_ops_library_is_named_alike_on_both_sides():
     b = object_name("/b/ops/sparsebench_fused_layer-tf2.21.0-415b4a83b8bc14a9.so")
     assert a == b == "sparsebench_fused_layer-tf2.21.0.so"
     assert object_name("/usr/lib/libc.so.6") == "libc.so.6"
+
+
+def test_a_cell_is_judged_by_its_median_step_so_one_unusual_step_cannot_move_it():
+    """One of five counted steps copied a table (an extra memcpy): the cell's figure is the
+    median step's, and every step's count is kept."""
+    from sparsebench.train.measure.counting import CountedProfile, median_step
+
+    steps = [CountedProfile(["Ir"], {"Ir": ir}, {"f [x]": {"Ir": ir}}) for ir in (1000, 1002, 9000, 999, 1001)]
+    median, counts = median_step(steps)
+    assert median.totals["Ir"] == 1001 and counts == [1000, 1002, 9000, 999, 1001]

@@ -235,6 +235,28 @@ def speaks_protocol(python: str) -> bool:
     return done.returncode == 0 and done.stdout.strip() == str(WORKER_PROTOCOL)
 
 
+def side_cells(suite_file: Path, overrides: list[str], sides: dict[str, Side], *, ab: dict, isolation: str | None = None,
+               keep: Callable[[Cell], bool] = lambda cell: True) -> tuple[dict[str, list[Cell]], dict[str, dict]]:
+    """Each side's cells (the suite file with the shared and the side's own overrides) and
+    its results header, the fused op prebuilt for the side's interpreter (one line, before
+    anything is measured, if it cannot be)."""
+    cells, metas = {}, {}
+    for name, side in sides.items():
+        suite = load_suite(str(suite_file))
+        for assignment in [*overrides, *side.overrides]:
+            suite.override(assignment)
+        cells[name] = [c for c in suite.cells() if keep(c)]
+        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides], isolation or suite.isolation,
+                                 len(cells[name]), ab={"side": name, "python": side.python,
+                                                       "overrides": side.overrides, **ab})
+        metas[name]["custom_op"] = prebuild(cells[name], side.python)
+        reason = skip_reason(metas[name]["custom_op"])
+        if reason:
+            raise UserError(f"ab: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
+                            f"--set variant=...")
+    return cells, metas
+
+
 def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Every round: a fresh worker per side, taking turns cell by cell (see the module)."""
@@ -242,23 +264,9 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
         raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
     suite_file = prepare(suite_arg, overrides, a, b, folder)
     sides = {"A": a, "B": b}
-    cells: dict[str, list[Cell]] = {}
     writers: dict[str, ResultsWriter] = {}
-    metas = {}
-    for name, side in sides.items():
-        suite = load_suite(str(suite_file))
-        for assignment in [*overrides, *side.overrides]:
-            suite.override(assignment)
-        cells[name] = [replace(c, measure=replace(c.measure, processes=1)) for c in suite.cells()]
-        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides], suite.isolation,
-                                 len(cells[name]), ab={"side": name, "python": side.python,
-                                                       "overrides": side.overrides, "rounds": rounds,
-                                                       "interleave": "cell"})
-        metas[name]["custom_op"] = prebuild(cells[name], side.python)
-        reason = skip_reason(metas[name]["custom_op"])
-        if reason:
-            raise UserError(f"ab: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
-                            f"--set variant=...")
+    cells, metas = side_cells(suite_file, overrides, sides, ab={"rounds": rounds, "interleave": "cell"})
+    cells = {name: [replace(c, measure=replace(c.measure, processes=1)) for c in side] for name, side in cells.items()}
     for name, side in sides.items():
         writers[name] = ResultsWriter(folder / f"{name.lower()}.jsonl", lambda side=side, meta=metas[name]:
                                       {"run": meta, "environment": fingerprint(side.python)})
@@ -338,20 +346,9 @@ def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folde
     # valgrind cannot execute AVX-512: the fused op is built for AVX2 here and in the workers
     os.environ[COUNT_MARCH[0]] = COUNT_MARCH[1]
     sides = {"A": a, "B": b}
-    cells, writers, metas = {}, {}, {}
-    for name, side in sides.items():
-        suite = load_suite(str(suite_file))
-        for assignment in [*overrides, *side.overrides, *COUNT_OVERRIDES]:
-            suite.override(assignment)
-        cells[name] = [c for c in suite.cells() if c.workers == 1 and c.distribution.is_local]
-        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides, *COUNT_OVERRIDES], "env",
-                                 len(cells[name]), ab={"side": name, "python": side.python, "overrides": side.overrides,
-                                                       "count_steps": steps})
-        metas[name]["custom_op"] = prebuild(cells[name], side.python)
-        reason = skip_reason(metas[name]["custom_op"])
-        if reason:
-            raise UserError(f"ab --count: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
-                            f"--set variant=...")
+    writers = {}
+    cells, metas = side_cells(suite_file, [*overrides, *COUNT_OVERRIDES], sides, ab={"count_steps": steps},
+                              isolation="env", keep=lambda c: c.workers == 1 and c.distribution.is_local)
     if len(cells["A"]) != len(cells["B"]) or not cells["A"]:
         raise UserError(f"ab --count: {len(cells['A'])} and {len(cells['B'])} cells to count (Hogwild and "
                         f"parameter-server cells are timed only)")

@@ -227,7 +227,7 @@ def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Pa
     estimated cycles per example, and the costliest functions (`measure.counting`)."""
     import os
 
-    from .measure.counting import CountingUnavailable, Shim, count_steps, newest_dump, parse_callgrind, per_example
+    from .measure.counting import CountingUnavailable, Shim, count_steps, dumps_of, median_step, parse_callgrind, per_example
     from .measure.hogwild import run_hogwild
 
     if cell.workers != 1:
@@ -241,14 +241,16 @@ def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Pa
     run_hogwild(trainer.train_step, batches, 1, steps_per_worker=max(1, cell.measure.warmup_steps), sync=sync)
     count_steps(shim, trainer.train_step, batches, steps, label=f"cell {index}: {cell.cell_id}",
                 offset=cell.measure.warmup_steps, sync=sync)
-    dump = newest_dump(folder, os.getpid())
-    if dump is None:
-        raise CountingUnavailable(f"callgrind wrote no dump into {folder}")
-    profile = parse_callgrind(dump)
-    dump.unlink()  # tens of MB each; the record keeps what is compared
+    dumps = dumps_of(folder, os.getpid())[-steps:]
+    if len(dumps) < steps:
+        raise CountingUnavailable(f"callgrind wrote {len(dumps)} dumps into {folder}, expected {steps}")
+    profiles = [parse_callgrind(dump) for dump in dumps]
+    for dump in dumps:
+        dump.unlink()  # large; the record keeps what is compared
+    median, per_step = median_step(profiles)
     fields = model_fields(prepared)
-    return Record.new(cell, round, "ok", isolation=isolation, counted_steps=steps,
-                      **per_example(profile, steps * cell.batch_size),
+    return Record.new(cell, round, "ok", isolation=isolation, counted_steps=steps, counted_step_instructions=per_step,
+                      **per_example(median, cell.batch_size),
                       **{k: fields[k] for k in ("peak_rss_mb", "grad_type", "update_path", "phases", "variables_mb",
                                                 "num_features", "avg_nnz_per_batch", "data_source",
                                                 "threads_in_effect")})

@@ -193,16 +193,6 @@ def parse_callgrind(path: Path) -> CountedProfile:
     return CountedProfile(events, totals, functions, label)
 
 
-def newest_dump(folder: Path, pid: int) -> Path | None:
-    """The last dump this process wrote (`callgrind.<pid>.<n>`, n counting up)."""
-    dumps = []
-    for path in folder.glob(f"callgrind.{pid}.*"):
-        suffix = path.name.rsplit(".", 1)[-1]
-        if suffix.isdigit():
-            dumps.append((int(suffix), path))
-    return max(dumps)[1] if dumps else None
-
-
 def per_example(profile: CountedProfile, examples: int, top: int = TOP_FUNCTIONS) -> dict:
     """The record's counted fields: totals and the costliest functions, per example."""
     cycles = {name: estimated_cycles(costs) for name, costs in profile.functions.items()}
@@ -218,9 +208,26 @@ def per_example(profile: CountedProfile, examples: int, top: int = TOP_FUNCTIONS
 
 def count_steps(shim: Shim, step: Callable, batches: Sequence, steps: int, label: str, offset: int = 0,
                 sync: Callable = lambda result: result.numpy()) -> None:
-    """`steps` train steps, counted (one thread: the counts are the same every run)."""
-    def run() -> None:
-        for i in range(steps):
-            sync(step(*batches[(offset + i) % len(batches)]))
+    """`steps` train steps, each counted and dumped on its own (`label step i`): one step
+    that does extra work (TensorFlow copies a variable's buffer on write when another
+    reference to it is alive, which can depend on when a tensor was freed) must not move
+    the cell's figure, so the cell is judged by its median step (`median_step`)."""
+    for i in range(steps):
+        shim.count(lambda i=i: sync(step(*batches[(offset + i) % len(batches)])), f"{label} step {i + 1}")
 
-    shim.count(run, label)
+
+def dumps_of(folder: Path, pid: int) -> list[Path]:
+    """Every dump this process wrote (`callgrind.<pid>.<n>`), in the order written."""
+    dumps = []
+    for path in folder.glob(f"callgrind.{pid}.*"):
+        suffix = path.name.rsplit(".", 1)[-1]
+        if suffix.isdigit():
+            dumps.append((int(suffix), path))
+    return [path for _, path in sorted(dumps)]
+
+
+def median_step(profiles: Sequence[CountedProfile]) -> tuple[CountedProfile, list[int]]:
+    """The step with the median instruction count (and every step's count): a cell's
+    counted figure that one unusual step cannot move."""
+    ordered = sorted(profiles, key=lambda p: p.totals.get("Ir", 0))
+    return ordered[(len(ordered) - 1) // 2], [p.totals.get("Ir", 0) for p in profiles]
