@@ -186,9 +186,15 @@ class Record:
     gpu_peak_mb: float = _field("MiB", Merge.MAX, "TensorFlow's peak GPU memory (profiled cells)")
     # -- counted work (ab --count) ---------------------------------------------------------
     counted_steps: int = _field("steps", Merge.SAME, "train steps counted under callgrind, each on its own")
-    counted_step_instructions: list = _field("instructions", Merge.EACH, "each counted step's instructions")
+    counted_step_instructions: list = _field("instructions", Merge.EACH, "each counted step's instructions, in step "
+                                                                         "order, without the idle ones")
+    counted_step_cycles: list = _field("cycles", Merge.EACH, "each counted step's estimated cycles, in step order, "
+                                                             "without the idle ones")
+    counted_step_idle_instructions: list = _field("instructions", Merge.EACH, "each counted step's idle instructions "
+                                                                              "(a pool thread spinning or waiting for "
+                                                                              "work), left out of the counted figures")
     instructions_per_example: float = _field("instructions", Merge.MEDIAN, "instructions executed per example in "
-                                                                           "the median counted step")
+                                                                           "the median counted step (idle left out)")
     cycles_per_example: float = _field("cycles", Merge.MEDIAN, "estimated cycles per example (the median step): "
                                                                "instructions + 10 x simulated L1 misses + 100 x "
                                                                "last-level misses")

@@ -168,3 +168,38 @@ def test_ab_count_counts_both_sides_and_an_a_a_run_changes_nothing(tmp_path):
     records = read_results(tmp_path / "ab" / "a-count.jsonl").records
     assert all(r.counted_steps == 3 and r.instructions_per_example > 0 and r.count_functions for r in records)
     assert all(r.threads_in_effect["intra_op_threads_resolved"] == 1 for r in records)
+
+
+def test_workers_name_their_features_and_an_older_worker_is_not_waited_for(tmp_path):
+    """A worker says it writes `ready` (after importing TensorFlow, before its first cell);
+    ab's first cell of a round waits for it, but not for an older worker that never will
+    (else every round of an A/B against an older version would wait READY_WAIT_S)."""
+    import threading
+    import time
+
+    from sparsebench.execute.ab import worker_protocol
+    from sparsebench.execute.orchestrator import Orchestrator
+
+    protocol, features = worker_protocol(sys.executable)
+    assert protocol == "1" and "ready" in features
+    old = tmp_path / "python"
+    old.write_text("#!/bin/sh\necho 1\n")
+    old.chmod(0o755)
+    assert worker_protocol(str(old)) == ("1", set())
+
+    seen = []
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        for announces in (False, True):
+            folder = tmp_path / f"w{announces}"
+            folder.mkdir()
+            orchestrator = Orchestrator(record=lambda outcome: None, announces_ready=announces,
+                                        on_ready=lambda folder=folder: seen.append((folder / "ready").exists()))
+            orchestrator._process = sleeper
+            writer = threading.Timer(1.0, lambda folder=folder: (folder / "ready").write_text("1"))
+            writer.start()
+            orchestrator._wait_ready(folder)
+            writer.join()
+    finally:
+        sleeper.kill()
+    assert seen == [False, True]  # the older worker's first cell went at once; the new one's after `ready`

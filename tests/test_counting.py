@@ -171,3 +171,50 @@ def test_a_cell_is_judged_by_its_median_step_so_one_unusual_step_cannot_move_it(
     steps = [CountedProfile(["Ir"], {"Ir": ir}, {"f [x]": {"Ir": ir}}) for ir in (1000, 1002, 9000, 999, 1001)]
     median, counts = median_step(steps)
     assert median.totals["Ir"] == 1001 and counts == [1000, 1002, 9000, 999, 1001]
+
+
+IDLE = "Eigen::ThreadPoolTempl<tsl::thread::EigenEnvironment>::MaybeGetTask(tsl::thread::EigenEnvironment::Task*) [libtensorflow_framework.so.2]"
+
+
+def test_a_pool_threads_spinning_is_left_out_of_the_counted_work():
+    """An A/A pair differed only in Eigen's MaybeGetTask (a pool thread spinning for work, as
+    long as the scheduler lets it): the counted figures and functions leave it out, and the
+    step series keeps it apart."""
+    from sparsebench.train.measure.counting import CountedProfile, per_example, step_series
+
+    work = {"tf::MatMul [libtf.so]": {"Ir": 3000, "D1mr": 10}}
+    quiet = CountedProfile(["Ir", "D1mr"], {"Ir": 3100, "D1mr": 10}, {**work, IDLE: {"Ir": 100, "D1mr": 0}})
+    spun = CountedProfile(["Ir", "D1mr"], {"Ir": 103000, "D1mr": 10}, {**work, IDLE: {"Ir": 100000, "D1mr": 0}})
+    figures = [per_example(p, 10) for p in (quiet, spun)]
+    assert figures[0]["instructions_per_example"] == figures[1]["instructions_per_example"] == 300
+    assert figures[0]["cycles_per_example"] == figures[1]["cycles_per_example"] == 310
+    assert all(IDLE not in f["count_functions"] for f in figures)
+    series = step_series([quiet, spun])
+    assert series["counted_step_instructions"] == [3000, 3000]
+    assert series["counted_step_idle_instructions"] == [100, 100000]
+
+
+def _stepped(cell_id, steps):
+    return Record(cell_id=cell_id, axes={}, status="ok", round=1, counted_steps=len(steps),
+                  instructions_per_example=sorted(steps)[len(steps) // 2] / 10, cycles_per_example=1.0,
+                  counted_step_instructions=list(steps), counted_step_cycles=[1.0] * len(steps))
+
+
+def test_steps_pair_up_across_sides_so_the_median_step_cannot_be_two_different_steps(tmp_path):
+    """Steps alternate between two batches (4.10M and 3.93M instructions here); one step of
+    B did less (3.89M against A's 3.98M). Judged by each side's own median step, B's median
+    is another step than A's: -1.0%, a false finding at a 1% threshold. Paired step by step
+    the median change is nil."""
+    from fixtures.make_fixtures import write_to
+
+    from sparsebench.results import read_results
+
+    write_to(tmp_path / "a.jsonl", [_stepped("c1", [4_104_663, 3_932_707, 3_984_027])], "s")
+    write_to(tmp_path / "b.jsonl", [_stepped("c1", [4_104_663, 3_932_707, 3_891_140])], "s")
+    a, b = read_results(tmp_path / "a.jsonl"), read_results(tmp_path / "b.jsonl")
+    [cell] = counted_report(a, b, threshold=0.005).cells
+    assert cell.status == "unchanged" and cell.ratio == 1.0
+    # the same steps 2% costlier on every step of B: found
+    write_to(tmp_path / "c.jsonl", [_stepped("c1", [x * 1.02 for x in (4_104_663, 3_932_707, 3_984_027)])], "s")
+    [cell] = counted_report(a, read_results(tmp_path / "c.jsonl")).cells
+    assert cell.status == "regressed" and abs(cell.ratio - 1 / 1.02) < 1e-9

@@ -8,6 +8,11 @@ table, both figures are shown as throughput, examples per 10^9 instructions (or 
 cycles): higher is better, a negative change is a slowdown. Each cell also names the
 functions whose own cost per example changed most, from callgrind's per-function counts,
 so a flagged cell says where.
+
+A cell's change is the median over its counted steps of step i on A against step i on B:
+step i trains the same batch after the same history on both sides, while consecutive steps
+of one side differ by their batch (10-15% at batch 32), so two sides' median steps can be
+different steps. Records without step series (older ones) compare their median steps.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ COUNTED_METRICS = {
     "instructions": ("instructions_per_example", "examples/Ginstr", "Ir"),
     "cycles": ("cycles_per_example", "examples/Gcycle", "cycles"),
 }
+STEP_SERIES = {"instructions": "counted_step_instructions", "cycles": "counted_step_cycles"}
 FUNCTIONS_NAMED = 3
 
 
@@ -39,7 +45,7 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
     report = DifferenceReport(
         names=("A", "B"), max_regression=threshold, alpha=1.0, metric=metric, unit=unit, counted=True, gated=gated,
         rule=(f"counted {metric} (callgrind, one thread, deterministic): a cell regressed/improved when its "
-              f"{metric} per example changed by more than {threshold:.1%}; the suite when the geometric mean did"
+              f"{metric} per example (its median step against the other side's same step, idle spinning left out) changed by more than {threshold:.1%}; the suite when the geometric mean did"
               + ("" if gated else " (shown only, not gated: see ab --cycles-threshold)")))
     logs = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
@@ -52,7 +58,7 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
         if not (ra.ok and rb.ok and cost_a and cost_b):
             report.cells.append(CellDifference(label, "not compared", note=f"A {_status(ra)}, B {_status(rb)}"))
             continue
-        ratio = cost_a / cost_b  # examples per unit of work, B over A
+        ratio = paired_ratio(ra, rb, metric) or cost_a / cost_b  # examples per unit of work, B over A
         logs.append(math.log(ratio))
         status = "regressed" if ratio < 1 - threshold else "improved" if ratio > 1 + threshold else "unchanged"
         where = function_changes(ra, rb, event) if status != "unchanged" else ""  # a flagged cell says where
@@ -64,6 +70,17 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
         report.suite = SuiteDifference(status, ratio, ratio, ratio, float("nan"), 1, len(logs), -threshold,
                                        threshold, 1.0, threshold)
     return report
+
+
+def paired_ratio(a: Record, b: Record, metric: str) -> float | None:
+    """The median over counted steps of A's cost over B's, step i against step i (None
+    when the two records do not hold step series of equal length)."""
+    steps_a, steps_b = a.get(STEP_SERIES[metric]) or [], b.get(STEP_SERIES[metric]) or []
+    if not steps_a or len(steps_a) != len(steps_b) or not all(steps_a) or not all(steps_b):
+        return None
+    ratios = sorted(x / y for x, y in zip(steps_a, steps_b))
+    middle = len(ratios) // 2
+    return ratios[middle] if len(ratios) % 2 else math.sqrt(ratios[middle - 1] * ratios[middle])
 
 
 def function_changes(a: Record, b: Record, event: str, top: int = FUNCTIONS_NAMED) -> str:

@@ -214,6 +214,19 @@ class Turnstile:
             self._cv.notify_all()
 
 
+def _meet(barrier: threading.Barrier, turnstile: "Turnstile", met: set[str], side: str,
+          timeout_s: float = 300.0) -> None:
+    """A side's first worker of a round waits until the other side's has started too (a
+    broken barrier, a timeout or an aborted round: go on)."""
+    if turnstile.aborted or side in met:
+        return
+    met.add(side)
+    try:
+        barrier.wait(timeout=timeout_s)
+    except threading.BrokenBarrierError:
+        pass
+
+
 def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
     """(cell, side) in the order one round runs them: A B, B A, ... cell by cell, the first
     cell of a round starting with A in odd rounds and with B in even ones."""
@@ -224,15 +237,25 @@ def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
     return order
 
 
-def speaks_protocol(python: str) -> bool:
-    """Whether `python`'s sparsebench runs workers the way the cell-by-cell mode needs."""
+def worker_protocol(python: str) -> tuple[str | None, set[str]]:
+    """The worker protocol `python`'s sparsebench speaks and the features it names (None,
+    empty: it does not answer)."""
     try:
         done = subprocess.run([python, "-m", "sparsebench.train.worker", "--protocol"], capture_output=True,
                               text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                               preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError):
-        return False
-    return done.returncode == 0 and done.stdout.strip() == str(WORKER_PROTOCOL)
+        return None, set()
+    lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
+    if not lines:
+        return None, set()
+    features = {word for line in lines[1:] if line.startswith("features:") for word in line.split(":", 1)[1].split()}
+    return lines[0].strip(), features
+
+
+def speaks_protocol(python: str) -> bool:
+    """Whether `python`'s sparsebench runs workers the way the cell-by-cell mode needs."""
+    return worker_protocol(python)[0] == str(WORKER_PROTOCOL)
 
 
 def side_cells(suite_file: Path, overrides: list[str], sides: dict[str, Side], *, ab: dict, isolation: str | None = None,
@@ -264,6 +287,7 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
         raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
     suite_file = prepare(suite_arg, overrides, a, b, folder)
     sides = {"A": a, "B": b}
+    ready = {name: "ready" in worker_protocol(side.python)[1] for name, side in sides.items()}
     writers: dict[str, ResultsWriter] = {}
     cells, metas = side_cells(suite_file, overrides, sides, ab={"rounds": rounds, "interleave": "cell"})
     cells = {name: [replace(c, measure=replace(c.measure, processes=1)) for c in side] for name, side in cells.items()}
@@ -276,6 +300,10 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
         for r in range(1, rounds + 1):
             t0 = time.monotonic()
             turnstile = Turnstile(cell_order(len(cells["A"]), r))
+            # both sides' workers start together; no cell is timed until both have (a worker
+            # importing TensorFlow takes a core the other side's first cell would miss)
+            both_started = threading.Barrier(len(SIDES))  # (an older worker that says nothing: at its release)
+            met: set[str] = set()  # only each side's first worker of the round waits (a crash starts another)
             counts = {name: Counter() for name in SIDES}
             orchestrators, threads, errors = {}, [], []
             for name in SIDES:
@@ -291,7 +319,8 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
                     run.order.append(name)
 
                 orchestrators[name] = Orchestrator(record=record, isolation=load_suite(str(suite_file)).isolation,
-                                                   python=sides[name].python, gate=gate)
+                                                   python=sides[name].python, gate=gate, announces_ready=ready[name],
+                                                   on_ready=lambda name=name: _meet(both_started, turnstile, met, name))
 
                 def work(name=name):
                     try:

@@ -55,6 +55,7 @@ CELL_OWNED = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP
 
 POLL_S = 0.05
 EXIT_GRACE_S = 30.0  # a worker that finished its cells but does not exit is killed after this
+READY_WAIT_S = 300.0  # how long a gated first cell waits for its worker to say it started
 
 
 def worker_environment(cell: Cell, parent: dict[str, str] | None = None) -> dict[str, str]:
@@ -135,6 +136,8 @@ class Orchestrator:
         profile: ProfileRequest | None = None,
         gate: Callable[[Cell], None] | None = None,
         count: CountRequest | None = None,
+        on_ready: Callable[[], None] | None = None,
+        announces_ready: bool = True,
     ):
         """`cluster`: a real cluster the parameter-server cells run against; `profile`:
         profile the cells instead of timing them (`sparsebench profile`).
@@ -150,6 +153,8 @@ class Orchestrator:
         self.profile = profile
         self.gate = gate
         self.count = count  # count instructions under callgrind instead of timing (ab --count)
+        self.on_ready = on_ready  # with a gate: called once the worker has started, before its first cell
+        self.announces_ready = announces_ready  # False: an older worker that writes no `ready` (not waited for)
         self._process: subprocess.Popen | None = None
         self._round = 1
         # A parameter-server cell's worker starts its cluster: in a private network
@@ -195,11 +200,28 @@ class Orchestrator:
                     self.kill()
 
     def _release(self, cell: Cell, folder: Path, index: int) -> None:
-        """Let cell `index` start: after its turn comes (with a gate), say so to the worker."""
+        """Let cell `index` start: after its turn comes (with a gate), say so to the worker.
+        With a gate, the first cell also waits until the worker has started (TensorFlow
+        imported: `ready`), so that `ab`'s other side is not timed while this side's
+        worker still spends a core starting up."""
         if self.gate is not None:
+            if index == 0:
+                self._wait_ready(folder)
             self.gate(cell)
             (folder / f"{index}.go").write_text("")
         self.on_start(cell)
+
+    def _wait_ready(self, folder: Path) -> None:
+        """Until the worker says it started, it exits, or READY_WAIT_S pass; then `on_ready`.
+        An older sparsebench on an `ab` side writes no `ready` (`announces_ready` False):
+        not waited for."""
+        deadline = time.monotonic() + (READY_WAIT_S if self.announces_ready else 0.0)
+        while not (folder / "ready").exists() and time.monotonic() < deadline:
+            if self._process is None or self._process.poll() is not None:
+                return
+            time.sleep(POLL_S)
+        if self.on_ready is not None:
+            self.on_ready()
 
     def _watch(self, cells: list[Cell], folder: Path, log: Path) -> list[Cell]:
         index = 0

@@ -227,7 +227,8 @@ def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Pa
     estimated cycles per example, and the costliest functions (`measure.counting`)."""
     import os
 
-    from .measure.counting import CountingUnavailable, Shim, count_steps, dumps_of, median_step, parse_callgrind, per_example
+    from .measure.counting import (CountingUnavailable, Shim, count_steps, dumps_of, median_step, parse_callgrind,
+                                  per_example, step_series)
     from .measure.hogwild import run_hogwild
 
     if cell.workers != 1:
@@ -247,9 +248,9 @@ def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Pa
     profiles = [parse_callgrind(dump) for dump in dumps]
     for dump in dumps:
         dump.unlink()  # large; the record keeps what is compared
-    median, per_step = median_step(profiles)
+    median, _ = median_step(profiles)
     fields = model_fields(prepared)
-    return Record.new(cell, round, "ok", isolation=isolation, counted_steps=steps, counted_step_instructions=per_step,
+    return Record.new(cell, round, "ok", isolation=isolation, counted_steps=steps, **step_series(profiles),
                       **per_example(median, cell.batch_size),
                       **{k: fields[k] for k in ("peak_rss_mb", "grad_type", "update_path", "phases", "variables_mb",
                                                 "num_features", "avg_nnz_per_batch", "data_source",

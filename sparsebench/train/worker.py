@@ -15,7 +15,8 @@ the worker moves on to the next cell; a crash of the process itself is noticed b
 orchestrator.
 
 `python -m sparsebench.train.worker --probe` prints TensorFlow's facts as one JSON line;
-`--protocol` the worker protocol this version speaks (`sparsebench.WORKER_PROTOCOL`).
+`--protocol` the worker protocol this version speaks (`sparsebench.WORKER_PROTOCOL`), then a
+`features:` line (`WORKER_FEATURES`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import WORKER_PROTOCOL
+
+# What this worker does beyond protocol 1, for a parent that drives another version's worker:
+# `ready`: it writes {out}/ready once TensorFlow is imported, before its first cell.
+WORKER_FEATURES = ("ready",)
 from ..errors import CellSkipped, UserError
 from ..plan.cell import Cell, Threads
 from ..plan.job import Job
@@ -107,6 +112,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
     startup["tf_import_s"] = time.perf_counter() - t0
     tf_facts = tensorflow_info()
+    (out_dir / "ready").write_text(str(time.time()))  # started: the parent may now time the other side's cells
     for index, cell in enumerate(job.cells):
         while job.lockstep and not (out_dir / f"{index}.go").exists():
             time.sleep(0.002)
@@ -151,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.protocol:
         print(WORKER_PROTOCOL)
+        print("features: " + " ".join(WORKER_FEATURES))
         return 0
     if args.probe:
         print(json.dumps(tensorflow_info()))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import fcntl
+import gc
 import hashlib
 import os
 import re
@@ -44,6 +45,12 @@ void sb_dump(const char *label) { CALLGRIND_DUMP_STATS_AT(label); }
 """
 HEADER = Path("/usr/include/valgrind/callgrind.h")
 L1_MISS_WEIGHT, LL_MISS_WEIGHT = 10, 100
+# Idle, not work: a TensorFlow pool thread with nothing to do spins in Eigen's MaybeGetTask
+# (then waits on a futex) for as long as the scheduler lets it, so its instructions depend on
+# timing. An A/A pair of one-thread cells differed only there, by ~100k instructions a step
+# (2.5% of a step at batch 32), in whole spin periods. They are left out of every counted figure
+# and kept apart in the record (`counted_step_idle_instructions`).
+IDLE_FUNCTIONS = re.compile(r"ThreadPoolTempl<.*>::(MaybeGetTask|WaitForWork)\(|^__futex_abstimed_wait")
 TOP_FUNCTIONS = 150  # per cell, by estimated cycles: enough to name what changed (a function below
 # the cut on one side is unknown there, not zero: analyze.counted compares accordingly)
 
@@ -51,6 +58,11 @@ TOP_FUNCTIONS = 150  # per cell, by estimated cycles: enough to name what change
 class CountingUnavailable(CellSkipped):
     def __init__(self, why: str):
         super().__init__(f"counting unavailable: {why}")
+
+
+def is_idle(function: str) -> bool:
+    """A function whose cost is a pool thread waiting for work (`IDLE_FUNCTIONS`)."""
+    return bool(IDLE_FUNCTIONS.search(function))
 
 
 def estimated_cycles(events: dict[str, float]) -> float:
@@ -129,6 +141,22 @@ class CountedProfile:
     functions: dict[str, dict[str, int]] = field(default_factory=dict)
     label: str | None = None
 
+    @property
+    def idle(self) -> dict[str, int]:
+        """The events of the idle functions (a pool thread spinning or waiting for work)."""
+        idle: dict[str, int] = {}
+        for name, costs in self.functions.items():
+            if is_idle(name):
+                for event, value in costs.items():
+                    idle[event] = idle.get(event, 0) + value
+        return idle
+
+    @property
+    def work(self) -> dict[str, int]:
+        """The totals without the idle functions: what the counted figures are made of."""
+        idle = self.idle
+        return {event: value - idle.get(event, 0) for event, value in self.totals.items()}
+
 
 _NAMED = re.compile(r"^\((\d+)\)(?: (.*))?$")
 _BUILD_KEY = re.compile(r"-[0-9a-f]{16}(?=\.so)")
@@ -194,13 +222,15 @@ def parse_callgrind(path: Path) -> CountedProfile:
 
 
 def per_example(profile: CountedProfile, examples: int, top: int = TOP_FUNCTIONS) -> dict:
-    """The record's counted fields: totals and the costliest functions, per example."""
-    cycles = {name: estimated_cycles(costs) for name, costs in profile.functions.items()}
+    """The record's counted fields: the work's totals (idle functions left out) and its
+    costliest functions, per example."""
+    cycles = {name: estimated_cycles(costs) for name, costs in profile.functions.items() if not is_idle(name)}
     costliest = sorted(cycles, key=cycles.get, reverse=True)[:top]
+    work = profile.work
     return {
-        "instructions_per_example": profile.totals.get("Ir", 0) / examples,
-        "cycles_per_example": estimated_cycles(profile.totals) / examples,
-        "count_events": {event: value / examples for event, value in profile.totals.items()},
+        "instructions_per_example": work.get("Ir", 0) / examples,
+        "cycles_per_example": estimated_cycles(work) / examples,
+        "count_events": {event: value / examples for event, value in work.items()},
         "count_functions": {name: {"Ir": profile.functions[name].get("Ir", 0) / examples,
                                    "cycles": cycles[name] / examples} for name in costliest},
     }
@@ -211,8 +241,15 @@ def count_steps(shim: Shim, step: Callable, batches: Sequence, steps: int, label
     """`steps` train steps, each counted and dumped on its own (`label step i`): one step
     that does extra work (TensorFlow copies a variable's buffer on write when another
     reference to it is alive, which can depend on when a tensor was freed) must not move
-    the cell's figure, so the cell is judged by its median step (`median_step`)."""
+    the cell's figure, so the cell is judged by its median step (`median_step`), and `ab`
+    pairs step i of one side with step i of the other (same batch, same history).
+
+    Python's cyclic collector runs when enough objects were allocated since its last run,
+    so where a collection lands depends on everything the process did before: an A/A pair
+    had one in a different step on each side (~150k instructions). A full collection before
+    each step (not counted) starts every step from the same collector state."""
     for i in range(steps):
+        gc.collect()
         shim.count(lambda i=i: sync(step(*batches[(offset + i) % len(batches)])), f"{label} step {i + 1}")
 
 
@@ -227,7 +264,15 @@ def dumps_of(folder: Path, pid: int) -> list[Path]:
 
 
 def median_step(profiles: Sequence[CountedProfile]) -> tuple[CountedProfile, list[int]]:
-    """The step with the median instruction count (and every step's count): a cell's
-    counted figure that one unusual step cannot move."""
-    ordered = sorted(profiles, key=lambda p: p.totals.get("Ir", 0))
-    return ordered[(len(ordered) - 1) // 2], [p.totals.get("Ir", 0) for p in profiles]
+    """The step with the median instruction count of its work (and every step's count): a
+    cell's counted figure that one unusual step cannot move."""
+    ordered = sorted(profiles, key=lambda p: p.work.get("Ir", 0))
+    return ordered[(len(ordered) - 1) // 2], [p.work.get("Ir", 0) for p in profiles]
+
+
+def step_series(profiles: Sequence[CountedProfile]) -> dict[str, list]:
+    """Every counted step's figures, in step order, for the record: `ab` pairs them across
+    sides step by step."""
+    return {"counted_step_instructions": [p.work.get("Ir", 0) for p in profiles],
+            "counted_step_cycles": [estimated_cycles(p.work) for p in profiles],
+            "counted_step_idle_instructions": [p.idle.get("Ir", 0) for p in profiles]}
