@@ -203,3 +203,27 @@ def test_workers_name_their_features_and_an_older_worker_is_not_waited_for(tmp_p
     finally:
         sleeper.kill()
     assert seen == [False, True]  # the older worker's first cell went at once; the new one's after `ready`
+
+
+def test_a_sides_worker_imports_its_own_sparsebench_not_the_current_directorys(tmp_path, monkeypatch):
+    """`python -m` puts the current directory first on sys.path: `ab` run in a checkout ran
+    the checkout's code on both sides, and a slowdown planted in side B's venv went unseen.
+    Here the current directory holds a sparsebench whose worker answers WRONG."""
+    from sparsebench.execute.ab import worker_protocol
+    from sparsebench.modules import module_command
+
+    fake = tmp_path / "sparsebench" / "train"
+    fake.mkdir(parents=True)
+    for init in (tmp_path / "sparsebench" / "__init__.py", fake / "__init__.py"):
+        init.write_text("")
+    (fake / "worker.py").write_text("print('WRONG')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    plain = subprocess.run([sys.executable, "-m", "sparsebench.train.worker", "--protocol"], cwd=tmp_path,
+                           capture_output=True, text=True, env=env)
+    assert plain.stdout.strip() == "WRONG"  # what `-m` does: the reason for module_command
+    ours = subprocess.run(module_command(sys.executable, "sparsebench.train.worker", "--protocol"), cwd=tmp_path,
+                          capture_output=True, text=True, env=env)
+    assert ours.stdout.splitlines()[0] == "1", ours.stdout + ours.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert worker_protocol(sys.executable)[0] == "1"

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from ..modules import module_command
 from .. import WORKER_PROTOCOL
 from ..errors import UserError
 from ..lifetime import die_with_parent
@@ -241,7 +242,7 @@ def worker_protocol(python: str) -> tuple[str | None, set[str]]:
     """The worker protocol `python`'s sparsebench speaks and the features it names (None,
     empty: it does not answer)."""
     try:
-        done = subprocess.run([python, "-m", "sparsebench.train.worker", "--protocol"], capture_output=True,
+        done = subprocess.run(module_command(python, "sparsebench.train.worker", "--protocol"), capture_output=True,
                               text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                               preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError):

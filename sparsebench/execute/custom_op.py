@@ -16,6 +16,7 @@ import subprocess
 import sys
 from typing import Any
 
+from ..modules import module_command
 from ..lifetime import die_with_parent
 from ..plan.cell import Cell
 from ..plan.spec import CUSTOM_OP_VARIANTS
@@ -30,7 +31,7 @@ def needs_custom_op(cell: Cell) -> bool:
 def custom_op(action: str = "build", python: str = sys.executable) -> dict[str, Any]:
     """`build` or `status` of the op, as the TensorFlow side reports it."""
     try:
-        done = subprocess.run([python, "-m", "sparsebench.train.custom_ops", action, "--json"], capture_output=True,
+        done = subprocess.run(module_command(python, "sparsebench.train.custom_ops", action, "--json"), capture_output=True,
                               text=True, timeout=BUILD_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                               preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
+from ..modules import module_command
 from ..lifetime import die_with_parent
 from ..machine import cpu_count, cpu_info, gpu_info, memory_info
 from .orchestrator import inherited_variables
@@ -24,7 +25,7 @@ def probe_tensorflow(timeout_s: float = 120.0, python: str = sys.executable) -> 
     """`tensorflow_info()` from a fresh worker process (the caller stays TF-free)."""
     try:
         done = subprocess.run(
-            [python, "-m", "sparsebench.train.worker", "--probe"],
+            module_command(python, "sparsebench.train.worker", "--probe"),
             capture_output=True,
             text=True,
             timeout=timeout_s,

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..modules import module_command
 from ..lifetime import UNSHARE, die_with_parent, exposed_opt_in
 from ..plan.cell import Cell
 from ..plan.job import CountRequest, Job, ProfileRequest, RemoteCluster
@@ -186,7 +187,7 @@ class Orchestrator:
                 env["PYTHONHASHSEED"] = "0"  # the same dict orders, the same instructions, every run
             with open(stderr_path, "w") as log:
                 self._process = subprocess.Popen(
-                    [*prefix, self.python, "-m", "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path)],
+                    [*prefix, *module_command(self.python, "sparsebench.train.worker", "--jobs", str(jobs), "--out", str(tmp_path))],
                     env=env,
                     stdin=subprocess.DEVNULL,
                     stdout=log,

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from ...lifetime import die_with_parent
+from ...modules import module_command
 
 START_TIMEOUT_S = 60.0
 
@@ -130,8 +131,8 @@ class LocalCluster:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cluster = json.dumps(self.spec)
         for task in self.tasks:
-            command = [self.python, "-m", "sparsebench.train.ps.cluster_task", "--cluster", cluster, "--task", task,
-                       "--profiler-port", str(self.profiler_ports[task])]
+            command = module_command(self.python, "sparsebench.train.ps.cluster_task", "--cluster", cluster, "--task", task,
+                                     "--profiler-port", str(self.profiler_ports[task]))
             for name, value in self.threads.items():
                 if value:
                     command += [f"--{name.replace('_', '-')}", str(value)]
