@@ -28,6 +28,7 @@ import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -141,7 +142,7 @@ class CountedProfile:
     functions: dict[str, dict[str, int]] = field(default_factory=dict)
     label: str | None = None
 
-    @property
+    @cached_property
     def idle(self) -> dict[str, int]:
         """The events of the idle functions (a pool thread spinning or waiting for work)."""
         idle: dict[str, int] = {}
@@ -151,7 +152,7 @@ class CountedProfile:
                     idle[event] = idle.get(event, 0) + value
         return idle
 
-    @property
+    @cached_property
     def work(self) -> dict[str, int]:
         """The totals without the idle functions: what the counted figures are made of."""
         idle = self.idle
