@@ -8,6 +8,7 @@ with no traceback (asv's model). Exit codes: 0 success, 1 a cell failed or timed
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -463,18 +464,26 @@ def ops():
 
 
 @ops.command("build")
-def ops_build():
-    """Compile the fused custom op into the per-user cache (once per TensorFlow version and compiler)."""
+@click.option("--target", type=click.Choice(["native", "portable"]), default=None,
+              help="native: -march=native (the default); portable: -mavx2 -mfma, for a library copied to other "
+                   "x86-64 machines. Runs use the target SPARSEBENCH_OPS_TARGET names; this option sets it for "
+                   "this build only.")
+@click.option("--force", is_flag=True, help="Compile again even if the cache holds a library (after a compiler change).")
+def ops_build(target, force):
+    """Compile the fused custom op into the per-user cache (once per TensorFlow build, target and CPU)."""
     from .execute.custom_op import custom_op
 
-    info = custom_op("build")
+    if target is not None:
+        os.environ["SPARSEBENCH_OPS_TARGET"] = target
+    info = custom_op("build", force=force)
     if not info.get("ok"):
         log = f" (compiler log: {info['log']})" if info.get("log") else ""
         raise UserError(f"custom op unavailable: {info.get('reason')}{log}")
     how = "already built" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.1f} s"
     if info.get("replaced"):
         how += f"; replaced a damaged cached library: {info['replaced']}"
-    click.echo(f"{info['library']} ({how}, compiler {info.get('compiler')})")
+    flags = " ".join(info.get("flags") or [])
+    click.echo(f"{info['library']} ({how}, compiler {info.get('compiler')}, target {info.get('target')}: {flags})")
     return 0
 
 

@@ -28,10 +28,12 @@ def needs_custom_op(cell: Cell) -> bool:
     return cell.model.variant in CUSTOM_OP_VARIANTS
 
 
-def custom_op(action: str = "build", python: str = sys.executable) -> dict[str, Any]:
-    """`build` or `status` of the op, as the TensorFlow side reports it."""
+def custom_op(action: str = "build", python: str = sys.executable, force: bool = False) -> dict[str, Any]:
+    """`build` or `status` of the op, as the TensorFlow side reports it (`force`: compile
+    again whatever is cached)."""
     try:
-        done = subprocess.run(module_command(python, "sparsebench.train.custom_ops", action, "--json"), capture_output=True,
+        done = subprocess.run(module_command(python, "sparsebench.train.custom_ops", action, "--json",
+                                             *(["--force"] if force else [])), capture_output=True,
                               text=True, timeout=BUILD_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                               preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:

@@ -12,8 +12,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sparsebench.train.custom_ops")
     parser.add_argument("action", choices=["build", "status"])
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--force", action="store_true", help="build: compile again whatever is cached")
     args = parser.parse_args(argv)
-    info = build() if args.action == "build" else status()
+    info = build(force=args.force) if args.action == "build" else status()
     if args.json:
         print(json.dumps(as_dict(info)))
     else:
