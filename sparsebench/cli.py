@@ -458,6 +458,36 @@ def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     return summary.exit_code
 
 
+@cli.command()
+@click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override an axis or setting.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Folder (default results/bound-<suite>-<time>).")
+@click.option("--isolation", type=click.Choice(["cell", "env"]), help="Override the suite's process isolation.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def bound(suite_arg, overrides, output, isolation, quiet):
+    """Each cell's memory bound: the samples/s its layer's memory traffic alone allows.
+
+    Replays the cell's own batches (forward row reads, each distinct key's rows read and
+    written as its optimizer does) with the cell's threads, in a worker, training nothing.
+    `run` measures the same bound after every cell's windows; `report` shows each cell's
+    share of it."""
+    from .execute import runner
+
+    folder, measured, summary = runner.bound(suite_arg=suite_arg, overrides=list(overrides), output=output,
+                                             quiet=quiet, isolation=isolation)
+    rows = [(cell.label, record) for cell, record in measured if record.ok]
+    if rows:
+        width = max(len(label) for label, _ in rows)
+        click.echo(f"{'cell':<{width}}  {'bound samples/s':>16}  {'bytes/sample':>12}  {'GB/s':>6}  passes")
+        for label, record in rows:
+            rates = record.bound_windows or []
+            click.echo(f"{label:<{width}}  {record.bound_samples_per_sec:>16,.0f}  "
+                       f"{record.bound_bytes_per_sample:>12,.0f}  {record.bound_gb_per_sec:>6.2f}  "
+                       f"{len(rates)} ({min(rates):,.0f}-{max(rates):,.0f})")
+    click.echo(f"records in {folder / 'results.jsonl'}; {summary.line()}")
+    return summary.exit_code
+
+
 @cli.group()
 def ops():
     """The fused custom op: build it ahead of time, or say whether it is built."""

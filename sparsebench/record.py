@@ -86,6 +86,13 @@ def _derive_input_bound(record: "Record") -> bool | None:
     return input_bound_verdict(record.input_wait_share, record.input_samples_per_sec, record.samples_per_sec)
 
 
+def _derive_bound_share(record: "Record") -> float | None:
+    rate, bound = record.samples_per_sec, record.bound_samples_per_sec
+    if rate is None or bound is None or bound <= 0:
+        return None
+    return rate / bound
+
+
 # Fields written even when null (every reader may index them).
 ALWAYS_WRITTEN = ("cell_id", "axes", "cell", "round", "status", "reason")
 # Fields every record of this tool has had a value for: null there is damage, not "unknown"
@@ -173,6 +180,28 @@ class Record:
                                                                "for a batch")
     input_bound: bool = _field("", Merge.DERIVED, "waited >= 20% of the windows, or the pipeline alone gave < 1.2x "
                                                   "the training rate", derive=_derive_input_bound)
+    # -- the memory bound -----------------------------------------------------------------
+    bound_samples_per_sec: float = _field("samples/s", Merge.MEDIAN, "the cell's memory bound: samples/s at which its "
+                                                                     "layer's memory traffic alone runs, replaying its "
+                                                                     "own batches with its threads after the windows "
+                                                                     "(train/measure/bound.py); median of its windows")
+    bound_windows: list = _field("samples/s", Merge.EACH, "each window's rate (3 to 5 windows of whole replay "
+                                                          "passes over the batch pool)")
+    bound_bytes_per_sample: float = _field("bytes", Merge.MEDIAN, "bytes one sample must move at the least: rows read "
+                                                                  "by the forward pass, rows read and written by the "
+                                                                  "update (and their per-key scalars)")
+    bound_gb_per_sec: float = _field("GB/s", Merge.MEDIAN, "the memory traffic the replay sustained (10^9 bytes/s)")
+    bound_reason: str = _field("", Merge.FIRST, "why the cell has no memory bound (the op library is unavailable, "
+                                                "a parameter-server cell, ...)")
+    bound_share: float = _field("fraction", Merge.DERIVED, "samples_per_sec over bound_samples_per_sec: how close the "
+                                                          "cell runs to its memory bound", derive=_derive_bound_share)
+    # -- what the layer was fed -----------------------------------------------------------
+    nonfinite_inputs: int = _field("values", Merge.SAME, "NaN or infinite values among the cell's batch pool and "
+                                                         "held-out set (the layer and the stock ops pass them on: a "
+                                                         "NaN poisons its rows, an inf sets its key's maximum); null "
+                                                         "for pipeline cells, whose parser refuses them as bad lines")
+    custom_op_build: dict = _field("", Merge.SAME, "the fused op library the cell loaded: its target (native, "
+                                                   "portable or a -march), compiler flags and cache key")
     # -- parameter servers --------------------------------------------------------------
     samples_per_sec_per_worker_mean: float = _field("samples/s", Merge.MEDIAN, "samples_per_sec over worker tasks")
     samples_per_sec_per_worker: dict = _field("samples/s", Merge.EACH, "each worker task's own rate (its step count)")

@@ -48,7 +48,7 @@ JSON_KEYS = (
     "rows_touched", "gpu_util_pct", "gpu_mem_used_mb", "isolation",
     "processes", "within_process_cv", "between_process_cv", "run_to_run_measured", "update_path",
     "strategy", "ps_tasks", "worker_tasks", "input", "data_format", "input_samples_per_sec", "input_bound",
-    "cpu_samples_per_sec", "cpu_busy_cores",
+    "cpu_samples_per_sec", "cpu_busy_cores", "bound_samples_per_sec", "bound_share", "nonfinite_inputs",
 )
 
 

@@ -50,6 +50,9 @@ def test_cells_that_need_the_op_are_skipped_where_no_compiler_exists(tmp_path):
     assert records["fused_custom_op"]["status"] == "skipped"
     assert records["fused_custom_op"]["reason"].startswith("custom op unavailable: C++ compiler")
     assert records["embedding_lookup_sparse"]["status"] == "ok"
+    # the stock cell ran, without the bound the op library would have measured
+    assert records["embedding_lookup_sparse"]["bound_reason"].startswith("custom op unavailable: C++ compiler")
+    assert "bound_samples_per_sec" not in records["embedding_lookup_sparse"]
     assert lines[0]["run"]["custom_op"]["ok"] is False
     assert "1 ok, 1 skipped" in done.stdout
 
@@ -110,6 +113,49 @@ def test_workers_starting_together_compile_once(tmp_path):
     assert all(i["ok"] for i in infos) and sorted(i["cached"] for i in infos) == [False, True]
     assert counter.read_text().count("run") == 1
     assert len({i["library"] for i in infos}) == 1
+
+
+LOAD_AND_RUN = textwrap.dedent("""
+    import json
+    import tensorflow as tf
+    from sparsebench.train.custom_ops import build
+    from sparsebench.train.custom_ops.ops import fused_layer
+    table = tf.Variable(tf.ones([4, 2]))
+    out, _ = fused_layer(table, tf.constant([0, 0], tf.int64), tf.constant([1, 3], tf.int64), tf.constant([1., 2.]), 1)
+    print(json.dumps({"out": out.numpy().tolist(), "build": build.loaded_build(), "library": build.build().library}))
+""")
+
+
+def test_a_cached_library_loads_where_no_compiler_is(custom_op, tmp_path):
+    """The manifest names the library built for this machine, so loading it runs no
+    compiler: with CXX pointing nowhere the op still loads and runs, and says how it was
+    built. The record of a cell carries the same build facts."""
+    from sparsebench.train.custom_ops import build
+
+    built = build.build()
+    done = subprocess.run([sys.executable, "-c", LOAD_AND_RUN], capture_output=True, text=True,
+                          env=env(CXX="/nonexistent/c++"), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["out"] == [[3.0, 3.0]] and result["library"] == built.library
+    assert result["build"]["target"] == "native" and "-DNDEBUG" in result["build"]["flags"]
+    assert cli("ops", "status", check=0, CXX="/nonexistent/c++").stdout.startswith("built: ")
+
+
+def test_the_portable_target_builds_for_avx2_and_fma(tmp_path):
+    cxx = _fake_compiler(tmp_path, 'case "$1" in --version) echo fake 1.0; exit 0;; esac\n'
+                                   'while [ "$1" != "-o" ]; do shift; done; echo lib > "$2"\n')
+    done = cli("ops", "build", "--target", "portable", check=0, CXX=str(cxx),
+               SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    assert "target portable: -O3 -mavx2 -mfma -fno-math-errno -DNDEBUG" in done.stdout
+    command = next((tmp_path / "cache").glob("*.log")).read_text().splitlines()[0]
+    assert "-march" not in command and "-mavx2 -mfma" in command and "-mno-avx512fp16" not in command
+    # the native build is another library: the target is part of both keys
+    native = cli("ops", "build", check=0, CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    assert "compiled in" in native.stdout and "target native: -O3 -march=native" in native.stdout
+    assert len(list((tmp_path / "cache").glob("*.so"))) == 2
+    done = cli("ops", "build", check=2, SPARSEBENCH_OPS_TARGET="fast", SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
+    assert "SPARSEBENCH_OPS_TARGET='fast': not a build target (known: native, portable)" in done.stderr
 
 
 # -- the op itself -----------------------------------------------------------------------------

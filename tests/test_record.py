@@ -123,7 +123,8 @@ def test_report_json_of_files_written_before_the_record_type_is_unchanged(tmp_pa
         assert list(row.items())[:len(old)] == list(old.items())
 
 
-KEYS_ADDED_SINCE_V2_FIXTURES = ("cpu_samples_per_sec", "cpu_busy_cores")
+KEYS_ADDED_SINCE_V2_FIXTURES = ("cpu_samples_per_sec", "cpu_busy_cores", "bound_samples_per_sec", "bound_share",
+                                "nonfinite_inputs")
 
 
 def test_records_written_before_the_type_read_back_to_the_same_json():

@@ -56,10 +56,18 @@ def test_run_records_every_cell_with_windows_and_metrics(tmp_path):
         assert record.isolation == "cell"
         expected = "dense" if record.axes["variant"] == "sparse_dense_matmul" else "IndexedSlices"
         assert record.grad_type == expected and record.rows_touched > 0
+        assert record.nonfinite_inputs == 0
+        if results.header["run"]["custom_op"]["ok"]:  # the bound's replay is in the op library
+            assert record.bound_samples_per_sec > 0 and len(record.bound_windows) >= 3
+            assert record.bound_share == pytest.approx(record.samples_per_sec / record.bound_samples_per_sec)
+            assert record.phases["bound_s"] > 0
+        else:
+            assert record.bound_reason.startswith("custom op unavailable")
     pids = {r.worker["pid"] for r in results.records}
     assert len(pids) == 4  # one process per cell
     report = json.loads(cli("report", str(out), "--format", "json", check=0).stdout)
-    assert len(report) == 4 and {"cell_id", "samples_per_sec", "windows", "grad_type", "rows_touched"} <= set(report[0])
+    assert len(report) == 4 and {"cell_id", "samples_per_sec", "windows", "grad_type", "rows_touched",
+                                 "bound_samples_per_sec", "bound_share", "nonfinite_inputs"} <= set(report[0])
 
 
 def test_sigkilled_worker_is_a_failed_record_and_later_cells_still_run():

@@ -198,6 +198,7 @@ def view_matrix(frame: pd.DataFrame) -> View:
     rows = []
     has_pipeline = frame["input_samples_per_sec"].notna().any()
     has_cpu = frame["cpu_samples_per_sec"].notna().any()  # records from before CPU time have none
+    has_bound = frame["bound_samples_per_sec"].notna().any()  # nor from before the memory bound
     for _, row in frame.iterrows():
         ok = row["status"] == "ok"
         rows.append({
@@ -211,13 +212,19 @@ def view_matrix(frame: pd.DataFrame) -> View:
             **({"samples/CPU-s": sig3(row["cpu_samples_per_sec"]) if ok else "",
                 "cores busy": f"{row['cpu_busy_cores']:.2f}" if ok and not pd.isna(row["cpu_busy_cores"]) else ""}
                if has_cpu else {}),
+            **({"memory bound": sig3(row["bound_samples_per_sec"]) if ok else "",
+                "% of bound": _share_text(row["bound_share"]) if ok else ""} if has_bound else {}),
             "loss": _quality_text(row, "loss", "{:.4f}") if ok else "",
             "AUC": _quality_text(row, "auc", "{:.3f}") if ok else "",
             "peak RSS (MB)": f"{row['peak_rss_mb']:.0f}" if ok and row["peak_rss_mb"] is not None else "",
-            "grad": row["grad_type"] if ok else "",
+            "grad": row["grad_type"] if ok and isinstance(row["grad_type"], str) else "",
             **({"input": _input_text(row) if ok else ""} if has_pipeline else {}),
         })
     notes = _noisy_note(frame) + _one_process_note(frame) + quality_steps_note(frame)
+    if has_bound:
+        notes.append("memory bound: samples/s at which the cell's layer memory traffic alone runs (its own batches "
+                     "replayed with its threads: each entry's row read, each distinct key's rows read and written as "
+                     "its optimizer does); % of bound: samples/s as a share of it")
     if has_pipeline:
         notes.append("input: for pipeline cells, the pipeline's own samples/s and whether training waited for it "
                      "(input-bound: waited >= 20% of the windows, or the pipeline alone < 1.2x the training rate)")
@@ -240,6 +247,10 @@ def quality_steps_note(frame: pd.DataFrame) -> list[str]:
         return []
     return [f"loss and AUC rest on different training: {', '.join(sorted(counts))}; compare them only between cells "
             f"trained alike"]
+
+
+def _share_text(share: Any) -> str:
+    return "" if share is None or pd.isna(share) else f"{100 * share:.0f}%"
 
 
 def _quality_text(row, name: str, form: str) -> str:

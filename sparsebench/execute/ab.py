@@ -44,7 +44,7 @@ from ..lifetime import die_with_parent
 from ..plan.cell import Cell
 from ..plan.suite import load_suite
 from ..results import ResultsWriter, read_results
-from .custom_op import prebuild, skip_reason
+from .custom_op import needs_custom_op, prebuild, skip_reason
 from .env import fingerprint
 from .orchestrator import Orchestrator, last_line
 from .runner import run_header
@@ -275,7 +275,7 @@ def side_cells(suite_file: Path, overrides: list[str], sides: dict[str, Side], *
                                                        "overrides": side.overrides, **ab})
         metas[name]["custom_op"] = prebuild(cells[name], side.python)
         reason = skip_reason(metas[name]["custom_op"])
-        if reason:
+        if reason and any(needs_custom_op(c) for c in cells[name]):
             raise UserError(f"ab: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
                             f"--set variant=...")
     return cells, metas

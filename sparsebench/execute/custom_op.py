@@ -47,8 +47,10 @@ def custom_op(action: str = "build", python: str = sys.executable, force: bool =
 
 def prebuild(cells: list[Cell], python: str = sys.executable,
              say=lambda line: print(line, file=sys.stderr, flush=True)) -> dict[str, Any] | None:
-    """Build the op (for `python`'s TensorFlow) if any cell needs it; None when none does."""
-    if not any(needs_custom_op(c) for c in cells):
+    """Build the op (for `python`'s TensorFlow) before any cell runs: the cells of its
+    variant run it, and every local cell measures its memory bound with the op library's
+    replay after its windows. None when no cell is local (nothing needs it)."""
+    if not any(needs_custom_op(c) or c.distribution.is_local for c in cells):
         return None
     info = custom_op("build", python)
     if info.get("ok"):
@@ -56,7 +58,8 @@ def prebuild(cells: list[Cell], python: str = sys.executable,
         say(f"custom op: {how}: {info['library']}")
     else:
         log = f" (compiler log: {info['log']})" if info.get("log") else ""
-        say(f"custom op unavailable: {info.get('reason')}{log}; its cells are skipped")
+        users = "its cells are skipped and " if any(needs_custom_op(c) for c in cells) else ""
+        say(f"custom op unavailable: {info.get('reason')}{log}; {users}no cell measures its memory bound")
     return info
 
 

@@ -32,7 +32,7 @@ from typing import Any, Callable
 from ..modules import module_command
 from ..lifetime import UNSHARE, die_with_parent, exposed_opt_in
 from ..plan.cell import Cell
-from ..plan.job import CountRequest, Job, ProfileRequest, RemoteCluster
+from ..plan.job import BoundRequest, CountRequest, Job, ProfileRequest, RemoteCluster
 from ..record import Record
 from .counting import VALGRIND_SLOWDOWN, valgrind_prefix
 
@@ -139,6 +139,7 @@ class Orchestrator:
         count: CountRequest | None = None,
         on_ready: Callable[[], None] | None = None,
         announces_ready: bool = True,
+        bound: BoundRequest | None = None,
     ):
         """`cluster`: a real cluster the parameter-server cells run against; `profile`:
         profile the cells instead of timing them (`sparsebench profile`).
@@ -154,6 +155,7 @@ class Orchestrator:
         self.profile = profile
         self.gate = gate
         self.count = count  # count instructions under callgrind instead of timing (ab --count)
+        self.bound = bound  # measure the memory bound only (sparsebench bound)
         self.on_ready = on_ready  # with a gate: called once the worker has started, before its first cell
         self.announces_ready = announces_ready  # False: an older worker that writes no `ready` (not waited for)
         self._process: subprocess.Popen | None = None
@@ -178,7 +180,8 @@ class Orchestrator:
             jobs = tmp_path / "jobs.json"
             private = self.private_network and not cells[0].distribution.is_local
             Job(cells=tuple(cells), isolation=self.isolation, round=self._round, lockstep=self.gate is not None,
-                private_network=private, cluster=self.cluster, profile=self.profile, count=self.count).write(jobs)
+                private_network=private, cluster=self.cluster, profile=self.profile, count=self.count,
+                bound=self.bound).write(jobs)
             stderr_path = tmp_path / "worker.log"
             prefix = UNSHARE if private else []
             env = worker_environment(cells[0])

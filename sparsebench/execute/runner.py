@@ -22,11 +22,11 @@ from ..lifetime import EXPOSED_OPT_IN, exposed_opt_in, private_network_problem
 from ..machine import environment_differences
 from ..plan.cell import Cell
 from ..plan.cluster_file import coordinator_cluster, read_cluster
-from ..plan.job import ProfileRequest, RemoteCluster
+from ..plan.job import BoundRequest, ProfileRequest, RemoteCluster
 from ..plan.suite import Suite, load_suite, parse_suite
 from ..record import Record
 from ..results import ResultsWriter, read_results
-from .custom_op import needs_custom_op, prebuild, skip_reason
+from .custom_op import custom_op, needs_custom_op, prebuild, skip_reason
 from .env import fingerprint
 from .orchestrator import Orchestrator, Outcome, inherited_variables
 from .progress import Progress
@@ -267,7 +267,7 @@ def check_run_header(path: Path, run_meta: dict[str, Any]) -> None:
 def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
             cluster: RemoteCluster | None = None, profile: ProfileRequest | None = None,
             adjust: Callable[[Record], Record] = lambda record: record,
-            custom_op: dict[str, Any] | None = None) -> list[tuple[Cell, Record]]:
+            custom_op: dict[str, Any] | None = None, bound: BoundRequest | None = None) -> list[tuple[Cell, Record]]:
     """Run the schedule's rounds through workers, appending each (adjusted) record as it
     arrives; always closes the writer. Cells that need a custom op that could not be built
     are recorded as skipped without a worker. Returns (cell, record) pairs in the order
@@ -288,7 +288,7 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
         progress.finish(outcome.cell, rec)
 
     orchestrator = Orchestrator(record=record, isolation=isolation, on_start=progress.start, cluster=cluster,
-                                profile=profile)
+                                profile=profile, bound=bound)
     unavailable = skip_reason(custom_op)
     try:
         for round_number, cells in schedule:
@@ -322,3 +322,22 @@ def profile(*, suite_arg: str, overrides: list[str], steps: int, output: Path | 
     profiled = execute([(1, cells)], writer=writer, summary=summary, quiet=quiet, isolation=run_meta["isolation"],
                        custom_op=run_meta["custom_op"], profile=ProfileRequest(steps, str(folder.resolve())))
     return folder, profiled, summary
+
+
+def bound(*, suite_arg: str, overrides: list[str], output: Path | None = None, quiet: bool = False,
+          isolation: str | None = None) -> tuple[Path, list[tuple[Cell, Record]], RunSummary]:
+    """Every cell's memory bound alone (its input opened, its key stream replayed; no model
+    trained), each in a worker with the cell's threads; records to DIR/results.jsonl."""
+    suite, cells = prepare(suite_arg, overrides)
+    folder = Path(output) if output is not None else Path("results") / f"bound-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path = folder / "results.jsonl"
+    run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), bound_only=True)
+    op = custom_op("build")  # the replay is in the op library, whatever the cell's variant
+    if not op.get("ok"):
+        raise UserError(f"bound: the replay needs the fused op library: {skip_reason(op)}")
+    run_meta["custom_op"] = op
+    writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
+    summary = RunSummary(path=path, planned=len(cells))
+    measured = execute([(1, cells)], writer=writer, summary=summary, quiet=quiet, isolation=run_meta["isolation"],
+                       custom_op=op, bound=BoundRequest())
+    return folder, measured, summary

@@ -72,6 +72,21 @@ class CountRequest(StepsRequest):
 
 
 @dataclass(frozen=True)
+class BoundRequest:
+    """`sparsebench bound`: measure each cell's memory bound only (no model trained)."""
+
+    KEY: ClassVar[str] = "bound"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BoundRequest":
+        _known(data, (), "job.bound")
+        return cls()
+
+
+@dataclass(frozen=True)
 class Job:
     """The cells one worker process runs, in order, and how."""
 
@@ -83,6 +98,7 @@ class Job:
     cluster: RemoteCluster | None = None  # parameter-server cells run against this real cluster
     profile: ProfileRequest | None = None  # profile instead of timing windows
     count: CountRequest | None = None  # count instructions under callgrind instead of timing windows
+    bound: BoundRequest | None = None  # measure the memory bound only (sparsebench bound)
 
     def to_json(self) -> str:
         payload: dict[str, Any] = {"cells": [c.to_dict() for c in self.cells], "isolation": self.isolation,
@@ -94,6 +110,8 @@ class Job:
             payload["profile"] = self.profile.to_dict()
         if self.count is not None:
             payload["count"] = self.count.to_dict()
+        if self.bound is not None:
+            payload["bound"] = self.bound.to_dict()
         return json.dumps(payload)
 
     @classmethod
@@ -101,8 +119,8 @@ class Job:
         data = json.loads(text)
         if not isinstance(data, dict):
             raise ConfigError("job: not a JSON object")
-        _known(data, ("cells", "isolation", "round", "lockstep", "private_network", "cluster", "profile", "count"),
-               "job")
+        _known(data, ("cells", "isolation", "round", "lockstep", "private_network", "cluster", "profile", "count",
+                      "bound"), "job")
         if data.get("isolation", "cell") not in ISOLATIONS:
             raise ConfigError(f"job.isolation: one of {', '.join(ISOLATIONS)}, got {data.get('isolation')!r}")
         return cls(
@@ -114,6 +132,7 @@ class Job:
             cluster=RemoteCluster.from_dict(data["cluster"]) if data.get("cluster") else None,
             profile=ProfileRequest.from_dict(data["profile"]) if data.get("profile") else None,
             count=CountRequest.from_dict(data["count"]) if data.get("count") else None,
+            bound=BoundRequest.from_dict(data["bound"]) if data.get("bound") is not None else None,
         )
 
     def write(self, path: Path) -> None:

@@ -132,7 +132,53 @@ def model_fields(prepared: Prepared) -> dict[str, Any]:
         "threads_in_effect": threads_in_effect(),
         "peak_rss_mb": peak_rss_mb(),
         "phases": prepared.phases,
+        "nonfinite_inputs": nonfinite_inputs(inp),
+        "custom_op_build": _custom_op_build(),
     }
+
+
+def nonfinite_inputs(inp: CellInput) -> int | None:
+    """NaN or infinite values in what the cell trains and evaluates on (its batch pool and
+    held-out set); None for a pipeline cell (its parser refuses them as bad lines)."""
+    if not inp.pool:
+        return None
+    return int(sum(np.count_nonzero(~np.isfinite(b.values)) for b in [*inp.pool, inp.held_out]))
+
+
+def _custom_op_build() -> dict[str, Any] | None:
+    """How the loaded fused op library was built (None when the cell loaded none)."""
+    from .custom_ops.build import loaded_build
+
+    return loaded_build()
+
+
+def replay_batches(inp: CellInput, cell: Cell) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(rows, keys) of each batch of the cell's own key stream: its batch pool, or a
+    pipeline cell's first batch_pool batches read from a fresh pipeline."""
+    if inp.pool:
+        return [(b.row_ids(), b.keys) for b in inp.pool]
+    batches = []
+    for sp, _ in inp.dataset().take(cell.measure.batch_pool):
+        indices = sp.indices.numpy()
+        batches.append((indices[:, 0], indices[:, 1]))
+    return batches
+
+
+def bound_fields(cell: Cell, inp: CellInput, samples_per_sec: float | None = None) -> dict[str, Any]:
+    """The cell's memory bound (`measure.bound`) and its share of it, or why there is none."""
+    from .custom_ops.build import CustomOpUnavailable
+    from .measure.bound import KeyStream, bound_seconds, memory_bound
+
+    try:
+        stream = KeyStream.of(replay_batches(inp, cell))
+        fields = memory_bound(stream, num_keys=inp.num_features, cols=cell.model.out_dim,
+                              optimizer=cell.model.optimizer, normalize=cell.model.normalization,
+                              seconds=bound_seconds(cell.measure))
+    except CustomOpUnavailable as exc:
+        return {"bound_reason": str(exc)}
+    if samples_per_sec:
+        fields["bound_share"] = samples_per_sec / fields["bound_samples_per_sec"]
+    return fields
 
 
 LOSS_TAIL_STEPS = 20  # the training loss is the mean over this many last quality steps
@@ -206,7 +252,26 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
         fields.update(input_fields(cell, inp, measurement, fields["samples_per_sec"]))
     if sampler is not None:
         fields.update(sampler.summary())
+    t0 = time.perf_counter()
+    fields.update(bound_fields(cell, inp, fields["samples_per_sec"]))  # after the windows: never inside them
+    phases["bound_s"] = time.perf_counter() - t0
     return Record.new(cell, round, "ok", isolation=isolation, **fields)
+
+
+def bound_cell(cell: Cell, *, round: int, isolation: str) -> Record:
+    """`sparsebench bound`: the cell's input opened and its memory bound measured, no model
+    trained."""
+    prepared = prepare(cell, build=False)
+    inp = prepared.input
+    t0 = time.perf_counter()
+    fields = bound_fields(cell, inp)
+    prepared.phases["bound_s"] = time.perf_counter() - t0
+    if fields.get("bound_reason"):
+        raise CellSkipped(fields["bound_reason"])
+    return Record.new(cell, round, "ok", isolation=isolation, num_features=inp.num_features,
+                      avg_nnz_per_batch=inp.avg_nnz_per_batch, data_source=inp.facts, phases=prepared.phases,
+                      nonfinite_inputs=nonfinite_inputs(inp), custom_op_build=_custom_op_build(),
+                      threads_in_effect=threads_in_effect(), peak_rss_mb=peak_rss_mb(), **fields)
 
 
 def input_fields(cell: Cell, inp: CellInput, measurement, trained: float) -> dict[str, Any]:

@@ -72,9 +72,15 @@ def _write_atomic(path: Path, record: Record) -> None:
 
 def run_cell_of(job: Job, cell: Cell, index: int, out_dir: Path, fail_now) -> Record:
     """Run one of the job's cells the way the job asks: timed or profiled, local or on PS."""
-    from .cell import count_cell, profile_cell, run_cell
+    from .cell import bound_cell, count_cell, profile_cell, run_cell
 
     how = {"round": job.round, "isolation": job.isolation}
+    if job.bound is not None:
+        if not cell.distribution.is_local:
+            from .ps.cell import PS_BOUND_REASON
+
+            raise CellSkipped("no memory bound on parameter servers", PS_BOUND_REASON)
+        return bound_cell(cell, **how)
     if job.count is not None:
         if not cell.distribution.is_local:
             raise CellSkipped("not counted on parameter servers",

@@ -328,13 +328,14 @@ _loaded = None
 _loaded_info: BuildInfo | None = None
 
 
-def load():
-    """The loaded op library (building it first if needed); CustomOpUnavailable otherwise."""
+def load(compile_if_missing: bool = True):
+    """The loaded op library (building it first if needed and allowed); CustomOpUnavailable
+    otherwise."""
     global _loaded, _loaded_info
     if _loaded is None:
         import tensorflow as tf
 
-        info = build()
+        info = build(compile_if_missing=compile_if_missing)
         if not info.ok:
             raise CustomOpUnavailable(info.reason + (f" (compiler log: {info.log})" if info.log else ""))
         try:

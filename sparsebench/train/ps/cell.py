@@ -98,7 +98,10 @@ def run_ps_cell(cell: Cell, *, round: int, isolation: str, remote: RemoteCluster
             samples_per_sec_per_worker_mean=fields["samples_per_sec"] / d.worker_tasks,
             samples_per_sec_per_worker=training.per_worker_samples_per_sec,
             # rows_touched: the diagnostic step is a local one; it is not run against a cluster
-            cluster=cluster_facts)
+            cluster=cluster_facts, bound_reason=PS_BOUND_REASON)
+
+
+PS_BOUND_REASON = "parameter-server cells move rows over the network, which the memory bound does not model"
 
 
 def ps_bytes_per_step(traffic: dict[str, Any], steps: int) -> dict[str, Any]:
