@@ -103,7 +103,8 @@ def test_bound_command_replays_each_cells_stream_without_training(tf, tmp_path):
         assert "windows" not in record and "loss" not in record  # nothing was trained or timed
         label = record["cell_id"].rsplit("-", 1)[0]
         assert label in done.stdout
-    # lazy Adam moves its two moment rows too: more bytes per sample than SGD on the same stream
+    # lazy Adam reads and writes its two moment rows too (the forward pass is shared): on the same
+    # stream, its update moves three times the rows of SGD
     by_optimizer = {r["axes"]["optimizer"]: r["bound_bytes_per_sample"] for r in lines[1:]
                     if r["axes"]["variant"] == "embedding_lookup_sparse"}
-    assert by_optimizer["lazy_adam"] > 2 * by_optimizer["sgd"]
+    assert by_optimizer["lazy_adam"] > 1.5 * by_optimizer["sgd"]

@@ -304,5 +304,7 @@ def test_workers_get_the_variables_the_op_cache_is_keyed_on():
     from sparsebench.plan.spec import ModelSpec
 
     env = worker_environment(Cell("s", 8, ModelSpec(variant="fused_custom_op")),
-                             {"PATH": "/bin", "XDG_CACHE_HOME": "/c", "CXX": "/usr/bin/g++-12"})
+                             {"PATH": "/bin", "XDG_CACHE_HOME": "/c", "CXX": "/usr/bin/g++-12",
+                              "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"})
     assert env["XDG_CACHE_HOME"] == "/c" and env["CXX"] == "/usr/bin/g++-12"
+    assert env["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"  # huge pages, where the user asks for them

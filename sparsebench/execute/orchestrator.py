@@ -45,10 +45,12 @@ ENV_WHITELIST = (
     # header names (`sparsebench ops build` ran with them)
     "XDG_CACHE_HOME", "CXX",
 )
-ENV_PREFIXES = ("LC_", "NVIDIA_", "XLA_", "TF_", "OPENBLAS_", "SPARSEBENCH_")
+ENV_PREFIXES = ("LC_", "NVIDIA_", "XLA_", "TF_", "OPENBLAS_", "SPARSEBENCH_", "GLIBC_")
 # Prefixes of variables that change what TensorFlow does: passed on, and recorded in the
 # run's fingerprint so that two runs made under different ones are told apart.
-FRAMEWORK_PREFIXES = ("TF_", "XLA_", "OPENBLAS_")
+# GLIBC_TUNABLES=glibc.malloc.hugetlb=1 backs the tables with transparent huge pages
+# (README: The fused custom op).
+FRAMEWORK_PREFIXES = ("TF_", "XLA_", "OPENBLAS_", "GLIBC_")
 # Settings a cell owns (its threads and oneDNN axes): the parent's values never reach a
 # worker, or a cell left at "TensorFlow's default" would silently run with them.
 CELL_OWNED = ("TF_ENABLE_ONEDNN_OPTS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS",

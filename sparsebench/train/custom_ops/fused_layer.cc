@@ -350,10 +350,9 @@ struct Batch {
   int64_t batch_size;
 };
 
-// rows and keys (inputs rows_input and rows_input + 1): vectors of one length, rows
-// ascending in [0, batch_size), keys in [0, num_keys); checked in parallel, the first bad
-// entry named.
-static Status ReadBatch(OpKernelContext* ctx, int rows_input, int64_t num_keys, int64_t batch_size, Batch* batch) {
+// rows and keys (inputs rows_input and rows_input + 1): vectors of one length (shapes
+// only; the entries are checked by CheckEntries, or by the updates' own scan).
+static Status BatchShapes(OpKernelContext* ctx, int rows_input, int64_t batch_size, Batch* batch) {
   TF_RETURN_IF_ERROR(VectorInput(ctx, rows_input, "rows", -1));
   const Tensor& rows = ctx->input(rows_input);
   const Tensor& keys = ctx->input(rows_input + 1);
@@ -365,31 +364,52 @@ static Status ReadBatch(OpKernelContext* ctx, int rows_input, int64_t num_keys, 
   batch->keys = keys.flat<int64_t>().data();
   batch->nnz = rows.NumElements();
   batch->batch_size = batch_size;
-  const int64_t* r = batch->rows;
-  const int64_t* k = batch->keys;
-  auto bad = [&](int64_t e) {
-    return k[e] < 0 || k[e] >= num_keys || r[e] < 0 || r[e] >= batch_size || (e > 0 && r[e] < r[e - 1]);
-  };
-  std::atomic<int64_t> first_bad(batch->nnz);
-  ParallelFor(ctx, batch->nnz, 2, [&](int64_t first, int64_t last) {
-    for (int64_t e = first; e < last; ++e) {
-      if (!bad(e)) continue;
-      int64_t seen = first_bad.load();
-      while (e < seen && !first_bad.compare_exchange_weak(seen, e)) {
-      }
-      return;
-    }
+  return absl::OkStatus();
+}
+
+// Whether entry e is bad: its key outside [0, num_keys), its row outside [0, batch_size)
+// or below the row before it. Branch-free (unsigned comparisons catch negatives), for
+// the scans that check every entry.
+static inline bool BadEntry(const Batch& batch, int64_t num_keys, int64_t e) {
+  const int64_t k = batch.keys[e], r = batch.rows[e];
+  return (static_cast<uint64_t>(k) >= static_cast<uint64_t>(num_keys)) |
+         (static_cast<uint64_t>(r) >= static_cast<uint64_t>(batch.batch_size)) | (e > 0 && r < batch.rows[e - 1]);
+}
+
+// The InvalidArgument for bad entry e, naming the input.
+static Status EntryError(const Batch& batch, int64_t num_keys, int64_t e) {
+  const int64_t k = batch.keys[e], r = batch.rows[e];
+  if (k < 0 || k >= num_keys) return errors::InvalidArgument("keys[", e, "] = ", k, " is not in [0, ", num_keys, ")");
+  if (r < 0 || r >= batch.batch_size) {
+    return errors::InvalidArgument("rows[", e, "] = ", r, " is not in [0, ", batch.batch_size, ") (batch_size)");
+  }
+  return errors::InvalidArgument("rows must be in ascending order (row-major batch); rows[", e, "] = ", r, " < ",
+                                 batch.rows[e - 1]);
+}
+
+// The first bad entry (serially; only on the error path), as an InvalidArgument.
+static Status FirstBadEntry(const Batch& batch, int64_t num_keys) {
+  for (int64_t e = 0; e < batch.nnz; ++e) {
+    if (BadEntry(batch, num_keys, e)) return EntryError(batch, num_keys, e);
+  }
+  return absl::OkStatus();
+}
+
+// Every entry checked, in parallel over the intra-op pool; the first bad one named.
+static Status CheckEntries(OpKernelContext* ctx, const Batch& batch, int64_t num_keys) {
+  std::atomic<bool> bad(false);
+  ParallelFor(ctx, batch.nnz, 2, [&](int64_t first, int64_t last) {
+    bool found = false;
+    for (int64_t e = first; e < last; ++e) found |= BadEntry(batch, num_keys, e);
+    if (found) bad.store(true);
   });
-  const int64_t e = first_bad.load();
-  if (e == batch->nnz) return absl::OkStatus();
-  if (k[e] < 0 || k[e] >= num_keys) {
-    return errors::InvalidArgument("keys[", e, "] = ", k[e], " is not in [0, ", num_keys, ")");
-  }
-  if (r[e] < 0 || r[e] >= batch_size) {
-    return errors::InvalidArgument("rows[", e, "] = ", r[e], " is not in [0, ", batch_size, ") (batch_size)");
-  }
-  return errors::InvalidArgument("rows must be in ascending order (row-major batch); rows[", e, "] = ", r[e], " < ",
-                                 r[e - 1]);
+  return bad.load() ? FirstBadEntry(batch, num_keys) : absl::OkStatus();
+}
+
+// BatchShapes and CheckEntries: the batch of a forward or gradient op.
+static Status ReadBatch(OpKernelContext* ctx, int rows_input, int64_t num_keys, int64_t batch_size, Batch* batch) {
+  TF_RETURN_IF_ERROR(BatchShapes(ctx, rows_input, batch_size, batch));
+  return CheckEntries(ctx, *batch, num_keys);
 }
 
 // grad_out: a [batch_size, cols] matrix (its rows are the batch's examples).
@@ -446,13 +466,17 @@ static inline float Dot(const float* a, const float* b, int64_t n) {
 // How far ahead the forward pass (entries) and the updates (keys) prefetch rows.
 constexpr int64_t kPrefetchAhead = 8;
 constexpr int64_t kGroupsAhead = 8;
+constexpr int64_t kSlotsAhead = 8;  // how far ahead the grouping prefetches hash slots
 
 // Brings the cache lines of a row of `bytes` bytes towards the core before it is needed:
-// the rows of a 2^20-row table are scattered across hundreds of megabytes.
+// the rows of a 2^20-row table are scattered across hundreds of megabytes. Every line the
+// row spans (a 200-byte row starts anywhere in a line, so it spans 4 or 5).
 template <bool kWrite>
 static inline void PrefetchRow(const float* row, int64_t bytes) {
-  for (int64_t offset = 0; offset < bytes; offset += 64) {
-    __builtin_prefetch(reinterpret_cast<const char*>(row) + offset, kWrite ? 1 : 0, 1);
+  const uintptr_t first = reinterpret_cast<uintptr_t>(row) & ~uintptr_t{63};
+  const uintptr_t last = reinterpret_cast<uintptr_t>(row) + bytes - 1;
+  for (uintptr_t line = first; line <= last; line += 64) {
+    __builtin_prefetch(reinterpret_cast<const char*>(line), kWrite ? 1 : 0, 1);
   }
 }
 
@@ -466,35 +490,43 @@ static inline int64_t ShardOf(uint64_t hash, int64_t shards) {
   return static_cast<int64_t>(((hash >> 32) * static_cast<uint64_t>(shards)) >> 32);
 }
 
+// A slot of a shard's hash table: key -> group, taken when its stamp equals the epoch.
+// One 16-byte slot per probe: the three fields share a cache line.
+struct Slot {
+  int64_t key;
+  uint32_t stamp;
+  int32_t group;
+};
+
 // One shard's working memory, kept across steps: the hash table is cleared by moving to a
-// new epoch (a slot is taken when its stamp equals the epoch), not by zero-filling it.
+// new epoch, not by zero-filling it.
 struct ShardScratch {
   std::vector<int32_t> entries;  // this shard's entries, in batch order
-  std::vector<uint32_t> slot_stamp;
-  std::vector<int64_t> slot_key;
-  std::vector<int32_t> slot_group;
+  std::vector<Slot> slots;
   uint32_t epoch = 0;
   std::vector<int64_t> group_key;
   std::vector<int32_t> group_begin;
   std::vector<int32_t> group_of;
-  std::vector<int32_t> order;
+  // The shard's entries in group order, as the updates read them: the offset of the
+  // entry's output-gradient row and its normalized value (gathered once, in batch order,
+  // so the per-key loop reads them in sequence instead of chasing entry indices).
+  std::vector<int64_t> grad_offset;
+  std::vector<float> normalized;
   std::vector<float> gw, gsum;  // one key's summed row gradient and summed output gradient
 
   // A table of at least twice `count` slots, all free; returns its mask.
   uint64_t Prepare(int64_t count) {
     size_t capacity = 16;
     while (capacity < static_cast<size_t>(2 * count)) capacity *= 2;
-    if (slot_stamp.size() < capacity) {
-      slot_stamp.assign(capacity, 0);
-      slot_key.resize(capacity);
-      slot_group.resize(capacity);
+    if (slots.size() < capacity) {
+      slots.assign(capacity, Slot{0, 0, 0});
       epoch = 0;
     }
     if (++epoch == 0) {  // the stamps wrapped: clear them once
-      std::fill(slot_stamp.begin(), slot_stamp.end(), 0u);
+      for (Slot& slot : slots) slot.stamp = 0;
       epoch = 1;
     }
-    return slot_stamp.size() - 1;
+    return slots.size() - 1;
   }
 };
 
@@ -525,100 +557,115 @@ class ScratchPool {
   std::vector<std::unique_ptr<std::vector<ShardScratch>>> free_;
 };
 
-// The entries of a batch grouped by key: each distinct key once, with the indices of its
-// entries in batch order. Keys are split into T shards (T = the intra-op pool's size) by
-// hash; thread t alone picks, groups and updates shard t's keys (every thread scans the
-// keys, so no serial pass partitions them first), so within one op no two threads write
-// one row and, since each key's entries are summed in batch order whatever T is, the
-// result does not depend on T.
+// The entries of a batch grouped by key: each distinct key once, with its entries in batch
+// order. Keys are split into T shards (T = the intra-op pool's size) by hash; thread t alone
+// picks, groups and updates shard t's keys (every thread scans the keys, so no serial pass
+// partitions them first), so within one op no two threads write one row and, since each
+// key's entries are summed in batch order whatever T is, the result does not depend on T.
 //
-// ForEachKeyGroup calls per_key(scratch, key, entries, count, next_key) once per distinct
-// key, on the thread that owns it; next_key is the key that thread handles kGroupsAhead
-// keys later (-1 near the end), for prefetching.
+// ForEachKeyGroup calls per_key(scratch, key, first, count, next_key) once per distinct
+// key, on the thread that owns it: the key's entries are scratch.grad_offset and
+// scratch.normalized [first, first + count); next_key is the key that thread handles
+// kGroupsAhead keys later (-1 near the end), for prefetching.
+//
+// The batch's entries are checked here, not in a pass of their own: every thread scans
+// every entry, so each sees a bad one and writes nothing; the error names the first.
 template <typename PerKey>
-static void ForEachKeyGroup(OpKernelContext* ctx, const Batch& batch, int64_t cols, ScratchPool* pool,
-                            PerKey per_key) {
+static Status ForEachKeyGroup(OpKernelContext* ctx, const Batch& batch, int64_t num_keys, const float* n, int64_t cols,
+                              ScratchPool* pool, PerKey per_key) {
   const int64_t shards = PoolThreads(ctx);
   std::unique_ptr<std::vector<ShardScratch>> scratch = pool->Take(shards);
+  std::atomic<bool> bad(false);
   ParallelFor(ctx, shards, 1 << 30, [&](int64_t first, int64_t last) {
     for (int64_t s = first; s < last; ++s) {
       ShardScratch& sc = (*scratch)[s];
-      sc.entries.clear();
-      if (shards == 1) {
-        sc.entries.resize(batch.nnz);
-        for (int64_t e = 0; e < batch.nnz; ++e) sc.entries[e] = static_cast<int32_t>(e);
-      } else {
-        for (int64_t e = 0; e < batch.nnz; ++e) {
-          if (ShardOf(KeyHash(batch.keys[e]), shards) == s) sc.entries.push_back(static_cast<int32_t>(e));
-        }
+      // This shard's entries, picked without a branch (keys hash to shards at random), and
+      // every entry checked on the way.
+      sc.entries.resize(batch.nnz);
+      int32_t* mine = sc.entries.data();
+      int64_t count = 0;
+      bool found = false;
+      for (int64_t e = 0; e < batch.nnz; ++e) {
+        found |= BadEntry(batch, num_keys, e);
+        mine[count] = static_cast<int32_t>(e);
+        count += shards == 1 || ShardOf(KeyHash(batch.keys[e]), shards) == s;
       }
-      const int64_t count = static_cast<int64_t>(sc.entries.size());
+      if (found) {
+        bad.store(true);
+        continue;
+      }
       if (count == 0) continue;
       const uint64_t mask = sc.Prepare(count);
+      Slot* slots = sc.slots.data();
+      const uint32_t epoch = sc.epoch;
       sc.group_key.clear();
       sc.group_begin.assign(1, 0);
       sc.group_of.resize(count);
       for (int64_t i = 0; i < count; ++i) {
-        const int64_t key = batch.keys[sc.entries[i]];
+        if (i + kSlotsAhead < count) __builtin_prefetch(&slots[KeyHash(batch.keys[mine[i + kSlotsAhead]]) & mask], 1, 1);
+        const int64_t key = batch.keys[mine[i]];
         uint64_t slot = KeyHash(key) & mask;
-        while (sc.slot_stamp[slot] == sc.epoch && sc.slot_key[slot] != key) slot = (slot + 1) & mask;
-        if (sc.slot_stamp[slot] != sc.epoch) {
-          sc.slot_stamp[slot] = sc.epoch;
-          sc.slot_key[slot] = key;
-          sc.slot_group[slot] = static_cast<int32_t>(sc.group_key.size());
+        while (slots[slot].stamp == epoch && slots[slot].key != key) slot = (slot + 1) & mask;
+        if (slots[slot].stamp != epoch) {
+          slots[slot] = Slot{key, epoch, static_cast<int32_t>(sc.group_key.size())};
           sc.group_key.push_back(key);
           sc.group_begin.push_back(0);
         }
-        sc.group_of[i] = sc.slot_group[slot];
+        sc.group_of[i] = slots[slot].group;
         ++sc.group_begin[sc.group_of[i] + 1];
       }
       const int64_t groups = static_cast<int64_t>(sc.group_key.size());
       for (int64_t g = 0; g < groups; ++g) sc.group_begin[g + 1] += sc.group_begin[g];
-      // Entries ordered by group (a counting sort): group_begin[g + 1] is group g's end;
+      // Entries laid out by group (a counting sort): group_begin[g + 1] is group g's end;
       // filling each group from its end while walking the entries backwards keeps batch
       // order within it and leaves group_begin[g + 1] at group g's start.
-      sc.order.resize(count);
-      for (int64_t i = count - 1; i >= 0; --i) sc.order[--sc.group_begin[sc.group_of[i] + 1]] = sc.entries[i];
+      sc.grad_offset.resize(count);
+      sc.normalized.resize(count);
+      for (int64_t i = count - 1; i >= 0; --i) {
+        const int64_t e = mine[i];
+        const int32_t at = --sc.group_begin[sc.group_of[i] + 1];
+        sc.grad_offset[at] = batch.rows[e] * cols;
+        sc.normalized[at] = n[e];
+      }
       for (int64_t g = 0; g < groups; ++g) sc.group_begin[g] = sc.group_begin[g + 1];
       sc.group_begin[groups] = static_cast<int32_t>(count);
       sc.gw.resize(cols);
       sc.gsum.resize(cols);
       for (int64_t g = 0; g < groups; ++g) {
-        per_key(sc, sc.group_key[g], sc.order.data() + sc.group_begin[g],
+        per_key(sc, sc.group_key[g], static_cast<int64_t>(sc.group_begin[g]),
                 static_cast<int64_t>(sc.group_begin[g + 1] - sc.group_begin[g]),
                 g + kGroupsAhead < groups ? sc.group_key[g + kGroupsAhead] : -1);
       }
     }
   });
   pool->Give(std::move(scratch));
+  return bad.load() ? FirstBadEntry(batch, num_keys) : absl::OkStatus();
 }
 
 // One key's gradients, summed over its entries in batch order from the rows of the output
 // gradient: the row's into gw (cols floats); when with_bias, the summed output gradient
 // into gsum, whose dot product with the row (as the forward pass saw it: call this before
 // the row is written) is the bias's gradient, returned. One entry (most keys) needs no
-// sums: gw and gsum then point into g and the caller scales by `scale`.
+// sums: gw then points into g and the caller scales by `scale`.
 struct KeyGradient {
   const float* gw;  // the row gradient is scale * gw[j]
   float scale;
   float bias;
 };
 
-static inline KeyGradient SumKeyGradient(const float* row, const int32_t* entries, int64_t count, const int64_t* rows,
-                                         const float* n, const float* g, int64_t cols, bool with_bias,
-                                         ShardScratch& sc) {
+static inline KeyGradient SumKeyGradient(const float* row, const ShardScratch& sc, int64_t first, int64_t count,
+                                         const float* g, int64_t cols, bool with_bias, float* gw, float* gsum) {
+  const int64_t* offsets = sc.grad_offset.data() + first;
+  const float* ns = sc.normalized.data() + first;
   if (count == 1) {
-    const float* go = g + rows[entries[0]] * cols;
-    return {go, n[entries[0]], with_bias ? Dot(row, go, cols) : 0.0f};
+    const float* go = g + offsets[0];
+    return {go, ns[0], with_bias ? Dot(row, go, cols) : 0.0f};
   }
-  float* gw = sc.gw.data();
-  float* gsum = sc.gsum.data();
   std::fill(gw, gw + cols, 0.0f);
   if (with_bias) std::fill(gsum, gsum + cols, 0.0f);
   for (int64_t i = 0; i < count; ++i) {
-    const int64_t e = entries[i];
-    const float* go = g + rows[e] * cols;
-    const float ne = n[e];
+    const float* go = g + offsets[i];
+    const float ne = ns[i];
     for (int64_t j = 0; j < cols; ++j) gw[j] += ne * go[j];
     if (with_bias) {
       for (int64_t j = 0; j < cols; ++j) gsum[j] += go[j];
@@ -667,7 +714,10 @@ class FusedLayerOp : public OpKernel {
 
     if (writes_max) {  // the whole batch's maxima first, then the division (per-batch semantics)
       ParallelFor(ctx, batch.nnz, 8, [&](int64_t first, int64_t last) {
-        for (int64_t e = first; e < last; ++e) AtomicMax(max_x + batch.keys[e], std::fabs(v[e]));
+        for (int64_t e = first; e < last; ++e) {
+          if (e + kPrefetchAhead < last) __builtin_prefetch(max_x + batch.keys[e + kPrefetchAhead], 1, 1);
+          AtomicMax(max_x + batch.keys[e], std::fabs(v[e]));
+        }
       });
     }
 
@@ -785,7 +835,7 @@ class FusedSgdUpdateOp : public FusedUpdateOp {
     int64_t batch_size = 0;
     OP_REQUIRES_OK(ctx, GradOut(ctx, 5, cols, &batch_size));
     Batch batch;
-    OP_REQUIRES_OK(ctx, ReadBatch(ctx, 2, num_keys, batch_size, &batch));
+    OP_REQUIRES_OK(ctx, BatchShapes(ctx, 2, batch_size, &batch));  // entries: checked by ForEachKeyGroup
     OP_REQUIRES_OK(ctx, VectorInput(ctx, 4, "normalized", batch.nnz));
     float lr = 0.0f;
     OP_REQUIRES_OK(ctx, ScalarInput(ctx, 6, "learning_rate", &lr));
@@ -795,16 +845,16 @@ class FusedSgdUpdateOp : public FusedUpdateOp {
     float* w = table->tensor()->flat<float>().data();
     float* b = normalize_ ? bias->tensor()->flat<float>().data() : nullptr;
     const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
-    ForEachKeyGroup(ctx, batch, cols, &scratch_,
-                    [&](ShardScratch& sc, int64_t k, const int32_t* entries, int64_t count, int64_t next_key) {
+    OP_REQUIRES_OK(ctx, ForEachKeyGroup(ctx, batch, num_keys, n, cols, &scratch_,
+                    [&](ShardScratch& sc, int64_t k, int64_t first, int64_t count, int64_t next_key) {
                       if (next_key >= 0) PrefetchRow<true>(w + next_key * cols, row_bytes);
                       float* row = w + k * cols;
-                      const KeyGradient grad =
-                          SumKeyGradient(row, entries, count, batch.rows, n, g, cols, b != nullptr, sc);
+                      const KeyGradient grad = SumKeyGradient(row, sc, first, count, g, cols, b != nullptr,
+                                                              sc.gw.data(), sc.gsum.data());
                       const float step = lr * grad.scale;
                       for (int64_t j = 0; j < cols; ++j) row[j] -= step * grad.gw[j];
                       if (b != nullptr) b[k] -= lr * grad.bias;
-                    });
+                    }));
   }
 };
 
@@ -831,7 +881,7 @@ class FusedLazyAdamUpdateOp : public FusedUpdateOp {
     int64_t batch_size = 0;
     OP_REQUIRES_OK(ctx, GradOut(ctx, 9, cols, &batch_size));
     Batch batch;
-    OP_REQUIRES_OK(ctx, ReadBatch(ctx, 6, num_keys, batch_size, &batch));
+    OP_REQUIRES_OK(ctx, BatchShapes(ctx, 6, batch_size, &batch));  // entries: checked by ForEachKeyGroup
     OP_REQUIRES_OK(ctx, VectorInput(ctx, 8, "normalized", batch.nnz));
     float lr = 0, beta1 = 0, beta2 = 0, epsilon = 0, beta1_power = 0, beta2_power = 0;
     OP_REQUIRES_OK(ctx, ScalarInput(ctx, 10, "learning_rate", &lr));
@@ -852,16 +902,16 @@ class FusedLazyAdamUpdateOp : public FusedUpdateOp {
     float* bv = normalize_ ? bias_v->tensor()->flat<float>().data() : nullptr;
 
     const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(float));
-    ForEachKeyGroup(ctx, batch, cols, &scratch_,
-                    [&](ShardScratch& sc, int64_t k, const int32_t* entries, int64_t count, int64_t next_key) {
+    OP_REQUIRES_OK(ctx, ForEachKeyGroup(ctx, batch, num_keys, n, cols, &scratch_,
+                    [&](ShardScratch& sc, int64_t k, int64_t first, int64_t count, int64_t next_key) {
                       if (next_key >= 0) {
                         PrefetchRow<true>(w + next_key * cols, row_bytes);
                         PrefetchRow<true>(m + next_key * cols, row_bytes);
                         PrefetchRow<true>(v + next_key * cols, row_bytes);
                       }
                       float* row = w + k * cols;
-                      const KeyGradient grad =
-                          SumKeyGradient(row, entries, count, batch.rows, n, g, cols, b != nullptr, sc);
+                      const KeyGradient grad = SumKeyGradient(row, sc, first, count, g, cols, b != nullptr,
+                                                              sc.gw.data(), sc.gsum.data());
                       float* mr = m + k * cols;
                       float* vr = v + k * cols;
                       for (int64_t j = 0; j < cols; ++j) {
@@ -875,7 +925,7 @@ class FusedLazyAdamUpdateOp : public FusedUpdateOp {
                         bv[k] = beta2 * bv[k] + (1.0f - beta2) * grad.bias * grad.bias;
                         b[k] -= lr_t * bm[k] / (std::sqrt(bv[k]) + epsilon);
                       }
-                    });
+                    }));
   }
 };
 
