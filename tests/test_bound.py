@@ -69,9 +69,11 @@ def tf():
 
 
 def test_the_replay_measures_windows_of_the_stream(tf):
+    from sparsebench.train.custom_ops.build import load
     from sparsebench.train.measure.bound import memory_bound
 
-    fields = memory_bound(two_batches(), num_keys=10, cols=4, optimizer="lazy_adam", normalize=True, seconds=0.2)
+    fields = memory_bound(two_batches(), library=load(), num_keys=10, cols=4, optimizer="lazy_adam", normalize=True,
+                          seconds=0.2)
     assert 3 <= len(fields["bound_windows"]) <= 5 and all(r > 0 for r in fields["bound_windows"])
     assert fields["bound_samples_per_sec"] == statistics.median(fields["bound_windows"])
     assert fields["bound_bytes_per_sample"] == two_batches().traffic_bytes(10, 4, "lazy_adam", True) / 3

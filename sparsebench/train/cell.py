@@ -166,12 +166,13 @@ def replay_batches(inp: CellInput, cell: Cell) -> list[tuple[np.ndarray, np.ndar
 
 def bound_fields(cell: Cell, inp: CellInput, samples_per_sec: float | None = None) -> dict[str, Any]:
     """The cell's memory bound (`measure.bound`) and its share of it, or why there is none."""
-    from .custom_ops.build import CustomOpUnavailable
+    from .custom_ops.build import CustomOpUnavailable, load
     from .measure.bound import KeyStream, bound_seconds, memory_bound
 
     try:
+        library = load(compile_if_missing=False)  # the parent built it before any cell; never compiled in one
         stream = KeyStream.of(replay_batches(inp, cell))
-        fields = memory_bound(stream, num_keys=inp.num_features, cols=cell.model.out_dim,
+        fields = memory_bound(stream, library=library, num_keys=inp.num_features, cols=cell.model.out_dim,
                               optimizer=cell.model.optimizer, normalize=cell.model.normalization,
                               seconds=bound_seconds(cell.measure))
     except CustomOpUnavailable as exc:

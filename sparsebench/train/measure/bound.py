@@ -86,17 +86,15 @@ def bound_seconds(measure) -> float:
     return min(MAX_SECONDS, max(MIN_SECONDS, measure.windows * per_window / 4))
 
 
-def memory_bound(stream: KeyStream, *, num_keys: int, cols: int, optimizer: str, normalize: bool,
+def memory_bound(stream: KeyStream, *, library: Any, num_keys: int, cols: int, optimizer: str, normalize: bool,
                  seconds: float) -> dict[str, Any]:
-    """Replay `stream` for about `seconds`, in WINDOWS windows of whole passes after one
-    untimed pass; the record's bound_* fields (the bound is the median window)."""
+    """Replay `stream` with the op library's `SparsebenchMemoryBound` (`library`, the
+    loaded fused op library) for about `seconds`, in WINDOWS windows of whole passes after
+    one pass that sizes them; the record's bound_* fields (the bound is the median window)."""
     import tensorflow as tf
-
-    from ..custom_ops.build import load
 
     if optimizer not in ROW_TABLES:
         raise ValueError(f"no memory bound for optimizer {optimizer!r}")
-    library = load(compile_if_missing=False)  # the parent built it before any cell; never compiled inside one
     args = dict(rows=tf.constant(stream.rows), keys=tf.constant(stream.keys), batch_splits=tf.constant(stream.splits),
                 unique_keys=tf.constant(stream.unique), unique_splits=tf.constant(stream.unique_splits),
                 num_keys=tf.constant(num_keys, tf.int64), cols=tf.constant(cols, tf.int64),
