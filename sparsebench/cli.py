@@ -112,12 +112,12 @@ def data():
 FEATURE_BITS = click.IntRange(1, 30)  # as DataSpec.validate
 
 
-def _data_tool(action: str, path: str, options: dict) -> None:
+def _data_tool(action: str, path: str, options: dict, *more_paths: str) -> None:
     """Run the worker side's data tool (TFRecord needs TensorFlow), replacing this process:
     the options were checked here, so its errors are about the data, not the command line."""
     import os
 
-    argv = [action, path]
+    argv = [action, path, *more_paths]
     for name, value in options.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
@@ -164,6 +164,27 @@ def data_inspect(path, fmt, feature_bits, limit, ids_feature, values_feature, la
     _data_tool("inspect", path, {"format": fmt, "feature_bits": feature_bits, "limit": limit,
                                  "ids_feature": ids_feature, "values_feature": values_feature,
                                  "label_feature": label_feature, "json": as_json})
+
+
+@data.command("convert")
+@click.argument("src")
+@click.argument("dst")
+@click.option("--format", "fmt", type=click.Choice([f for f in DATA_FORMATS if f != "blocks"]), required=True,
+              help="SRC's format (plain or gzip; a glob reads its files in sorted order).")
+@click.option("--feature-bits", type=FEATURE_BITS, default=DataSpec.feature_bits, show_default=True,
+              help="Keys modulo 2**B (cells with fewer bits can read the file; more cannot).")
+@click.option("--block-examples", type=click.IntRange(min=1, max=1 << 20), default=256, show_default=True,
+              help="Examples per block.")
+@click.option("--ids-feature", default="ids", show_default=True, help="TFRecord: the int64 ids feature.")
+@click.option("--values-feature", default="values", show_default=True, help="TFRecord: the float values feature.")
+@click.option("--label-feature", default="label", show_default=True, help="TFRecord: the float label feature.")
+@click.option("--force", is_flag=True, help="Replace DST if it exists.")
+def data_convert(src, dst, fmt, feature_bits, block_examples, ids_feature, values_feature, label_feature, force):
+    """Convert SRC to the binary blocks format (the fastest input path): examples as raw
+    arrays a block at a time; SRC's malformed lines are counted and named in DST's header."""
+    _data_tool("convert", src, {"format": fmt, "feature_bits": feature_bits, "block_examples": block_examples,
+                                "ids_feature": ids_feature, "values_feature": values_feature,
+                                "label_feature": label_feature, "force": force}, dst)
 
 
 @cli.command()

@@ -43,7 +43,7 @@ DEFAULT_LEARNING_RATES = {
 }
 
 
-DATA_FORMATS = ("libsvm", "criteo", "tfrecord")
+DATA_FORMATS = ("libsvm", "criteo", "tfrecord", "blocks")
 FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "input", "ids_feature", "values_feature",
                "label_feature")
 INPUTS = ("memory", "pipeline")

@@ -78,7 +78,7 @@ AXES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "onednn": ("threads", lambda v: isinstance(v, bool), "true or false"),
     "input": ("data", _choice(spec.INPUTS), "memory or pipeline"),
     "source": ("data", lambda v: isinstance(v, str) and bool(v), "a file path or glob"),
-    "format": ("data", _choice(spec.DATA_FORMATS), "libsvm, criteo or tfrecord"),
+    "format": ("data", _choice(spec.DATA_FORMATS), "libsvm, criteo, tfrecord or blocks"),
     "strategy": ("distribution", _choice(STRATEGIES), "local or parameter_server"),
     "ps_tasks": ("distribution", _positive_int, "an integer >= 1"),
     "worker_tasks": ("distribution", _positive_int, "an integer >= 1"),

@@ -46,6 +46,7 @@ class ReadReport:
     examples: int = 0
     bad: int = 0
     first_bad: list[str] = field(default_factory=list)
+    converted: dict | None = None  # a blocks file: what its header says of its conversion
 
     @property
     def bad_fraction(self) -> float:
@@ -58,8 +59,11 @@ class ReadReport:
             self.first_bad.append(f"{where}: {why}")
 
     def to_dict(self) -> dict:
-        return {"examples": self.examples, "bad": self.bad, "bad_fraction": self.bad_fraction,
-                "first_bad": self.first_bad}
+        facts = {"examples": self.examples, "bad": self.bad, "bad_fraction": self.bad_fraction,
+                 "first_bad": self.first_bad}
+        if self.converted is not None:
+            facts["converted"] = self.converted
+        return facts
 
 
 def source_files(pattern: str) -> list[Path]:
@@ -192,12 +196,17 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
     return label, features
 
 
+def _builder(keep: bool, sink):
+    """Where read examples go: `sink` (a blocks file being written), a CSR builder, or a counter."""
+    return sink if sink is not None else _Builder() if keep else _Counter()
+
+
 def read_text(paths: list[Path], fmt: str, feature_bits: int, limit: int | None = None,
-              skip: int = 0, keep: bool = True) -> tuple[SparseBatch, ReadReport]:
+              skip: int = 0, keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
     """libsvm or Criteo examples `skip`..`skip + limit` from `paths` in order (`keep=False`:
     only counted, in constant memory)."""
     mask = (1 << feature_bits) - 1
-    builder, report, seen = _Builder() if keep else _Counter(), ReadReport(), 0
+    builder, report, seen = _builder(keep, sink), ReadReport(), 0
     for path in paths:
         for number, line in _lines(path):
             if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
@@ -226,13 +235,14 @@ class TFRecordNames:
 
 
 def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = TFRecordNames(),
-                  limit: int | None = None, skip: int = 0, keep: bool = True) -> tuple[SparseBatch, ReadReport]:
+                  limit: int | None = None, skip: int = 0, keep: bool = True,
+                  sink=None) -> tuple[SparseBatch, ReadReport]:
     """`tf.train.Example` records; a record that does not parse or lacks the features is
     counted bad, a corrupt file (broken framing) ends that file with one bad entry."""
     import tensorflow as tf
 
     mask = (1 << feature_bits) - 1
-    builder, report, seen = _Builder() if keep else _Counter(), ReadReport(), 0
+    builder, report, seen = _builder(keep, sink), ReadReport(), 0
     for path in paths:
         records = iter(tf.data.TFRecordDataset(str(path), compression_type="GZIP" if is_gzip(path) else ""))
         number = 0
@@ -271,14 +281,65 @@ def read_tfrecord(paths: list[Path], feature_bits: int, names: TFRecordNames = T
     return builder.batch(), report
 
 
+def read_blocks(paths: list[Path], feature_bits: int, limit: int | None = None, skip: int = 0,
+                keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
+    """Examples of blocks files (`blocks.py`): whole blocks decoded, then sliced. Every block
+    is decoded even when only counted, so a truncated or corrupt file fails here, before any
+    timing, naming the block. Its malformed lines were dropped at convert time: the report
+    carries the header's count as `converted`, not as bad examples of this read."""
+    from . import blocks
+
+    parts, report, seen, kept = [], ReadReport(), 0, 0
+    for path in paths:
+        header = blocks.read_header(path)
+        report.converted = {"source": header.source, "malformed": header.malformed,
+                            "first_malformed": header.first_malformed, "feature_bits": header.feature_bits}
+        for block in blocks.iter_blocks(path, feature_bits):
+            lo = min(max(skip - seen, 0), block.batch_size)
+            seen += block.batch_size
+            hi = block.batch_size if limit is None else min(block.batch_size, lo + limit - kept)
+            if hi > lo:
+                part = block.slice(lo, hi) if (lo, hi) != (0, block.batch_size) else block
+                kept += part.batch_size
+                if sink is not None:
+                    sink.add_batch(part)
+                elif keep:
+                    parts.append(part)
+            if limit is not None and kept >= limit:
+                break
+        if limit is not None and kept >= limit:
+            break
+    report.examples = kept
+    return (_concat(parts) if keep and sink is None else None), report
+
+
+def _concat(parts: list[SparseBatch]) -> SparseBatch:
+    if not parts:
+        return _Builder().batch()
+    lengths = np.concatenate([np.diff(p.row_splits) for p in parts])
+    splits = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=splits[1:])
+    return SparseBatch(splits, np.concatenate([p.keys for p in parts]), np.concatenate([p.values for p in parts]),
+                       np.concatenate([p.labels for p in parts]))
+
+
 def read(pattern: str, fmt: str, feature_bits: int, limit: int | None = None, skip: int = 0,
-         names: TFRecordNames = TFRecordNames(), keep: bool = True) -> tuple[SparseBatch, ReadReport]:
+         names: TFRecordNames = TFRecordNames(), keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
+    """Examples `skip`..`skip + limit` of the source's files; `keep=False` counts them only,
+    `sink` (a `blocks.BlockSink`) takes them instead of memory."""
+    from .blocks import BlocksError
+
     if fmt not in FORMATS:
         raise DataFileError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     paths = source_files(pattern)
     if fmt == "tfrecord":
-        return read_tfrecord(paths, feature_bits, names, limit, skip, keep)
-    return read_text(paths, fmt, feature_bits, limit, skip, keep)
+        return read_tfrecord(paths, feature_bits, names, limit, skip, keep, sink)
+    if fmt == "blocks":
+        try:
+            return read_blocks(paths, feature_bits, limit, skip, keep, sink)
+        except BlocksError as exc:
+            raise DataFileError(str(exc)) from None
+    return read_text(paths, fmt, feature_bits, limit, skip, keep, sink)
 
 
 # -- writing -----------------------------------------------------------------------------
@@ -325,7 +386,13 @@ def write_criteo(batch: SparseBatch, path: Path, compress: bool = False) -> None
             fh.write("\t".join([str(int(batch.labels[b])), *counts, *cats]) + "\n")
 
 
-WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo}
+def write_blocks(batch: SparseBatch, path: Path, compress: bool = False, feature_bits: int = 20) -> None:
+    from .blocks import write_blocks as write
+
+    write(batch, path, compress, feature_bits)
+
+
+WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo, "blocks": write_blocks}
 
 
 # -- a cell's examples (the order is train/inputs/open.py's) -------------------------

@@ -18,7 +18,8 @@ import numpy as np
 from ...errors import ConfigError
 from ...plan.spec import DATA_FORMATS, DataSpec
 from .data import SparseBatch, SyntheticData
-from .datafiles import WRITERS, DataFileError, TFRecordNames, read
+from .blocks import BLOCK_EXAMPLES, BlocksError, convert, read_header, write_blocks
+from .datafiles import WRITERS, DataFileError, TFRecordNames, read, source_files
 
 # Ranks used for the Zipf fit: keys seen in at most this share of examples (hotter keys
 # saturate, since a key counts once per example) and at least this many times (rarer ones
@@ -61,7 +62,11 @@ def _write(args) -> int:
     batch = SyntheticData(spec).sample(args.examples, stream=0)
     path = Path(args.path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    WRITERS[args.format](batch, path, compress=args.gzip or path.suffix == ".gz")
+    compress = args.gzip or path.suffix == ".gz"
+    if args.format == "blocks":
+        write_blocks(batch, path, compress, feature_bits=args.feature_bits)
+    else:
+        WRITERS[args.format](batch, path, compress=compress)
     print(f"wrote {batch.batch_size} examples ({batch.nnz} features) to {path} as {args.format}"
           f"{' (gzip)' if args.gzip or path.suffix == '.gz' else ''}")
     return 0
@@ -75,6 +80,8 @@ def _inspect(args) -> int:
                          names=TFRecordNames(args.ids_feature, args.values_feature, args.label_feature))
     facts = {"path": args.path, "format": args.format, **describe(batch), "malformed": report.bad,
              "first_malformed": report.first_bad}
+    if args.format == "blocks":
+        facts["blocks_header"] = [read_header(path).__dict__ for path in source_files(args.path)]
     if args.json:
         print(json.dumps(facts))
         return 0
@@ -91,8 +98,35 @@ def _inspect(args) -> int:
               f"{rng[0]:.3g} .. {rng[1]:.3g}" if rng else f"  binary values: {facts['binary_value_share']:.0%}")
     for line in report.first_bad:
         print(f"  malformed: {line}")
+    for header in facts.get("blocks_header", []):
+        origin = header["source"]
+        print(f"  blocks v{header['version']}: {header['blocks']} blocks of {header['block_examples']} examples, "
+              f"feature_bits {header['feature_bits']}, keys {header['key_dtype']}; "
+              + (f"converted from {origin['path']} ({origin['format']}, {origin['bytes']} bytes, sha256 "
+                 f"{origin['sha256'][:16]}...), {header['malformed']} malformed lines left out"
+                 if origin else "written by sparsebench data write"))
+        for line in header["first_malformed"]:
+            print(f"    left out: {line}")
     if a and facts["zipf_exponent"] is not None:
         print(f"  to mimic it: [data] mean_active = {a['mean']:.0f}, zipf_exponent = {facts['zipf_exponent']:.2f}")
+    return 0
+
+
+def _convert(args) -> int:
+    DataSpec(feature_bits=args.feature_bits).validate()
+    if args.block_examples < 1:
+        raise ConfigError("--block-examples: must be >= 1")
+    path = Path(args.dst)
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path}: exists (--force to replace it)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"converting {args.src} ({args.format}) to {path} ...", file=sys.stderr, flush=True)
+    header = convert(args.src, args.format, path, args.feature_bits,
+                     TFRecordNames(args.ids_feature, args.values_feature, args.label_feature),
+                     block_examples=args.block_examples)
+    print(f"wrote {header.examples} examples ({header.entries} features) in {header.blocks} blocks to {path}; "
+          f"{header.malformed} malformed {'line' if header.malformed == 1 else 'lines'} left out"
+          + (f" (first: {header.first_malformed[0]})" if header.first_malformed else ""))
     return 0
 
 
@@ -117,14 +151,26 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--values-feature", default="values")
     inspect.add_argument("--label-feature", default="label")
     inspect.add_argument("--json", action="store_true")
+    conv = sub.add_parser("convert")
+    conv.add_argument("src")
+    conv.add_argument("dst")
+    conv.add_argument("--format", choices=[f for f in DATA_FORMATS if f != "blocks"], required=True)
+    conv.add_argument("--feature-bits", type=int, default=DataSpec.feature_bits)
+    conv.add_argument("--block-examples", type=int, default=BLOCK_EXAMPLES)
+    conv.add_argument("--ids-feature", default="ids")
+    conv.add_argument("--values-feature", default="values")
+    conv.add_argument("--label-feature", default="label")
+    conv.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     try:
         if args.command == "write":
             if args.examples < 1:
                 raise ConfigError("--examples: must be >= 1")
             return _write(args)
+        if args.command == "convert":
+            return _convert(args)
         return _inspect(args)
-    except (ConfigError, DataFileError, OSError) as exc:
+    except (ConfigError, DataFileError, BlocksError, OSError) as exc:
         print(f"sparsebench: error: {exc}", file=sys.stderr)
         return 2
 

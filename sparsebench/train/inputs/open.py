@@ -76,9 +76,12 @@ def open_input(cell: Cell) -> CellInput:
             calibration = (datafiles.read(spec.source, spec.format, spec.feature_bits, calibration_examples(batch_size),
                                           skip=skip, names=names)[0] if discretizer else None)
             pool = []
+            clean = report.bad == 0  # the whole source was just read: TFRecord may parse by batch
             facts = {"source": spec.source, "format": spec.format, "input": "pipeline", "read": report.to_dict(),
-                     "held_out": held_from, "held_out_examples": held_out.batch_size}
-            dataset = lambda: pipeline.dataset(spec, batch_size, skip)  # noqa: E731
+                     "held_out": held_from, "held_out_examples": held_out.batch_size,
+                     "tf_data": pipeline.data_options(),
+                     "parsing": "per example" if spec.format == "tfrecord" and not clean else "per batch"}
+            dataset = lambda: pipeline.dataset(spec, batch_size, skip, checked_clean=clean)  # noqa: E731
             stream = pipeline.Stream(dataset())
         else:
             train, report = datafiles.read(spec.source, spec.format, spec.feature_bits, batch_size * measure.batch_pool,

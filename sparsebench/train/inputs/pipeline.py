@@ -11,7 +11,7 @@ can say whether training waited for its input.
 
 Parsing matches `datafiles` (the memory path): libsvm keys modulo `2**feature_bits`,
 label > 0 is 1; Criteo's splitmix64 keys, computed on uint64 tensors; TFRecord ids modulo
-`2**feature_bits`. Both paths call a line well-formed by the same rules (`datafiles`: the
+`2**feature_bits`; blocks files (`blocks.py`) decoded a block at a time. Both paths call a line well-formed by the same rules (`datafiles`: the
 line patterns, literals of at most 31 characters, values finite in float32; here checked a
 chunk of lines at a time, vectorized), so a line is counted malformed exactly where the
 pipeline drops it. One difference, documented: a key repeated within an example is kept
@@ -37,8 +37,10 @@ def _files(spec: DataSpec, reader):
     return out
 
 
-def dataset(spec: DataSpec, batch_size: int, skip: int):
-    """(SparseTensor [batch, 2**feature_bits], labels [batch]) batches, forever."""
+def dataset(spec: DataSpec, batch_size: int, skip: int, checked_clean: bool = False):
+    """(SparseTensor [batch, 2**feature_bits], labels [batch]) batches, forever, with the
+    cell's `tf.data` options (`data_options`). `checked_clean`: the whole source was read
+    and holds no malformed example (TFRecord then parses a batch at a time)."""
     import tensorflow as tf
 
     num_features = spec.num_features
@@ -55,19 +57,131 @@ def dataset(spec: DataSpec, batch_size: int, skip: int):
             parse = lambda b: _parse_criteo(tf.strings.regex_replace(b, "\r$", ""), spec.feature_bits)  # noqa: E731
         batches = lines.skip(skip).repeat().batch(batch_size, drop_remainder=True)
         parsed = batches.map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+    elif spec.format == "blocks":
+        parsed = _blocks(spec, batch_size, skip)
     else:
         records = _files(spec, lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression))
         features = {spec.ids_feature: tf.io.VarLenFeature(tf.int64),
                     spec.values_feature: tf.io.VarLenFeature(tf.float32),
                     spec.label_feature: tf.io.FixedLenFeature([1], tf.float32)}
-        examples = records.map(lambda r: tf.io.parse_single_example(r, features),
-                               num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()  # malformed: counted before
-        examples = examples.filter(lambda e: tf.reduce_all(tf.math.is_finite(e[spec.values_feature].values))
-                                   & tf.reduce_all(tf.math.is_finite(e[spec.label_feature])))
-        examples = examples.skip(skip).repeat()
-        parsed = examples.batch(batch_size, drop_remainder=True).map(
-            lambda b: _from_example_batch(b, spec, num_features), num_parallel_calls=tf.data.AUTOTUNE)
-    return parsed.prefetch(tf.data.AUTOTUNE)
+        if checked_clean:
+            # Batch first, then one parse_example per batch: no per-example work in tf.data.
+            # Only where the source was checked and holds no bad record (one would fail its
+            # whole batch's parse); else example by example, bad ones dropped.
+            batches = records.skip(skip).repeat().batch(batch_size, drop_remainder=True)
+            parsed = batches.map(lambda raw: _from_example_batch(tf.io.parse_example(raw, features), spec,
+                                                                 num_features), num_parallel_calls=tf.data.AUTOTUNE)
+        else:
+            examples = records.map(lambda r: tf.io.parse_single_example(r, features),
+                                   num_parallel_calls=tf.data.AUTOTUNE).ignore_errors()  # malformed: counted before
+            examples = examples.filter(lambda e: tf.reduce_all(tf.math.is_finite(e[spec.values_feature].values))
+                                       & tf.reduce_all(tf.math.is_finite(e[spec.label_feature])))
+            examples = examples.skip(skip).repeat()
+            parsed = examples.batch(batch_size, drop_remainder=True).map(
+                lambda b: _from_example_batch(b, spec, num_features), num_parallel_calls=tf.data.AUTOTUNE)
+    return parsed.prefetch(tf.data.AUTOTUNE).with_options(_options(data_options()))
+
+
+RAM_BUDGET_BYTES = 1 << 30  # autotune's buffers (prefetch, parallel map) may hold at most this
+
+
+def data_options() -> dict:
+    """The `tf.data` options a pipeline cell runs with (recorded in its `data_source`): a
+    private pool of as many threads as the cell's intra-op pool, so input threads do not
+    multiply past the cores the cell was given; one thread per input op (the parallel maps
+    parallelize across batches); autotune bounded in RAM."""
+    import tensorflow as tf
+
+    threads = tf.config.threading.get_intra_op_parallelism_threads() or _cores()
+    return {"private_threadpool_size": threads, "max_intra_op_parallelism": 1, "autotune": True,
+            "autotune_ram_budget_bytes": RAM_BUDGET_BYTES}
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _options(values: dict):
+    import tensorflow as tf
+
+    options = tf.data.Options()
+    options.threading.private_threadpool_size = values["private_threadpool_size"]
+    options.threading.max_intra_op_parallelism = values["max_intra_op_parallelism"]
+    options.autotune.enabled = values["autotune"]
+    options.autotune.ram_budget = values["autotune_ram_budget_bytes"]
+    return options
+
+
+def _blocks(spec: DataSpec, batch_size: int, skip: int):
+    """Blocks files (`blocks.py`) as batches: one decode per block (four `decode_raw`), then
+    a scan that carries the examples left over from one block into the next batch, so a
+    batch is whole slices of blocks whatever the block and batch sizes: no per-example work.
+    The held-out examples are dropped at the start of every pass over the files."""
+    import tensorflow as tf
+
+    from .blocks import BlocksError, check_bits, read_header
+
+    paths = source_files(spec.source)
+    headers = [read_header(path) for path in paths]
+    for header, path in zip(headers, paths):
+        check_bits(header, spec.feature_bits, path)
+    if len({h.key_dtype for h in headers}) > 1:
+        raise BlocksError(f"{spec.source}: files with different key widths (int32 and int64): convert them alike")
+    key_dtype = tf.int32 if headers[0].key_dtype == "int32" else tf.int64
+    key_bytes = 4 if key_dtype == tf.int32 else 8
+    mask = tf.constant((1 << spec.feature_bits) - 1, tf.int64)
+
+    def decode(record):
+        head = tf.io.decode_raw(tf.strings.substr(record, 0, 8), tf.int32)
+        n, nnz = head[0], head[1]
+        lengths = tf.io.decode_raw(tf.strings.substr(record, 8, 4 * n), tf.int32)
+        labels = tf.io.decode_raw(tf.strings.substr(record, 8 + 4 * n, 4 * n), tf.float32)
+        keys = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n, key_bytes * nnz), key_dtype)
+        values = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n + key_bytes * nnz, 4 * nnz), tf.float32)
+        return lengths, labels, tf.bitwise.bitwise_and(tf.cast(keys, tf.int64), mask), values
+
+    records = _files(spec, lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression)
+                     .skip(1))  # each file's header
+    passes = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE).enumerate().repeat()
+    empty = (tf.constant(skip, tf.int64), tf.zeros([0], tf.int32), tf.zeros([0], tf.float32),
+             tf.zeros([0], tf.int64), tf.zeros([0], tf.float32))
+
+    def carry(state, element):
+        index, (lengths, labels, keys, values) = element
+        to_drop = tf.where(index == 0, tf.constant(skip, tf.int64), state[0])  # a new pass: skip again
+        drop = tf.minimum(to_drop, tf.size(lengths, out_type=tf.int64))
+        dropped_entries = tf.reduce_sum(tf.cast(lengths[:drop], tf.int64))
+        lengths = tf.concat([state[1], lengths[drop:]], 0)
+        labels = tf.concat([state[2], labels[drop:]], 0)
+        keys = tf.concat([state[3], keys[dropped_entries:]], 0)
+        values = tf.concat([state[4], values[dropped_entries:]], 0)
+        batches = tf.size(lengths, out_type=tf.int64) // batch_size
+        taken = batches * batch_size
+        taken_entries = tf.reduce_sum(tf.cast(lengths[:taken], tf.int64))
+        out = (batches, lengths[:taken], labels[:taken], keys[:taken_entries], values[:taken_entries])
+        rest = (to_drop - drop, lengths[taken:], labels[taken:], keys[taken_entries:], values[taken_entries:])
+        return rest, out
+
+    def batches_of(count, lengths, labels, keys, values):
+        per_batch = tf.reduce_sum(tf.reshape(tf.cast(lengths, tf.int64), [-1, batch_size]), 1)
+        splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(per_batch)], 0)
+
+        def one(j):
+            lo, hi = splits[j], splits[j + 1]
+            return (lengths[j * batch_size:(j + 1) * batch_size], labels[j * batch_size:(j + 1) * batch_size],
+                    keys[lo:hi], values[lo:hi])
+
+        return tf.data.Dataset.range(count).map(one)
+
+    def to_sparse(lengths, labels, keys, values):
+        rows = tf.repeat(tf.range(batch_size, dtype=tf.int64), lengths)
+        sp = tf.SparseTensor(tf.stack([rows, keys], 1), values, [batch_size, spec.num_features])
+        return sp, labels  # rows ascending, keys sorted within a row: canonical order as written
+
+    grouped = passes.scan(empty, carry).filter(lambda count, *_: count > 0).flat_map(batches_of)
+    return grouped.map(to_sparse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def _libsvm_ok(lines):
