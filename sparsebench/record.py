@@ -42,6 +42,7 @@ STATUSES = ("ok", "skipped", "failed", "timeout")
 # a batch, or its pipeline alone delivered less than this multiple of the training rate.
 INPUT_WAIT_BOUND = 0.2
 INPUT_BOUND_MARGIN = 1.2
+INPUT_CPU_BOUND = 0.5  # the pipeline needs half the cell's cores at the training rate: it competes with training
 
 
 class Merge(str, Enum):
@@ -75,15 +76,19 @@ def _field(unit: str, merge: Merge, doc: str, derive: Callable[["Record"], Any] 
     return field(default=None, metadata={"unit": unit, "merge": merge, "doc": doc, "derive": derive})
 
 
-def input_bound_verdict(wait_share: float | None, alone: float | None, trained: float | None) -> bool | None:
-    """Whether training waited for its input (None where the figures are missing)."""
+def input_bound_verdict(wait_share: float | None, alone: float | None, trained: float | None,
+                        cpu_share: float | None = None) -> bool | None:
+    """Whether training waited for its input, or its input took the CPU training needed
+    (None where the figures are missing; `cpu_share` is absent from older records)."""
     if wait_share is None or alone is None or trained is None:
         return None
-    return bool(wait_share >= INPUT_WAIT_BOUND or alone < INPUT_BOUND_MARGIN * trained)
+    return bool(wait_share >= INPUT_WAIT_BOUND or alone < INPUT_BOUND_MARGIN * trained
+                or (cpu_share is not None and cpu_share >= INPUT_CPU_BOUND))
 
 
 def _derive_input_bound(record: "Record") -> bool | None:
-    return input_bound_verdict(record.input_wait_share, record.input_samples_per_sec, record.samples_per_sec)
+    return input_bound_verdict(record.input_wait_share, record.input_samples_per_sec, record.samples_per_sec,
+                               record.input_cpu_share)
 
 
 def _derive_bound_share(record: "Record") -> float | None:
@@ -178,8 +183,14 @@ class Record:
     input_windows: list = _field("samples/s", Merge.EACH, "each window of the pipeline timed alone")
     input_wait_share: float = _field("fraction", Merge.MEDIAN, "share of the timed windows the train loop waited "
                                                                "for a batch")
+    input_cpu_us_per_example: float = _field("µs", Merge.MEDIAN, "CPU time (all threads of the worker) per example "
+                                                                "while the pipeline ran alone")
+    input_cpu_share: float = _field("fraction", Merge.MEDIAN, "share of the cell's intra-op cores the pipeline needs "
+                                                              "at the training rate: input_cpu_us_per_example x "
+                                                              "samples_per_sec / intra-op threads")
     input_bound: bool = _field("", Merge.DERIVED, "waited >= 20% of the windows, or the pipeline alone gave < 1.2x "
-                                                  "the training rate", derive=_derive_input_bound)
+                                                  "the training rate, or it needs >= 50% of the cell's cores at the "
+                                                  "training rate", derive=_derive_input_bound)
     # -- the memory bound -----------------------------------------------------------------
     bound_samples_per_sec: float = _field("samples/s", Merge.MEDIAN, "the cell's memory bound: samples/s at which its "
                                                                      "layer's memory traffic alone runs, replaying its "

@@ -24,7 +24,7 @@ def test_the_corpus_covers_every_command():
     assert set(COMMANDS) == set(cli.commands), "a command was added: give it hostile cases"
     covered = {case["args"][0] for case in CASES}
     assert covered >= set(COMMANDS), set(COMMANDS) - covered
-    assert {"write", "inspect"} <= {case["args"][1] for case in CASES if case["args"][0] == "data"}
+    assert {"write", "inspect", "convert"} <= {case["args"][1] for case in CASES if case["args"][0] == "data"}
 
 
 @pytest.fixture

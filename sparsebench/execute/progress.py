@@ -57,8 +57,11 @@ def describe_input(record: Record) -> str:
         return ""
     verdict = "  INPUT-BOUND" if record.input_bound else ""
     wait = record.input_wait_share if record.input_wait_share is not None else float("nan")
+    cpu = (f", {record.input_cpu_us_per_example:.1f} µs CPU/example ({record.input_cpu_share:.0%} of the cores at "
+           f"the training rate)" if record.input_cpu_us_per_example is not None and record.input_cpu_share is not None
+           else "")
     return (f", input alone {format_rate(record.input_samples_per_sec)}/s, waited "
-            f"{wait:.0%} of the windows{verdict}")
+            f"{wait:.0%} of the windows{cpu}{verdict}")
 
 
 def describe_cluster(cluster: dict | None) -> str:

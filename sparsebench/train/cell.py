@@ -282,10 +282,13 @@ def input_fields(cell: Cell, inp: CellInput, measurement, trained: float) -> dic
 
     wait_share = inp.stream.waited / max(sum(measurement.window_seconds), 1e-9)
     _, seconds = cell.measure.window_limits()
-    rates = input_alone(inp.dataset(), cell.batch_size, seconds or 1.0, cell.measure.windows)
+    rates, cpu_per_example = input_alone(inp.dataset(), cell.batch_size, seconds or 1.0, cell.measure.windows)
     alone = stats.summarize_throughput(rates)["median"]
+    cores = threads_in_effect()["intra_op_threads_resolved"]
+    cpu_share = cpu_per_example * trained / cores if trained else None
     return {"input_samples_per_sec": alone, "input_windows": rates, "input_wait_share": wait_share,
-            "input_bound": input_bound_verdict(wait_share, alone, trained)}
+            "input_cpu_us_per_example": cpu_per_example * 1e6, "input_cpu_share": cpu_share,
+            "input_bound": input_bound_verdict(wait_share, alone, trained, cpu_share)}
 
 
 def count_cell(cell: Cell, *, round: int, isolation: str, steps: int, folder: Path, index: int) -> Record:

@@ -60,6 +60,26 @@ def main() -> None:
     (data / "mixed" / "a.libsvm").write_bytes((GOOD + "1 5:nan\n").encode())
     with gzip.open(data / "mixed" / "b.libsvm.gz", "wb") as fh:
         fh.write((GOOD + "1 5:1e999\n").encode())
+    truncated_blocks(data / "truncated.blocks")
+
+
+def truncated_blocks(path: Path) -> None:
+    """Five blocks of two examples (needs TensorFlow for the TFRecord framing), cut in the
+    middle of block 3."""
+    import numpy as np
+
+    from sparsebench.train.inputs.blocks import write_blocks
+    from sparsebench.train.inputs.data import SparseBatch
+
+    splits = np.arange(0, 31, 3, dtype=np.int64)  # ten examples of three features
+    batch = SparseBatch(splits, np.tile(np.array([1, 5, 9], np.int64), 10), np.ones(30, np.float32),
+                        np.tile(np.array([0, 1], np.float32), 5))
+    write_blocks(batch, path, feature_bits=10, block_examples=2)
+    raw = path.read_bytes()
+    block = 8 + 8 * 2 + 8 * 6  # a block's bytes: head, lengths and labels, keys and values
+    framed = block + 16  # TFRecord: length, its CRC, data, its CRC
+    header = len(raw) - 5 * framed
+    path.write_bytes(raw[:header + 2 * framed + framed // 2])
 
 
 if __name__ == "__main__":

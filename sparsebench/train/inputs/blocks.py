@@ -18,8 +18,9 @@ gzip as TFRecord allows) whose records are:
 
 Every block holds `block_examples` examples except the file's last. Keys within an
 example are sorted and unique (they come from the readers in `datafiles`), values finite.
-A cell whose `feature_bits` is below the file's takes keys modulo its own `2**bits`, as the
-text formats do; above it is refused (the higher bits are gone).
+A cell reads a blocks file only with the `feature_bits` it was written with: above, the
+higher bits are gone; below, keys would collide within an example, where the text readers
+keep one value per key (convert again instead).
 """
 
 from __future__ import annotations
@@ -112,10 +113,19 @@ def _records(path: Path):
             return
         except (tf.errors.DataLossError, tf.errors.OutOfRangeError, tf.errors.InvalidArgumentError) as exc:
             what = "the header" if number == 0 else f"block {number}"
-            reason = exc.message.splitlines()[0] if exc.message else type(exc).__name__
+            reason = tf_reason(exc.message) or type(exc).__name__
             raise BlocksError(f"{path}: {what} is truncated or corrupt ({reason})") from None
         yield number, raw.numpy()
         number += 1
+
+
+def tf_reason(message: str) -> str:
+    """TensorFlow's error text without the graph's node names and op suffix."""
+    import re
+
+    text = message.splitlines()[0] if message else ""
+    text = re.sub(r"^\{\{[^}]*\}\}\s*", "", text)
+    return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
 
 
 def parse_header(raw: bytes, path: Path) -> Header:
@@ -141,23 +151,20 @@ def read_header(path: Path) -> Header:
 
 
 def check_bits(header: Header, feature_bits: int, path: Path) -> None:
-    if feature_bits > header.feature_bits:
-        raise BlocksError(f"{path}: written with feature_bits {header.feature_bits}; a cell with {feature_bits} "
-                          f"needs the source converted again (the keys' higher bits are not in the file)")
+    if feature_bits != header.feature_bits:
+        raise BlocksError(f"{path}: written with feature_bits {header.feature_bits}, read with {feature_bits}: "
+                          f"convert the source again with --feature-bits {feature_bits}")
 
 
 def iter_blocks(path: Path, feature_bits: int):
-    """(header, then) each block of `path` as a SparseBatch, keys modulo 2**feature_bits."""
+    """Each block of `path` as a SparseBatch (the header checked first)."""
     header = None
     for number, raw in _records(path):
         if number == 0:
             header = parse_header(raw, path)
             check_bits(header, feature_bits, path)
             continue
-        batch = decode_block(raw, header.key_dtype, f"{path}: block {number}")
-        if feature_bits < header.feature_bits:
-            batch = SparseBatch(batch.row_splits, batch.keys & ((1 << feature_bits) - 1), batch.values, batch.labels)
-        yield batch
+        yield decode_block(raw, header.key_dtype, f"{path}: block {number}")
     if header is None:
         raise BlocksError(f"{path}: empty file, no header")
 

@@ -120,7 +120,9 @@ def _convert(args) -> int:
     if path.exists() and not args.force:
         raise ConfigError(f"{path}: exists (--force to replace it)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"converting {args.src} ({args.format}) to {path} ...", file=sys.stderr, flush=True)
+    files = source_files(args.src)  # a source that is not there: one error line, nothing else
+    print(f"converting {args.src} ({len(files)} {args.format} file{'s' if len(files) > 1 else ''}) to {path} ...",
+          file=sys.stderr, flush=True)
     header = convert(args.src, args.format, path, args.feature_bits,
                      TFRecordNames(args.ids_feature, args.values_feature, args.label_feature),
                      block_examples=args.block_examples)
@@ -128,6 +130,22 @@ def _convert(args) -> int:
           f"{header.malformed} malformed {'line' if header.malformed == 1 else 'lines'} left out"
           + (f" (first: {header.first_malformed[0]})" if header.first_malformed else ""))
     return 0
+
+
+def _import_tensorflow_quietly() -> None:
+    """Import TensorFlow with stderr closed: its C++ start-up lines (absl's, oneDNN's) are not
+    the tool's output, and an error must stay one line."""
+    import os
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            import tensorflow  # noqa: F401
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--label-feature", default="label")
     conv.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
+    if args.command == "convert" or args.format in ("tfrecord", "blocks"):  # what needs TensorFlow
+        _import_tensorflow_quietly()
     try:
         if args.command == "write":
             if args.examples < 1:

@@ -131,7 +131,6 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
         raise BlocksError(f"{spec.source}: files with different key widths (int32 and int64): convert them alike")
     key_dtype = tf.int32 if headers[0].key_dtype == "int32" else tf.int64
     key_bytes = 4 if key_dtype == tf.int32 else 8
-    mask = tf.constant((1 << spec.feature_bits) - 1, tf.int64)
 
     def decode(record):
         head = tf.io.decode_raw(tf.strings.substr(record, 0, 8), tf.int32)
@@ -140,7 +139,7 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
         labels = tf.io.decode_raw(tf.strings.substr(record, 8 + 4 * n, 4 * n), tf.float32)
         keys = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n, key_bytes * nnz), key_dtype)
         values = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n + key_bytes * nnz, 4 * nnz), tf.float32)
-        return lengths, labels, tf.bitwise.bitwise_and(tf.cast(keys, tf.int64), mask), values
+        return lengths, labels, tf.cast(keys, tf.int64), values
 
     records = _files(spec, lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression)
                      .skip(1))  # each file's header
@@ -318,15 +317,18 @@ class Stream:
         return batch
 
 
-def input_alone(ds, batch_size: int, seconds: float, windows: int) -> list[float]:
-    """Samples/s the pipeline delivers with nothing consuming it but a loop, per window."""
+def input_alone(ds, batch_size: int, seconds: float, windows: int) -> tuple[list[float], float]:
+    """Samples/s the pipeline delivers with nothing consuming it but a loop, per window; and
+    the worker's CPU seconds per example over those windows (every thread: tf.data's pool
+    and the loop; nothing else runs then)."""
     iterator = iter(ds)
     next(iterator)  # the first batch pays the pipeline's start
-    rates = []
+    rates, examples, cpu0 = [], 0, time.process_time()
     for _ in range(windows):
         start, batches = time.perf_counter(), 0
         while time.perf_counter() - start < seconds:
             next(iterator)
             batches += 1
         rates.append(batches * batch_size / (time.perf_counter() - start))
-    return rates
+        examples += batches * batch_size
+    return rates, (time.process_time() - cpu0) / max(examples, 1)
