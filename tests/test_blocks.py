@@ -115,11 +115,13 @@ def _expected_stream(training, batch_size: int, batches: int):
     return [passes.slice(i * batch_size, (i + 1) * batch_size) for i in range(batches)]
 
 
-@pytest.mark.parametrize("fmt", ["blocks", "tfrecord"])
-def test_the_pipeline_streams_the_training_examples_pass_after_pass(tmp_path, examples, fmt):
-    """The traced tf.data graph the timed loop pulls from: blocks of 37 into batches of 64,
-    the 50 held-out examples skipped on every pass, batches spanning two passes; TFRecord
-    parsed a batch at a time (its source was checked clean) gives the same."""
+@pytest.mark.parametrize("fmt,block_examples", [("blocks", 16), ("blocks", 37), ("blocks", 100), ("tfrecord", None)])
+def test_the_pipeline_streams_the_training_examples_pass_after_pass(tmp_path, examples, fmt, block_examples):
+    """The traced tf.data graph the timed loop pulls from: blocks into batches of 64 (four
+    blocks of 16 decoded as one group; blocks of 37 carried over; blocks of 100 cut into
+    more than one batch), the 50 held-out examples skipped on every pass, batches spanning
+    two passes; TFRecord parsed a batch at a time (its source was checked clean) gives the
+    same."""
     from sparsebench.plan.cell import Cell
     from sparsebench.plan.spec import MeasureSpec, ModelSpec
     from sparsebench.train.inputs.blocks import write_blocks
@@ -127,7 +129,7 @@ def test_the_pipeline_streams_the_training_examples_pass_after_pass(tmp_path, ex
 
     path = tmp_path / f"x.{fmt}"
     if fmt == "blocks":
-        write_blocks(examples, path, feature_bits=12, block_examples=37)
+        write_blocks(examples, path, feature_bits=12, block_examples=block_examples)
     else:
         WRITERS[fmt](examples, path)
     spec = DataSpec(feature_bits=12, source=str(path), format=fmt, input="pipeline")

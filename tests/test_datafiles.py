@@ -208,7 +208,9 @@ def test_a_pipeline_cell_trains_and_says_whether_it_is_input_bound(tmp_path):
     pipe = records["pipeline"]
     assert pipe["data_source"]["input"] == "pipeline" and pipe["input_samples_per_sec"] > 0
     assert isinstance(pipe["input_bound"], bool) and 0 <= pipe["input_wait_share"] <= 1
-    assert "input alone" in done.stdout and records["memory"].get("input_samples_per_sec") is None
+    assert pipe["input_cpu_us_per_example"] > 0 and pipe["input_cpu_share"] > 0
+    assert pipe["data_source"]["parsing"] == "per batch" and pipe["data_source"]["tf_data"]["autotune"] is True
+    assert "input alone" in done.stdout and "µs CPU/example" in done.stdout and records["memory"].get("input_samples_per_sec") is None
 
 
 def test_a_tfrecord_pipeline_cell_with_its_own_feature_names_calibrates_its_discretizer(tmp_path):

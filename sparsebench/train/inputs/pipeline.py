@@ -115,10 +115,12 @@ def _options(values: dict):
 
 
 def _blocks(spec: DataSpec, batch_size: int, skip: int):
-    """Blocks files (`blocks.py`) as batches: one decode per block (four `decode_raw`), then
-    a scan that carries the examples left over from one block into the next batch, so a
-    batch is whole slices of blocks whatever the block and batch sizes: no per-example work.
-    The held-out examples are dropped at the start of every pass over the files."""
+    """Blocks files (`blocks.py`) as batches with no per-example work: records grouped
+    `batch_size // block_examples` at a time (at most a batch of examples) and decoded with
+    one `decode_raw` per array for the whole group, then a scan that carries the examples
+    left over from one group into the next batch, so a batch is whole slices of blocks
+    whatever the block and batch sizes. The held-out examples are dropped at the start of
+    every pass over the files."""
     import tensorflow as tf
 
     from .blocks import BlocksError, check_bits, read_header
@@ -131,39 +133,60 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
         raise BlocksError(f"{spec.source}: files with different key widths (int32 and int64): convert them alike")
     key_dtype = tf.int32 if headers[0].key_dtype == "int32" else tf.int64
     key_bytes = 4 if key_dtype == tf.int32 else 8
+    largest_block = max(h.block_examples for h in headers)
+    group = max(1, batch_size // largest_block)  # a group never holds more than a batch ...
+    one_batch_per_step = largest_block <= batch_size  # ... so a scan step emits at most one batch
 
-    def decode(record):
-        head = tf.io.decode_raw(tf.strings.substr(record, 0, 8), tf.int32)
-        n, nnz = head[0], head[1]
-        lengths = tf.io.decode_raw(tf.strings.substr(record, 8, 4 * n), tf.int32)
-        labels = tf.io.decode_raw(tf.strings.substr(record, 8 + 4 * n, 4 * n), tf.float32)
-        keys = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n, key_bytes * nnz), key_dtype)
-        values = tf.io.decode_raw(tf.strings.substr(record, 8 + 8 * n + key_bytes * nnz, 4 * nnz), tf.float32)
+    def decode(records):
+        """A group of block records -> its examples' arrays, each decoded once for the group
+        (each record's slice cut out, the slices joined, then one decode_raw)."""
+        head = tf.reshape(tf.io.decode_raw(tf.strings.substr(records, 0, 8), tf.int32), [-1, 2])
+        n, nnz = head[:, 0], head[:, 1]
+
+        def array(pos, length, dtype):
+            return tf.io.decode_raw(tf.strings.reduce_join(tf.strings.substr(records, pos, length)), dtype)
+
+        lengths = array(tf.fill(tf.shape(n), 8), 4 * n, tf.int32)
+        labels = array(8 + 4 * n, 4 * n, tf.float32)
+        keys = array(8 + 8 * n, key_bytes * nnz, key_dtype)
+        values = array(8 + 8 * n + key_bytes * nnz, 4 * nnz, tf.float32)
         return lengths, labels, tf.cast(keys, tf.int64), values
 
     records = _files(spec, lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression)
                      .skip(1))  # each file's header
-    passes = records.map(decode, num_parallel_calls=tf.data.AUTOTUNE).enumerate().repeat()
+    passes = records.batch(group).map(decode, num_parallel_calls=tf.data.AUTOTUNE).enumerate().repeat()
     empty = (tf.constant(skip, tf.int64), tf.zeros([0], tf.int32), tf.zeros([0], tf.float32),
              tf.zeros([0], tf.int64), tf.zeros([0], tf.float32))
 
-    def carry(state, element):
+    def joined(state, element):
+        """The examples left over, then the group's (less those still to skip)."""
         index, (lengths, labels, keys, values) = element
         to_drop = tf.where(index == 0, tf.constant(skip, tf.int64), state[0])  # a new pass: skip again
         drop = tf.minimum(to_drop, tf.size(lengths, out_type=tf.int64))
         dropped_entries = tf.reduce_sum(tf.cast(lengths[:drop], tf.int64))
-        lengths = tf.concat([state[1], lengths[drop:]], 0)
-        labels = tf.concat([state[2], labels[drop:]], 0)
-        keys = tf.concat([state[3], keys[dropped_entries:]], 0)
-        values = tf.concat([state[4], values[dropped_entries:]], 0)
-        batches = tf.size(lengths, out_type=tf.int64) // batch_size
-        taken = batches * batch_size
-        taken_entries = tf.reduce_sum(tf.cast(lengths[:taken], tf.int64))
-        out = (batches, lengths[:taken], labels[:taken], keys[:taken_entries], values[:taken_entries])
-        rest = (to_drop - drop, lengths[taken:], labels[taken:], keys[taken_entries:], values[taken_entries:])
-        return rest, out
+        return to_drop - drop, (tf.concat([state[1], lengths[drop:]], 0), tf.concat([state[2], labels[drop:]], 0),
+                                tf.concat([state[3], keys[dropped_entries:]], 0),
+                                tf.concat([state[4], values[dropped_entries:]], 0))
 
-    def batches_of(count, lengths, labels, keys, values):
+    def cut(to_drop, arrays, batches):
+        """The first `batches` batches' worth of examples, and the rest as the new state."""
+        lengths, labels, keys, values = arrays
+        taken = batches * batch_size
+        entries = tf.reduce_sum(tf.cast(lengths[:taken], tf.int64))
+        out = (lengths[:taken], labels[:taken], keys[:entries], values[:entries])
+        return (to_drop, lengths[taken:], labels[taken:], keys[entries:], values[entries:]), out
+
+    def carry_one(state, element):
+        to_drop, arrays = joined(state, element)
+        ready = tf.size(arrays[0], out_type=tf.int64) >= batch_size
+        rest, out = cut(to_drop, arrays, tf.cast(ready, tf.int64))
+        return rest, (ready, *out)
+
+    def carry_many(state, element):
+        to_drop, arrays = joined(state, element)
+        return cut(to_drop, arrays, tf.size(arrays[0], out_type=tf.int64) // batch_size)
+
+    def batches_of(lengths, labels, keys, values):
         per_batch = tf.reduce_sum(tf.reshape(tf.cast(lengths, tf.int64), [-1, batch_size]), 1)
         splits = tf.concat([tf.zeros([1], tf.int64), tf.cumsum(per_batch)], 0)
 
@@ -172,14 +195,22 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
             return (lengths[j * batch_size:(j + 1) * batch_size], labels[j * batch_size:(j + 1) * batch_size],
                     keys[lo:hi], values[lo:hi])
 
-        return tf.data.Dataset.range(count).map(one)
+        return tf.data.Dataset.range(tf.size(per_batch, out_type=tf.int64)).map(one)
 
     def to_sparse(lengths, labels, keys, values):
-        rows = tf.repeat(tf.range(batch_size, dtype=tf.int64), lengths)
+        # Each entry's row: a 1 where a row starts (rows of no entries stack up), summed up.
+        starts = tf.cumsum(tf.cast(lengths, tf.int64), exclusive=True)
+        marks = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, tf.size(keys, out_type=tf.int64))
+        rows = tf.cumsum(marks) - 1
         sp = tf.SparseTensor(tf.stack([rows, keys], 1), values, [batch_size, spec.num_features])
         return sp, labels  # rows ascending, keys sorted within a row: canonical order as written
 
-    grouped = passes.scan(empty, carry).filter(lambda count, *_: count > 0).flat_map(batches_of)
+    if one_batch_per_step:
+        grouped = (passes.scan(empty, carry_one).filter(lambda ready, *_: ready)
+                   .map(lambda ready, *arrays: arrays))
+    else:
+        grouped = (passes.scan(empty, carry_many).filter(lambda lengths, *_: tf.size(lengths) > 0)
+                   .flat_map(batches_of))
     return grouped.map(to_sparse, num_parallel_calls=tf.data.AUTOTUNE)
 
 
