@@ -60,7 +60,7 @@ HOSTILE = ["# a comment", "", "1 5:1e999 6:1", "1 5:" + "1" * 40, "1 5:nan", "1 
 def test_convert_keeps_every_good_example_and_counts_the_bad_ones_in_the_header(tmp_path, examples, fmt):
     """Converted from gzip with CRLF (text) or from records: the blocks file reads back
     exactly what the source's own reader gives, and names what it left out."""
-    from sparsebench.train.inputs.blocks import convert
+    from sparsebench.train.inputs.datafiles import convert_to_blocks as convert
 
     source = tmp_path / f"x.{fmt}.gz"
     WRITERS[fmt](examples, source, compress=True)

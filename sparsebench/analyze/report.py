@@ -226,8 +226,9 @@ def view_matrix(frame: pd.DataFrame) -> View:
                      "replayed with its threads: each entry's row read, each distinct key's rows read and written as "
                      "its optimizer does); % of bound: samples/s as a share of it")
     if has_pipeline:
-        notes.append("input: for pipeline cells, the pipeline's own samples/s and whether training waited for it "
-                     "(input-bound: waited >= 20% of the windows, or the pipeline alone < 1.2x the training rate)")
+        notes.append("input: for pipeline cells, the pipeline's own samples/s, the share of the cores it needs at the "
+                     "training rate, and whether training waited for it (input-bound: waited >= 20% of the windows, "
+                     "or the pipeline alone < 1.2x the training rate, or it needs >= 50% of the cores)")
     return View("All cells", pd.DataFrame(rows), notes, frame)
 
 
@@ -265,7 +266,9 @@ def _input_text(row) -> str:
     alone = row.get("input_samples_per_sec")
     if alone is None or pd.isna(alone):
         return ""
-    return f"{'input-bound' if row.get('input_bound') else 'not input-bound'} (alone {sig3(alone)})"
+    share = row.get("input_cpu_share")
+    cpu = f", CPU {share:.0%}" if share is not None and not pd.isna(share) else ""
+    return f"{'input-bound' if row.get('input_bound') else 'not input-bound'} (alone {sig3(alone)}{cpu})"
 
 
 def view_talk(frame: pd.DataFrame) -> View:

@@ -25,7 +25,6 @@ keep one value per key (convert again instead).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -102,7 +101,7 @@ def _records(path: Path):
     block (record 0 is the header, record k is block k)."""
     import tensorflow as tf
 
-    from .datafiles import is_gzip
+    from .paths import is_gzip
 
     records = iter(tf.data.TFRecordDataset(str(path), compression_type="GZIP" if is_gzip(path) else ""))
     number = 0
@@ -210,7 +209,7 @@ class BlockSink:
         return None
 
 
-def _write_file(path: Path, header_for, fill, compress: bool) -> Header:
+def write_file(path: Path, header_for, fill, compress: bool) -> Header:
     """Blocks to a temporary file, then the final file: the header (which needs the counts)
     and the blocks copied after it, renamed into place only when complete."""
     import tensorflow as tf
@@ -241,40 +240,5 @@ def write_blocks(batch: SparseBatch, path: Path, compress: bool = False, feature
         sink.add_batch(batch)
         return sink
 
-    return _write_file(Path(path), lambda s: Header(feature_bits, s.dtype, block_examples, s.blocks, s.examples,
+    return write_file(Path(path), lambda s: Header(feature_bits, s.dtype, block_examples, s.blocks, s.examples,
                                                     s.entries, None, 0, []), fill, compress)
-
-
-def source_checksum(paths: list[Path]) -> dict:
-    """sha256 over the source's files (their bytes, in the order they are read)."""
-    digest, size = hashlib.sha256(), 0
-    for path in paths:
-        with open(path, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                digest.update(chunk)
-                size += len(chunk)
-    return {"sha256": digest.hexdigest(), "bytes": size}
-
-
-def convert(source: str, fmt: str, path: Path, feature_bits: int, names, block_examples: int = BLOCK_EXAMPLES,
-            compress: bool = False) -> Header:
-    """`data convert`: every example of `source` (any supported format, plain or gzip) into
-    a blocks file; its malformed lines counted and named in the header."""
-    from .datafiles import read, source_files
-
-    paths = source_files(source)
-    report_box = {}
-
-    def fill(writer):
-        sink = BlockSink(writer, feature_bits, block_examples)
-        _, report_box["report"] = read(source, fmt, feature_bits, names=names, sink=sink)
-        sink.flush()
-        return sink
-
-    def header_for(sink):
-        report = report_box["report"]
-        origin = {"path": source, "format": fmt, "files": [str(p) for p in paths], **source_checksum(paths)}
-        return Header(feature_bits, sink.dtype, block_examples, sink.blocks, sink.examples, sink.entries, origin,
-                      report.bad, report.first_bad)
-
-    return _write_file(Path(path), header_for, fill, compress)

@@ -18,8 +18,8 @@ the caller decides whether the bad fraction is acceptable (`max_bad_fraction`).
 
 from __future__ import annotations
 
-import glob
 import gzip
+import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,15 +28,13 @@ from typing import Iterator
 import numpy as np
 
 from ...plan.spec import DATA_FORMATS
+from .blocks import BLOCK_EXAMPLES, Header
 from .data import SparseBatch
+from .paths import DataFileError, is_gzip, source_files  # noqa: F401 - re-exported: the readers' errors
 
 FORMATS = DATA_FORMATS
 CRITEO_INT_COLUMNS, CRITEO_CAT_COLUMNS = 13, 26
 FIRST_BAD_KEPT = 5
-
-
-class DataFileError(ValueError):
-    """A source that cannot be used at all (no file matches, unreadable)."""
 
 
 @dataclass
@@ -64,19 +62,6 @@ class ReadReport:
         if self.converted is not None:
             facts["converted"] = self.converted
         return facts
-
-
-def source_files(pattern: str) -> list[Path]:
-    files = sorted(Path(p) for p in glob.glob(pattern)) if any(c in pattern for c in "*?[") else [Path(pattern)]
-    files = [f for f in files if f.is_file()]
-    if not files:
-        raise DataFileError(f"{pattern}: no such file")
-    return files
-
-
-def is_gzip(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(2) == b"\x1f\x8b"
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -390,6 +375,42 @@ def write_blocks(batch: SparseBatch, path: Path, compress: bool = False, feature
     from .blocks import write_blocks as write
 
     write(batch, path, compress, feature_bits)
+
+
+# -- conversion to blocks ------------------------------------------------------------------
+def source_checksum(paths: list[Path]) -> dict:
+    """sha256 over the source's files (their bytes, in the order they are read)."""
+    digest, size = hashlib.sha256(), 0
+    for path in paths:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                digest.update(chunk)
+                size += len(chunk)
+    return {"sha256": digest.hexdigest(), "bytes": size}
+
+
+def convert_to_blocks(source: str, fmt: str, path: Path, feature_bits: int, names: "TFRecordNames",
+                      block_examples: int = BLOCK_EXAMPLES, compress: bool = False) -> Header:
+    """`data convert`: every example of `source` (any supported format, plain or gzip) into
+    a blocks file; its malformed lines counted and named in the header."""
+    from .blocks import BlockSink, write_file
+
+    paths = source_files(source)
+    report_box = {}
+
+    def fill(writer):
+        sink = BlockSink(writer, feature_bits, block_examples)
+        _, report_box["report"] = read(source, fmt, feature_bits, names=names, sink=sink)
+        sink.flush()
+        return sink
+
+    def header_for(sink):
+        report = report_box["report"]
+        origin = {"path": source, "format": fmt, "files": [str(p) for p in paths], **source_checksum(paths)}
+        return Header(feature_bits, sink.dtype, block_examples, sink.blocks, sink.examples, sink.entries, origin,
+                      report.bad, report.first_bad)
+
+    return write_file(Path(path), header_for, fill, compress)
 
 
 WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo, "blocks": write_blocks}

@@ -18,8 +18,8 @@ import numpy as np
 from ...errors import ConfigError
 from ...plan.spec import DATA_FORMATS, DataSpec
 from .data import SparseBatch, SyntheticData
-from .blocks import BLOCK_EXAMPLES, BlocksError, convert, read_header, write_blocks
-from .datafiles import WRITERS, DataFileError, TFRecordNames, read, source_files
+from .blocks import BLOCK_EXAMPLES, BlocksError, read_header, write_blocks
+from .datafiles import WRITERS, DataFileError, TFRecordNames, convert_to_blocks, read, source_files
 
 # Ranks used for the Zipf fit: keys seen in at most this share of examples (hotter keys
 # saturate, since a key counts once per example) and at least this many times (rarer ones
@@ -123,7 +123,7 @@ def _convert(args) -> int:
     files = source_files(args.src)  # a source that is not there: one error line, nothing else
     print(f"converting {args.src} ({len(files)} {args.format} file{'s' if len(files) > 1 else ''}) to {path} ...",
           file=sys.stderr, flush=True)
-    header = convert(args.src, args.format, path, args.feature_bits,
+    header = convert_to_blocks(args.src, args.format, path, args.feature_bits,
                      TFRecordNames(args.ids_feature, args.values_feature, args.label_feature),
                      block_examples=args.block_examples)
     print(f"wrote {header.examples} examples ({header.entries} features) in {header.blocks} blocks to {path}; "
