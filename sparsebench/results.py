@@ -49,7 +49,7 @@ JSON_KEYS = (
     "processes", "within_process_cv", "between_process_cv", "run_to_run_measured", "update_path",
     "strategy", "ps_tasks", "worker_tasks", "input", "data_format", "input_samples_per_sec", "input_bound",
     "cpu_samples_per_sec", "cpu_busy_cores", "bound_samples_per_sec", "bound_share", "nonfinite_inputs",
-    "input_cpu_us_per_example", "input_cpu_share",
+    "input_cpu_us_per_example", "input_cpu_share", "text_parser",
 )
 
 

@@ -153,10 +153,25 @@ def test_inspect_recovers_the_generators_settings(tmp_path):
 
 
 # -- the pipeline reads what the memory path reads -----------------------------------------------
-@pytest.mark.parametrize("fmt", ["libsvm", "tfrecord", "criteo"])
-def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, examples, fmt):
-    """Traced tf.data parsing (the graph the timed loop pulls from) against the Python
-    readers: same examples, held-out ones skipped the same way, malformed lines dropped."""
+def text_parser(parser: str):
+    """The C++ parser's function (built or found; skipped where it cannot be), or None for
+    TensorFlow's string ops."""
+    if parser == "tf.strings":
+        return None
+    from conftest import require_custom_op
+
+    require_custom_op()
+    from sparsebench.train.custom_ops.ops import parse_text
+
+    return parse_text
+
+
+@pytest.mark.parametrize("fmt,parser", [("libsvm", "op"), ("libsvm", "tf.strings"), ("tfrecord", "op"),
+                                        ("criteo", "op"), ("criteo", "tf.strings")])
+def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, examples, fmt, parser):
+    """Traced tf.data parsing (the graph the timed loop pulls from; text by the C++ op or by
+    tf.strings) against the Python readers: same examples, held-out ones skipped the same
+    way, malformed lines dropped."""
     import tensorflow as tf
 
     from sparsebench.plan.cell import Cell
@@ -176,10 +191,10 @@ def test_the_pipeline_yields_the_batches_the_memory_path_loads(tmp_path, example
     # Criteo hashes (column, value) pairs: 2**24 keys keep two of one example from colliding
     # (a collision is the one documented difference: memory keeps the last value, the pipeline both).
     spec = DataSpec(feature_bits=24 if fmt == "criteo" else 12, source=str(path), format=fmt, input="pipeline",
-                    max_bad_fraction=0.5)
+                    max_bad_fraction=0.5, text_parser=parser)
     measure = MeasureSpec(batch_pool=2, eval_examples=50)
     memory = open_input(Cell("t", 64, ModelSpec(), replace(spec, input="memory"), measure=measure))
-    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure))
+    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure), text_parser(parser))
     same(piped.held_out, memory.held_out)
     assert piped.facts["read"]["bad"] == {"tfrecord": 0, "criteo": 1, "libsvm": 2}[fmt]
     assert piped.facts["read"]["examples"] == 300 and piped.pool == [] and len(memory.pool) == 2
@@ -213,6 +228,24 @@ def test_a_pipeline_cell_trains_and_says_whether_it_is_input_bound(tmp_path):
     assert "input alone" in done.stdout and "µs CPU/example" in done.stdout and records["memory"].get("input_samples_per_sec") is None
 
 
+def test_without_a_compiler_a_text_op_cell_is_skipped_and_the_tf_strings_cell_trains(tmp_path):
+    batch = SyntheticData(DataSpec(feature_bits=12, mean_active=20)).sample(400, stream=0)
+    WRITERS["libsvm"](batch, tmp_path / "x.libsvm")
+    suite = SUITE.replace('variant = ["embedding_lookup_sparse"]',
+                          'variant = ["embedding_lookup_sparse"]\ninput = ["pipeline"]\ntext_parser = ["op", "tf.strings"]')
+    (tmp_path / "p.toml").write_text(suite.format(source=tmp_path / "x.libsvm", fraction=0.001))
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "run", "--suite", str(tmp_path / "p.toml"), "--quiet",
+                           "--output", str(tmp_path / "p.jsonl")], capture_output=True, text=True, cwd=tmp_path,
+                          env={**env(), "CXX": "/nonexistent/c++", "SPARSEBENCH_OPS_CACHE": str(tmp_path / "cache")},
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()[1:]]
+    by_parser = {("tfstrings" in r["cell_id"]): r for r in records}
+    assert by_parser[False]["status"] == "skipped"
+    assert by_parser[False]["reason"].startswith("custom op unavailable: C++ compiler '/nonexistent/c++' not found")
+    assert by_parser[True]["status"] == "ok" and by_parser[True]["data_source"]["text_parser"] == "tf.strings"
+
+
 def test_a_tfrecord_pipeline_cell_with_its_own_feature_names_calibrates_its_discretizer(tmp_path):
     """The calibration sample is read with the cell's feature names (it was read with the
     default names, found no example, and the discretizer silently calibrated nothing)."""
@@ -242,6 +275,7 @@ HOSTILE_LIBSVM = [
     "1 5:3.5e38",  # finite in float64, inf in float32
     "1e39 5:1",  # a label that overflows
     "1 5:" + "1" * 40,  # a 40-digit literal: TensorFlow's string-to-number refuses 32+ characters
+    "1 5:0." + "0" * 36 + "1",  # 40 characters and finite: refused for its length alone
     "1 " + "9" * 19 + ":1",  # a key beyond int64
     "1 5:1\r6:2",  # a lone carriage return inside a line
     "1 5:1\x002",  # a NUL byte
@@ -249,7 +283,8 @@ HOSTILE_LIBSVM = [
 ]
 
 
-def test_hostile_lines_are_bad_lines_on_both_paths_across_mixed_gzip_and_plain_files(tmp_path, examples):
+@pytest.mark.parametrize("parser", ["op", "tf.strings"])
+def test_hostile_lines_are_bad_lines_on_both_paths_across_mixed_gzip_and_plain_files(tmp_path, examples, parser):
     """A glob over one plain and one gzip file, hostile lines in the held-out part and in the
     training part: the memory reader and the traced pipeline agree example for example."""
     import gzip
@@ -275,10 +310,11 @@ def test_hostile_lines_are_bad_lines_on_both_paths_across_mixed_gzip_and_plain_f
     assert report.bad == 2 * len(HOSTILE_LIBSVM) and batch.batch_size == 301
     assert np.all(np.isfinite(batch.values)) and np.isclose(batch.values, 3.4e38, rtol=1e-6).sum() == 1
     assert "not finite in float32" in report.first_bad[0] and "40 characters" in report.first_bad[3]
-    spec = DataSpec(feature_bits=12, source=source, format="libsvm", input="pipeline", max_bad_fraction=0.1)
+    spec = DataSpec(feature_bits=12, source=source, format="libsvm", input="pipeline", max_bad_fraction=0.1,
+                    text_parser=parser)
     measure = MeasureSpec(batch_pool=4, eval_examples=50)
     memory = open_input(Cell("t", 64, ModelSpec(), replace(spec, input="memory"), measure=measure))
-    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure))
+    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure), text_parser(parser))
     same(piped.held_out, memory.held_out)
     assert piped.facts["read"]["bad"] == 2 * len(HOSTILE_LIBSVM) and len(memory.pool) == 3
     iterator = iter(piped.dataset())

@@ -124,7 +124,8 @@ def test_report_json_of_files_written_before_the_record_type_is_unchanged(tmp_pa
 
 
 KEYS_ADDED_SINCE_V2_FIXTURES = ("cpu_samples_per_sec", "cpu_busy_cores", "bound_samples_per_sec", "bound_share",
-                                "nonfinite_inputs", "input_cpu_us_per_example", "input_cpu_share")
+                                "nonfinite_inputs", "input_cpu_us_per_example", "input_cpu_share",
+                                "text_parser")
 
 
 def test_records_written_before_the_type_read_back_to_the_same_json():

@@ -25,7 +25,8 @@ BUILD_TIMEOUT_S = 900.0
 
 
 def needs_custom_op(cell: Cell) -> bool:
-    return cell.model.variant in CUSTOM_OP_VARIANTS
+    """The cell runs an op of the library: the fused layer, or the C++ text parser."""
+    return cell.model.variant in CUSTOM_OP_VARIANTS or cell.data.parses_text_with_op
 
 
 def custom_op(action: str = "build", python: str = sys.executable, force: bool = False) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
-from .spec import DataSpec, MeasureSpec, ModelSpec, from_dict
+from .spec import TEXT_FORMATS, DataSpec, MeasureSpec, ModelSpec, from_dict
 
 ABBREVIATIONS = {
     "sparse_dense_matmul": "sdm",
@@ -29,11 +29,14 @@ ABBREVIATIONS = {
 }
 
 
+NEWER_DATA_FIELDS = ("text_parser",)
+
+
 def source_name(pattern: str) -> str:
     """A data file's (or glob's) name as a label shows it: no folder, no compression or
     format suffix, only characters a label may hold (`/data/day-01.libsvm.gz` -> `day-01`)."""
     name = Path(pattern).name
-    for suffix in (".gz", ".libsvm", ".svm", ".txt", ".tsv", ".tfrecord", ".tfrecords"):
+    for suffix in (".gz", ".libsvm", ".svm", ".txt", ".tsv", ".tfrecord", ".tfrecords", ".blocks"):
         name = name.removesuffix(suffix)
     return re.sub(r"[^A-Za-z0-9_.*-]+", "_", name) or "data"
 
@@ -175,6 +178,9 @@ class Cell:
             parts.append(f"ps{d.ps_tasks}w{d.worker_tasks}")
         if self.data.source is not None:
             parts.append(f"{self.data.format}-{self.data.input}-{source_name(self.data.source)}")
+            if self.data.input == "pipeline" and self.data.format in TEXT_FORMATS and \
+                    self.data.text_parser != DataSpec.text_parser:
+                parts.append(self.data.text_parser.replace(".", ""))
         return "-".join(parts)
 
     # -- process settings --------------------------------------------------------
@@ -200,7 +206,14 @@ class Cell:
 
     # -- serialization -----------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every field, less the data settings added since workers of older commits (`ab`,
+        the self-gate's baseline) were written, where they hold their default: such a
+        worker refuses a field it does not know."""
+        data = asdict(self)
+        for name in NEWER_DATA_FIELDS:
+            if data["data"][name] == getattr(DataSpec, name):
+                del data["data"][name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Cell":
@@ -230,7 +243,7 @@ class Cell:
             "normalization": m.normalization, "out_dim": m.out_dim, **asdict(self.threads),
             "strategy": self.distribution.strategy, "ps_tasks": self.distribution.ps_tasks,
             "worker_tasks": self.distribution.worker_tasks, "input": self.data.input, "source": self.data.source,
-            "format": self.data.format,
+            "format": self.data.format, "text_parser": self.data.text_parser,
         }
 
     def axes(self) -> dict[str, Any]:
@@ -261,4 +274,6 @@ class Cell:
             "worker_tasks": self.distribution.worker_tasks if not self.distribution.is_local else None,
             "input": self.data.input if self.data.source is not None else None,
             "data_format": self.data.format,
+            "text_parser": self.data.text_parser if self.data.input == "pipeline" and self.data.format in
+            TEXT_FORMATS else None,
         }

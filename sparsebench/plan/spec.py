@@ -45,7 +45,11 @@ DEFAULT_LEARNING_RATES = {
 
 DATA_FORMATS = ("libsvm", "criteo", "tfrecord", "blocks")
 FILE_FIELDS = ("source", "format", "eval_source", "max_bad_fraction", "input", "ids_feature", "values_feature",
-               "label_feature")
+               "label_feature", "text_parser")
+TEXT_FORMATS = ("libsvm", "criteo")
+# How a pipeline parses text: the C++ op (train/custom_ops/parse_text.cc), or TensorFlow's
+# string ops (no compiler needed).
+TEXT_PARSERS = ("op", "tf.strings")
 INPUTS = ("memory", "pipeline")
 PIPELINE_FORMATS = DATA_FORMATS
 
@@ -90,6 +94,11 @@ class DataSpec:
     ids_feature: str = "ids"  # tfrecord feature names
     values_feature: str = "values"
     label_feature: str = "label"
+    text_parser: str = "op"  # a pipeline of libsvm or Criteo lines: op | tf.strings (TEXT_PARSERS)
+
+    @property
+    def parses_text_with_op(self) -> bool:
+        return self.input == "pipeline" and self.format in TEXT_FORMATS and self.text_parser == "op"
 
     @property
     def num_features(self) -> int:
@@ -108,6 +117,7 @@ class DataSpec:
         _require(0 <= self.max_bad_fraction <= 1, "max_bad_fraction", "must be in [0, 1]")
         _require(0 <= self.seed < 2**63, "seed", "must be between 0 and 2**63 - 1")
         _require(self.input in INPUTS, "input", f"must be one of {', '.join(INPUTS)}")
+        _require(self.text_parser in TEXT_PARSERS, "text_parser", f"must be one of {', '.join(TEXT_PARSERS)}")
         _require(self.format is None or self.format in DATA_FORMATS, "format", f"one of {', '.join(DATA_FORMATS)}")
         _require(self.input == "memory" or self.format is None or self.format in PIPELINE_FORMATS, "input",
                  f"pipeline input reads {' and '.join(PIPELINE_FORMATS)}; use input = \"memory\" for {self.format}")

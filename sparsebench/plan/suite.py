@@ -79,6 +79,7 @@ AXES: dict[str, tuple[str, Callable[[Any], bool], str]] = {
     "input": ("data", _choice(spec.INPUTS), "memory or pipeline"),
     "source": ("data", lambda v: isinstance(v, str) and bool(v), "a file path or glob"),
     "format": ("data", _choice(spec.DATA_FORMATS), "libsvm, criteo, tfrecord or blocks"),
+    "text_parser": ("data", _choice(spec.TEXT_PARSERS), "op or tf.strings"),
     "strategy": ("distribution", _choice(STRATEGIES), "local or parameter_server"),
     "ps_tasks": ("distribution", _positive_int, "an integer >= 1"),
     "worker_tasks": ("distribution", _positive_int, "an integer >= 1"),

@@ -62,7 +62,12 @@ def prepare(cell: Cell, build: bool = True) -> Prepared:
         load()  # built by the parent before any cell started; loading takes milliseconds
         phases["custom_op_load_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-    inp = open_input(cell)
+    parse_text = None
+    if cell.data.parses_text_with_op:  # the C++ text parser: where it cannot be had, the cell is skipped
+        from .custom_ops.ops import text_parser
+
+        parse_text = text_parser()
+    inp = open_input(cell, parse_text)
     calibration = None
     if inp.calibration_sample is not None:
         if inp.calibration_sample.batch_size == 0:

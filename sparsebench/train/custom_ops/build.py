@@ -1,4 +1,4 @@
-"""Building and loading the fused custom op: `fused_layer.cc` -> a cached shared library.
+"""Building and loading the custom ops: `fused_layer.cc` and `parse_text.cc` -> a cached shared library.
 
 The library is compiled by the system C++ compiler (`CXX`, default `c++`) against the
 installed TensorFlow, with TensorFlow's own flags (`tf.sysconfig.get_compile_flags()` /
@@ -41,7 +41,7 @@ from pathlib import Path
 from ...errors import CellSkipped
 from ...lifetime import die_with_parent
 
-SOURCE = Path(__file__).with_name("fused_layer.cc")
+SOURCES = (Path(__file__).with_name("fused_layer.cc"), Path(__file__).with_name("parse_text.cc"))
 LIBRARY_NAME = "sparsebench_fused_layer"
 # -march=native: the CPU is in the key. SPARSEBENCH_OPS_MARCH overrides it: `ab --count`
 # builds for x86-64-v3 (AVX2), because valgrind cannot execute AVX-512 (SIGILL).
@@ -165,8 +165,12 @@ def _optimization(cxx: str) -> list[str]:
 
 def _command(cxx: str, output: Path, compile_flags: list[str], link_flags: list[str],
              optimization: list[str]) -> list[str]:
-    return [cxx, "-std=c++17", "-shared", "-fPIC", *optimization, str(SOURCE), "-o", str(output),
+    return [cxx, "-std=c++17", "-shared", "-fPIC", *optimization, *map(str, SOURCES), "-o", str(output),
             *compile_flags, *link_flags]
+
+
+def _source_bytes() -> bytes:
+    return b"\0".join(source.read_bytes() for source in SOURCES)
 
 
 def _hash(*parts: str | bytes) -> str:
@@ -195,7 +199,7 @@ def plan() -> Plan:
     identity = _compiler_identity(cxx)
     version, compile_flags, link_flags = _tensorflow_flags()
     optimization = _optimization(cxx)
-    key = _hash(SOURCE.read_bytes(), _tensorflow_identity(), identity, " ".join(optimization + compile_flags + link_flags),
+    key = _hash(_source_bytes(), _tensorflow_identity(), identity, " ".join(optimization + compile_flags + link_flags),
                 _cpu_flags())
     library = cache_dir() / f"{LIBRARY_NAME}-tf{version}-{key}.so"
     return Plan(library, _command(cxx, library, compile_flags, link_flags, optimization), key, cxx, optimization,
@@ -205,7 +209,7 @@ def plan() -> Plan:
 def manifest_path() -> Path:
     """Where the manifest of this machine's library lies, named by what is known without a
     compiler: the source, TensorFlow's build, the target and the CPU."""
-    return cache_dir() / f"{LIBRARY_NAME}-{_hash(SOURCE.read_bytes(), _tensorflow_identity(), target(), _cpu_flags())}.json"
+    return cache_dir() / f"{LIBRARY_NAME}-{_hash(_source_bytes(), _tensorflow_identity(), target(), _cpu_flags())}.json"
 
 
 def _from_manifest() -> BuildInfo | None:

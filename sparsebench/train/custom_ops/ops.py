@@ -89,3 +89,18 @@ def fused_lazy_adam(table, table_m, table_v, bias_x, bias_m, bias_v, rows, keys,
         beta2=tf.cast(beta2, tf.float32), epsilon=tf.cast(epsilon, tf.float32),
         beta1_power=tf.cast(beta1_power, tf.float32), beta2_power=tf.cast(beta2_power, tf.float32),
         normalize=normalize)
+
+
+def parse_text(lines, text_format: str, feature_bits: int):
+    """A vector of libsvm or Criteo lines -> (row_lengths int32, labels, keys int64, values,
+    line_kinds int32: 0 example, 1 skipped, 2 bad), by `parse_text.cc` (the rules of
+    `train/inputs/datafiles.py`). Loads the library when first called: where it cannot be
+    built, `CustomOpUnavailable` (the cell is skipped with the reason)."""
+    return _ops().sparsebench_parse_text(lines=lines, format=text_format, feature_bits=feature_bits)
+
+
+def text_parser():
+    """The op library loaded now (so a cell that cannot have it is skipped before it opens
+    its input), and `parse_text` for the pipeline."""
+    _ops()
+    return parse_text

@@ -51,8 +51,10 @@ class CellInput:
         return float(np.mean([b.nnz for b in self.pool])) if self.pool else None
 
 
-def open_input(cell: Cell) -> CellInput:
-    """Everything `cell` trains and evaluates on (see the module docstring for the order)."""
+def open_input(cell: Cell, parse_text: Callable | None = None) -> CellInput:
+    """Everything `cell` trains and evaluates on (see the module docstring for the order).
+    `parse_text`: the C++ text parser, for pipeline cells that parse text with the op (the
+    caller loads it: train/inputs does not import custom_ops)."""
     import tensorflow as tf
 
     spec, batch_size, measure = cell.data, cell.batch_size, cell.measure
@@ -81,7 +83,13 @@ def open_input(cell: Cell) -> CellInput:
                      "held_out": held_from, "held_out_examples": held_out.batch_size,
                      "tf_data": pipeline.data_options(),
                      "parsing": "per example" if spec.format == "tfrecord" and not clean else "per batch"}
-            dataset = lambda: pipeline.dataset(spec, batch_size, skip, checked_clean=clean)  # noqa: E731
+            if spec.format in ("libsvm", "criteo"):
+                facts["text_parser"] = spec.text_parser
+                if spec.parses_text_with_op and parse_text is None:
+                    raise ValueError("a pipeline cell with text_parser = \"op\" needs the op's parse_text")
+            text_op = parse_text if spec.parses_text_with_op else None
+            dataset = lambda: pipeline.dataset(spec, batch_size, skip, checked_clean=clean,  # noqa: E731
+                                               parse_text=text_op)
             stream = pipeline.Stream(dataset())
         else:
             train, report = datafiles.read(spec.source, spec.format, spec.feature_bits, batch_size * measure.batch_pool,

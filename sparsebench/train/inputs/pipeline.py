@@ -37,14 +37,21 @@ def _files(spec: DataSpec, reader):
     return out
 
 
-def dataset(spec: DataSpec, batch_size: int, skip: int, checked_clean: bool = False):
+def dataset(spec: DataSpec, batch_size: int, skip: int, checked_clean: bool = False, parse_text=None):
     """(SparseTensor [batch, 2**feature_bits], labels [batch]) batches, forever, with the
     cell's `tf.data` options (`data_options`). `checked_clean`: the whole source was read
-    and holds no malformed example (TFRecord then parses a batch at a time)."""
+    and holds no malformed example (TFRecord then parses a batch at a time). `parse_text`:
+    the C++ text parser (`custom_ops.ops.parse_text`), for libsvm and Criteo cells whose
+    `text_parser` is "op" (the caller loads it: train/inputs does not import custom_ops)."""
     import tensorflow as tf
 
     num_features = spec.num_features
-    if spec.format in ("libsvm", "criteo"):
+    if spec.format in ("libsvm", "criteo") and parse_text is not None:
+        lines = _files(spec, lambda path, compression: tf.data.TextLineDataset(path, compression_type=compression))
+        chunks = lines.batch(batch_size).map(lambda chunk: parse_text(chunk, spec.format, spec.feature_bits)[:4],
+                                             num_parallel_calls=tf.data.AUTOTUNE)
+        parsed = _batched_examples(chunks, spec, batch_size, skip, examples_per_element=batch_size)
+    elif spec.format in ("libsvm", "criteo"):
         lines = _files(spec, lambda path, compression: tf.data.TextLineDataset(path, compression_type=compression))
         # The examples the memory path counts: no blank (or libsvm comment) line, no malformed
         # one; then the held-out ones are skipped.
@@ -134,8 +141,7 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
     key_dtype = tf.int32 if headers[0].key_dtype == "int32" else tf.int64
     key_bytes = 4 if key_dtype == tf.int32 else 8
     largest_block = max(h.block_examples for h in headers)
-    group = max(1, batch_size // largest_block)  # a group never holds more than a batch ...
-    one_batch_per_step = largest_block <= batch_size  # ... so a scan step emits at most one batch
+    group = max(1, batch_size // largest_block)  # a group never holds more than a batch (when blocks fit one)
 
     def decode(records):
         """A group of block records -> its examples' arrays, each decoded once for the group
@@ -154,7 +160,20 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
 
     records = _files(spec, lambda path, compression: tf.data.TFRecordDataset(path, compression_type=compression)
                      .skip(1))  # each file's header
-    passes = records.batch(group).map(decode, num_parallel_calls=tf.data.AUTOTUNE).enumerate().repeat()
+    groups = records.batch(group).map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return _batched_examples(groups, spec, batch_size, skip, examples_per_element=group * largest_block)
+
+
+def _batched_examples(elements, spec: DataSpec, batch_size: int, skip: int, examples_per_element: int):
+    """Elements of examples' arrays (row_lengths int32, labels, keys int64, values: decoded
+    blocks, parsed lines) -> batches of exactly `batch_size` examples: a scan carries the
+    examples left over from one element into the next batch, and drops the held-out ones
+    at the start of every pass. Where an element holds at most a batch, a scan step emits
+    at most one batch (no dataset per batch)."""
+    import tensorflow as tf
+
+    one_batch_per_step = examples_per_element <= batch_size
+    passes = elements.enumerate().repeat()
     empty = (tf.constant(skip, tf.int64), tf.zeros([0], tf.int32), tf.zeros([0], tf.float32),
              tf.zeros([0], tf.int64), tf.zeros([0], tf.float32))
 
@@ -198,12 +217,14 @@ def _blocks(spec: DataSpec, batch_size: int, skip: int):
         return tf.data.Dataset.range(tf.size(per_batch, out_type=tf.int64)).map(one)
 
     def to_sparse(lengths, labels, keys, values):
-        # Each entry's row: a 1 where a row starts (rows of no entries stack up), summed up.
+        # Each entry's row: a 1 where a row starts (rows of no entries stack up; those at
+        # the end start at nnz, one past the entries), summed up.
         starts = tf.cumsum(tf.cast(lengths, tf.int64), exclusive=True)
-        marks = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, tf.size(keys, out_type=tf.int64))
+        entries = tf.size(keys, out_type=tf.int64)
+        marks = tf.math.unsorted_segment_sum(tf.ones_like(starts), starts, entries + 1)[:entries]
         rows = tf.cumsum(marks) - 1
         sp = tf.SparseTensor(tf.stack([rows, keys], 1), values, [batch_size, spec.num_features])
-        return sp, labels  # rows ascending, keys sorted within a row: canonical order as written
+        return sp, labels  # rows ascending, keys sorted within a row: canonical order
 
     if one_batch_per_step:
         grouped = (passes.scan(empty, carry_one).filter(lambda ready, *_: ready)
