@@ -371,12 +371,6 @@ def write_criteo(batch: SparseBatch, path: Path, compress: bool = False) -> None
             fh.write("\t".join([str(int(batch.labels[b])), *counts, *cats]) + "\n")
 
 
-def write_blocks(batch: SparseBatch, path: Path, compress: bool = False, feature_bits: int = 20) -> None:
-    from .blocks import write_blocks as write
-
-    write(batch, path, compress, feature_bits)
-
-
 # -- conversion to blocks ------------------------------------------------------------------
 def source_checksum(paths: list[Path]) -> dict:
     """sha256 over the source's files (their bytes, in the order they are read)."""
@@ -413,7 +407,8 @@ def convert_to_blocks(source: str, fmt: str, path: Path, feature_bits: int, name
     return write_file(Path(path), header_for, fill, compress)
 
 
-WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo, "blocks": write_blocks}
+# Blocks are written by `blocks.write_blocks`, which also needs the keys' feature_bits.
+WRITERS = {"libsvm": write_libsvm, "tfrecord": write_tfrecord, "criteo": write_criteo}
 
 
 # -- a cell's examples (the order is train/inputs/open.py's) -------------------------
