@@ -76,8 +76,7 @@ def _inspect(args) -> int:
     DataSpec(feature_bits=args.feature_bits).validate()
     if args.limit is not None and args.limit < 1:
         raise ConfigError("--limit: must be >= 1")
-    batch, report = read(args.path, args.format, args.feature_bits, limit=args.limit,
-                         names=TFRecordNames(args.ids_feature, args.values_feature, args.label_feature))
+    batch, report = read(args.path, args.format, args.feature_bits, limit=args.limit, names=_feature_names(args))
     facts = {"path": args.path, "format": args.format, **describe(batch), "malformed": report.bad,
              "first_malformed": report.first_bad}
     if args.format == "blocks":
@@ -123,13 +122,24 @@ def _convert(args) -> int:
     files = source_files(args.src)  # a source that is not there: one error line, nothing else
     print(f"converting {args.src} ({len(files)} {args.format} file{'s' if len(files) > 1 else ''}) to {path} ...",
           file=sys.stderr, flush=True)
-    header = convert_to_blocks(args.src, args.format, path, args.feature_bits,
-                     TFRecordNames(args.ids_feature, args.values_feature, args.label_feature),
-                     block_examples=args.block_examples)
+    header = convert_to_blocks(args.src, args.format, path, args.feature_bits, _feature_names(args),
+                               block_examples=args.block_examples)
     print(f"wrote {header.examples} examples ({header.entries} features) in {header.blocks} blocks to {path}; "
           f"{header.malformed} malformed {'line' if header.malformed == 1 else 'lines'} left out"
           + (f" (first: {header.first_malformed[0]})" if header.first_malformed else ""))
     return 0
+
+
+def _add_feature_names(parser) -> None:
+    """The TFRecord feature names a command reads with (`--ids-feature` ...)."""
+    defaults = TFRecordNames()
+    parser.add_argument("--ids-feature", default=defaults.ids)
+    parser.add_argument("--values-feature", default=defaults.values)
+    parser.add_argument("--label-feature", default=defaults.label)
+
+
+def _feature_names(args) -> TFRecordNames:
+    return TFRecordNames(args.ids_feature, args.values_feature, args.label_feature)
 
 
 def _import_tensorflow_quietly() -> None:
@@ -165,9 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     inspect.add_argument("--format", choices=DATA_FORMATS, required=True)
     inspect.add_argument("--feature-bits", type=int, default=DataSpec.feature_bits)
     inspect.add_argument("--limit", type=int, default=None)
-    inspect.add_argument("--ids-feature", default="ids")
-    inspect.add_argument("--values-feature", default="values")
-    inspect.add_argument("--label-feature", default="label")
+    _add_feature_names(inspect)
     inspect.add_argument("--json", action="store_true")
     conv = sub.add_parser("convert")
     conv.add_argument("src")
@@ -175,9 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--format", choices=[f for f in DATA_FORMATS if f != "blocks"], required=True)
     conv.add_argument("--feature-bits", type=int, default=DataSpec.feature_bits)
     conv.add_argument("--block-examples", type=int, default=BLOCK_EXAMPLES)
-    conv.add_argument("--ids-feature", default="ids")
-    conv.add_argument("--values-feature", default="values")
-    conv.add_argument("--label-feature", default="label")
+    _add_feature_names(conv)
     conv.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "convert" or args.format in ("tfrecord", "blocks"):  # what needs TensorFlow
