@@ -177,14 +177,14 @@ def test_streaming_a_blocks_file_keeps_memory_flat(tmp_path):
     from sparsebench.train.inputs.blocks import write_blocks
     from sparsebench.train.inputs.pipeline import dataset
 
-    batch = SyntheticData(DataSpec(feature_bits=16, mean_active=60)).sample(60_000, stream=0)
+    batch = SyntheticData(DataSpec(feature_bits=16, mean_active=60)).sample(100_000, stream=0)
     write_blocks(batch, tmp_path / "x.blocks", feature_bits=16)
     file_mb = (tmp_path / "x.blocks").stat().st_size / 2**20
     del batch
     spec = DataSpec(feature_bits=16, source=str(tmp_path / "x.blocks"), format="blocks", input="pipeline")
     iterator = iter(dataset(spec, 256, 0))
-    per_pass = 60_000 // 256
-    for _ in range(10):
+    per_pass = 100_000 // 256
+    for _ in range(50):  # an eighth of a pass: what the pipeline's buffers grow to, not the file
         next(iterator)  # the pipeline's start: threads, buffers
     rss = [psutil.Process().memory_info().rss / 2**20]
     for _ in range(3):
