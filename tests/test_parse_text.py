@@ -88,3 +88,28 @@ def test_bad_attributes_and_shapes_are_errors_not_crashes(parse_text):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match="must be a vector|rank 1|Shape must be"):
         parse_text(tf.constant([["1 2:3"]]), "libsvm", 12)
     assert parse_text(tf.constant([], tf.string), "libsvm", 12)[4].shape == (0,)
+
+
+@pytest.mark.parametrize("fmt,lines,bits", [("libsvm", LIBSVM_LINES, 12), ("criteo", CRITEO_LINES, 24)])
+def test_the_source_check_through_the_op_counts_what_the_python_reader_counts(tmp_path, monkeypatch, parse_text,
+                                                                             fmt, lines, bits):
+    """A pipeline cell's source check (`pipeline.count_text`) over two files, one gzip, with
+    bad lines on both sides of a chunk boundary: the same examples, bad lines and first-bad
+    names (file, line number, reason) as the Python reader."""
+    import gzip
+
+    from sparsebench.plan.spec import DataSpec
+    from sparsebench.train.inputs import pipeline
+
+    monkeypatch.setattr(pipeline, "COUNT_CHUNK", 7)  # lines per op call: chunk boundaries inside each file
+    body = "\n".join(lines * 3) + "\n"
+    (tmp_path / "a.txt").write_text(body)
+    with gzip.open(tmp_path / "b.txt", "wt") as fh:
+        fh.write(body)
+    source = str(tmp_path / "*.txt")
+    _, expected = read(source, fmt, bits, keep=False)
+    spec = DataSpec(source=source, format=fmt, feature_bits=bits, input="pipeline")
+    counted = pipeline.count_text(spec, parse_text)
+    assert expected.bad > 0 and expected.examples > 0
+    assert (counted.examples, counted.bad) == (expected.examples, expected.bad)
+    assert counted.first_bad == expected.first_bad

@@ -181,6 +181,18 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
     return label, features
 
 
+def text_line_error(line: str, fmt: str, feature_bits: int) -> str | None:
+    """Why a libsvm or Criteo line is malformed, or None when it is an example (or blank,
+    or a libsvm comment)."""
+    if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
+        return None
+    try:
+        _libsvm_example(line, (1 << feature_bits) - 1) if fmt == "libsvm" else _criteo_example(line, feature_bits)
+    except (ValueError, IndexError) as exc:
+        return str(exc)
+    return None
+
+
 def _builder(keep: bool, sink):
     """Where read examples go: `sink` (a blocks file being written), a CSR builder, or a counter."""
     return sink if sink is not None else _Builder() if keep else _Counter()

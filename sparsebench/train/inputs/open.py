@@ -72,7 +72,10 @@ def open_input(cell: Cell, parse_text: Callable | None = None) -> CellInput:
         if spec.input == "pipeline":
             from . import pipeline
 
-            _, report = datafiles.read(spec.source, spec.format, spec.feature_bits, names=names, keep=False)
+            if spec.parses_text_with_op and parse_text is not None:
+                report = pipeline.count_text(spec, parse_text)  # the op reads the source as the pipeline will
+            else:
+                _, report = datafiles.read(spec.source, spec.format, spec.feature_bits, names=names, keep=False)
             datafiles.check_bad(spec, "source", report)
             _require_a_batch(spec, report.examples - skip, skip, batch_size)
             calibration = (datafiles.read(spec.source, spec.format, spec.feature_bits, calibration_examples(batch_size),

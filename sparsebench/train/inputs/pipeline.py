@@ -23,7 +23,8 @@ from __future__ import annotations
 import time
 
 from ...plan.spec import DataSpec
-from .datafiles import CRITEO_LINE, LIBSVM_LINE, MAX_LITERAL, is_gzip, source_files
+from .datafiles import (CRITEO_LINE, FIRST_BAD_KEPT, LIBSVM_LINE, MAX_LITERAL, ReadReport, is_gzip, source_files,
+                        text_line_error)
 
 VALIDATE_CHUNK = 256  # lines checked together: the rules run vectorized, not line by line
 
@@ -87,6 +88,37 @@ def dataset(spec: DataSpec, batch_size: int, skip: int, checked_clean: bool = Fa
             parsed = examples.batch(batch_size, drop_remainder=True).map(
                 lambda b: _from_example_batch(b, spec, num_features), num_parallel_calls=tf.data.AUTOTUNE)
     return parsed.prefetch(tf.data.AUTOTUNE).with_options(_options(data_options()))
+
+
+COUNT_CHUNK = 8192  # lines the source check hands the parse op at once
+
+
+def count_text(spec: DataSpec, parse_text) -> ReadReport:
+    """The source check of a text pipeline cell parsed by the C++ op: the whole source read
+    through `parse_text`, as the pipeline will read it, counting examples and malformed lines
+    (the first few named by file and line, with the Python reader's reason). The same counts
+    as `datafiles.read(..., keep=False)`, at the op's speed rather than Python's (a 250 MB
+    libsvm file: seconds, not 40)."""
+    import numpy as np
+    import tensorflow as tf
+
+    report = ReadReport()
+    for path in source_files(spec.source):
+        lines = tf.data.TextLineDataset(str(path), compression_type="GZIP" if is_gzip(path) else "")
+        kinds = lines.batch(COUNT_CHUNK).map(lambda chunk: (chunk, parse_text(chunk, spec.format, spec.feature_bits)[4]),
+                                             num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
+        first_line = 1
+        for chunk, kind in kinds:
+            kind = kind.numpy()
+            report.examples += int(np.count_nonzero(kind == 0))
+            bad = np.flatnonzero(kind == 2)
+            for index in bad[:max(0, FIRST_BAD_KEPT - len(report.first_bad))]:
+                line = chunk[int(index)].numpy().decode("utf-8", errors="replace")
+                why = text_line_error(line, spec.format, spec.feature_bits) or "rejected by the C++ parser"
+                report.first_bad.append(f"{path}:{first_line + int(index)}: {why}")
+            report.bad += len(bad)
+            first_line += len(kind)
+    return report
 
 
 RAM_BUDGET_BYTES = 1 << 30  # autotune's buffers (prefetch, parallel map) may hold at most this
