@@ -56,7 +56,17 @@ def test_cell_owned_variables_never_reach_a_worker_and_framework_ones_are_record
         assert owned not in env
     assert env["TF_XLA_FLAGS"] == "--tf_xla_auto_jit=2" and "UNRELATED" not in env
     passed, dropped = inherited_variables(parent)
-    assert passed == {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2", "XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert passed == {"TF_XLA_FLAGS": "--tf_xla_auto_jit=2", "XLA_FLAGS": "--xla_dump_to=/tmp/x",
+                      "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # the default, recorded
     assert set(dropped) == {"TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "TF_ENABLE_ONEDNN_OPTS",
                             "OMP_NUM_THREADS"}
     assert os.environ.get("PATH")  # the real environment is untouched
+
+
+def test_workers_get_huge_pages_unless_the_user_sets_glibc_tunables():
+    (cell,) = load_suite(str(TINY)).cells()[:1]
+    assert worker_environment(cell, {"PATH": "/bin"})["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert inherited_variables({"PATH": "/bin"})[0] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    mine = {"PATH": "/bin", "GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
+    assert worker_environment(cell, mine)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=0"
+    assert inherited_variables(mine)[0] == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}
