@@ -231,19 +231,57 @@ def _cluster_tasks(root: psutil.Process) -> dict[str, psutil.Process]:
     return tasks
 
 
+# How long a test waits for a run to reach a point (its cluster up, its windows begun, its
+# end): generous, so a loaded machine is slow, not failing; each wait ends early on a marker.
+WAIT_S = 600
+
+
+def _fail_with_output(run: subprocess.Popen, why: str) -> None:
+    """Stops the run and fails the test with `why` and everything the run printed."""
+    if run.poll() is None:
+        run.kill()
+    out, err = run.communicate()
+    pytest.fail(f"{why} (run exit {run.returncode})\n--- stdout\n{out[-3000:]}\n--- stderr\n{err[-5000:]}")
+
+
+def _wait_for_tasks(run: subprocess.Popen, expected: set[str]) -> dict[str, psutil.Process]:
+    deadline = time.monotonic() + WAIT_S
+    tasks: dict[str, psutil.Process] = {}
+    while set(tasks) != expected:
+        if run.poll() is not None:
+            _fail_with_output(run, f"the run ended before its cluster tasks {sorted(expected)} were up")
+        if time.monotonic() > deadline:
+            _fail_with_output(run, f"cluster tasks after {WAIT_S} s: {sorted(tasks)}, expected {sorted(expected)}")
+        try:
+            tasks = _cluster_tasks(psutil.Process(run.pid))
+        except psutil.NoSuchProcess:
+            continue
+        time.sleep(0.2)
+    return tasks
+
+
+def _finish(run: subprocess.Popen, why: str) -> tuple[str, str]:
+    """The run's output once it ends by itself within WAIT_S (else the test fails with it)."""
+    try:
+        return run.communicate(timeout=WAIT_S)
+    except subprocess.TimeoutExpired:
+        _fail_with_output(run, f"the run did not end within {WAIT_S} s {why}")
+    raise AssertionError("unreachable")
+
+
+def _records(tmp_path: Path, run: subprocess.Popen, err: str) -> list[dict]:
+    out = tmp_path / "out.jsonl"
+    assert out.exists(), f"no results file (run exit {run.returncode}):\n{err[-5000:]}"
+    return [json.loads(line) for line in out.read_text().splitlines()[1:]]
+
+
 def _start_ps_run(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, psutil.Process], list[int]]:
     suite = tmp_path / "ps.toml"
     suite.write_text(PS_SUITE)
     run = subprocess.Popen([sys.executable, "-m", "sparsebench", "run", "--suite", str(suite), "--quiet", "--output",
                             str(tmp_path / "out.jsonl")], env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    tasks: dict[str, psutil.Process] = {}
-    while time.monotonic() < deadline and len(tasks) < 3:
-        assert run.poll() is None, run.communicate()
-        tasks = _cluster_tasks(psutil.Process(run.pid))
-        time.sleep(0.2)
-    assert set(tasks) == {"ps:0", "ps:1", "worker:0"}
+    tasks = _wait_for_tasks(run, {"ps:0", "ps:1", "worker:0"})
     command = tasks["ps:0"].cmdline()
     cluster = json.loads(command[command.index("--cluster") + 1])
     ports = [int(address.rsplit(":", 1)[1]) for addresses in cluster.values() for address in addresses]
@@ -255,9 +293,10 @@ def _wait_for_windows(run: subprocess.Popen, task: psutil.Process) -> None:
     """Until the cell's timed windows have begun: the coordinator marks it beside the
     tasks' logs (the folder of the task's stdout)."""
     folder = Path(os.readlink(f"/proc/{task.pid}/fd/1")).parent
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + WAIT_S
     while not (folder / "windows-started").exists():
-        assert run.poll() is None and time.monotonic() < deadline, "the cell never reached its timed windows"
+        if run.poll() is not None or time.monotonic() > deadline:
+            _fail_with_output(run, "the cell never reached its timed windows")
         time.sleep(0.1)
     time.sleep(1.0)
 
@@ -278,14 +317,14 @@ def test_a_killed_ps_fails_its_cell_by_name_and_no_port_or_task_outlives_the_run
         listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         assert not listening & set(ports)  # the cluster listens only inside its namespace
         tasks["ps:0"].kill()
-        out, err = run.communicate(timeout=120)
+        out, err = _finish(run, "after its PS task was killed")
     finally:
         if run.poll() is None:
             run.kill()
     assert run.returncode == 1, err  # a failed cell: the run says so
-    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
-    assert [r["status"] for r in records] == ["failed"]
-    assert "ps:0" in records[0]["reason"] and "SIGKILL" in records[0]["reason"]
+    records = _records(tmp_path, run, err)
+    assert [r["status"] for r in records] == ["failed"], err[-5000:]
+    assert "ps:0" in records[0]["reason"] and "SIGKILL" in records[0]["reason"], records[0]["reason"]
     assert _gone(tasks.values())
 
 
@@ -309,18 +348,15 @@ def test_a_killed_worker_task_is_recovered_and_recorded(private_network, tmp_pat
                             str(tmp_path / "out.jsonl")], env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     try:
-        deadline, tasks = time.monotonic() + 180, {}
-        while time.monotonic() < deadline and len(tasks) < 4:
-            tasks = _cluster_tasks(psutil.Process(run.pid))
-            time.sleep(0.2)
+        tasks = _wait_for_tasks(run, {"ps:0", "ps:1", "worker:0", "worker:1"})
         _wait_for_windows(run, tasks["worker:1"])
         tasks["worker:1"].kill()
-        out, err = run.communicate(timeout=180)
+        out, err = _finish(run, "after a worker task was killed")
     finally:
         if run.poll() is None:
             run.kill()
-    records = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()[1:]]
-    assert [r["status"] for r in records] == ["ok"], (records[0].get("reason"), err[-2000:])
+    records = _records(tmp_path, run, err)
+    assert [r["status"] for r in records] == ["ok"], ([r.get("reason") for r in records], err[-5000:])
     cluster = records[0]["cluster"]
     assert cluster["recovered"] and "worker:1" in cluster["worker_tasks_lost"]
     per_worker = records[0]["samples_per_sec_per_worker"]
