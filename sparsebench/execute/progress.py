@@ -42,7 +42,11 @@ def describe_record(record: Record) -> str:
     windows = record.windows or []
     cv = record.cv
     noisy = f"  NOISY (CV {cv:.1%} > {NOISY_CV:.0%})" if is_noisy(cv) else ""
-    spread = f" ±{cv:.1%}" if cv is not None else ""
+    # The interval the record carries, and the windows' spread named as what it is (a CV,
+    # not an interval: "±27%" read like one).
+    interval = (f" [{format_rate(record.samples_per_sec_low)}-{format_rate(record.samples_per_sec_high)}]"
+                if record.samples_per_sec_low is not None and record.samples_per_sec_high is not None else "")
+    spread = f"{interval}, CV {cv:.1%}" if cv is not None else interval
     step = record.step_ms_p50 if record.step_ms_p50 is not None else float("nan")
     return (
         f"{format_rate(record.samples_per_sec)} samples/s{spread} over {len(windows)} windows, "
