@@ -67,11 +67,15 @@ EXIT_GRACE_S = 30.0  # a worker that finished its cells but does not exit is kil
 READY_WAIT_S = 300.0  # how long a gated first cell waits for its worker to say it started
 
 
+def _with_defaults(parent: dict[str, str]) -> dict[str, str]:
+    """The parent's variables, and WORKER_DEFAULTS where the parent does not set them."""
+    return {**WORKER_DEFAULTS, **parent}
+
+
 def worker_environment(cell: Cell, parent: dict[str, str] | None = None) -> dict[str, str]:
-    parent = os.environ if parent is None else parent
-    env = {k: v for k, v in WORKER_DEFAULTS.items() if k not in parent}
-    env.update({k: v for k, v in parent.items()
-                if (k in ENV_WHITELIST or k.startswith(ENV_PREFIXES)) and k not in CELL_OWNED})
+    parent = _with_defaults(os.environ if parent is None else parent)
+    env = {k: v for k, v in parent.items()
+           if (k in ENV_WHITELIST or k.startswith(ENV_PREFIXES)) and k not in CELL_OWNED}
     env.update(cell.environment())
     env["PYTHONUNBUFFERED"] = "1"
     return env
@@ -81,7 +85,7 @@ def inherited_variables(parent: dict[str, str] | None = None) -> tuple[dict[str,
     """(framework variables every worker inherits or gets by default, cell-owned variables
     that are dropped)."""
     parent = os.environ if parent is None else parent
-    given = {**{k: v for k, v in WORKER_DEFAULTS.items() if k not in parent}, **parent}
+    given = _with_defaults(parent)
     passed = {k: v for k, v in sorted(given.items()) if k.startswith(FRAMEWORK_PREFIXES) and k not in CELL_OWNED}
     dropped = {k: v for k, v in sorted(parent.items()) if k in CELL_OWNED}
     return passed, dropped

@@ -181,13 +181,23 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
     return label, features
 
 
+def _skipped(line: str, fmt: str) -> bool:
+    """A blank line, or a libsvm comment: neither an example nor malformed."""
+    return not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#"))
+
+
+def _text_example(line: str, fmt: str, feature_bits: int) -> tuple[float, dict[int, float]]:
+    """A libsvm or Criteo line's (label, features); ValueError or IndexError when malformed."""
+    return _libsvm_example(line, (1 << feature_bits) - 1) if fmt == "libsvm" else _criteo_example(line, feature_bits)
+
+
 def text_line_error(line: str, fmt: str, feature_bits: int) -> str | None:
     """Why a libsvm or Criteo line is malformed, or None when it is an example (or blank,
     or a libsvm comment)."""
-    if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
+    if _skipped(line, fmt):
         return None
     try:
-        _libsvm_example(line, (1 << feature_bits) - 1) if fmt == "libsvm" else _criteo_example(line, feature_bits)
+        _text_example(line, fmt, feature_bits)
     except (ValueError, IndexError) as exc:
         return str(exc)
     return None
@@ -202,14 +212,13 @@ def read_text(paths: list[Path], fmt: str, feature_bits: int, limit: int | None 
               skip: int = 0, keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
     """libsvm or Criteo examples `skip`..`skip + limit` from `paths` in order (`keep=False`:
     only counted, in constant memory)."""
-    mask = (1 << feature_bits) - 1
     builder, report, seen = _builder(keep, sink), ReadReport(), 0
     for path in paths:
         for number, line in _lines(path):
-            if not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#")):
+            if _skipped(line, fmt):
                 continue
             try:
-                label, features = _libsvm_example(line, mask) if fmt == "libsvm" else _criteo_example(line, feature_bits)
+                label, features = _text_example(line, fmt, feature_bits)
             except (ValueError, IndexError) as exc:
                 report.skip(f"{path}:{number}", str(exc))
                 continue

@@ -112,11 +112,12 @@ def count_text(spec: DataSpec, parse_text) -> ReadReport:
             kind = kind.numpy()
             report.examples += int(np.count_nonzero(kind == 0))
             bad = np.flatnonzero(kind == 2)
-            for index in bad[:max(0, FIRST_BAD_KEPT - len(report.first_bad))]:
+            named = bad[:max(0, FIRST_BAD_KEPT - len(report.first_bad))]  # only these need a reason
+            for index in named:
                 line = chunk[int(index)].numpy().decode("utf-8", errors="replace")
                 why = text_line_error(line, spec.format, spec.feature_bits) or "rejected by the C++ parser"
-                report.first_bad.append(f"{path}:{first_line + int(index)}: {why}")
-            report.bad += len(bad)
+                report.skip(f"{path}:{first_line + int(index)}", why)
+            report.bad += len(bad) - len(named)
             first_line += len(kind)
     return report
 
