@@ -68,6 +68,8 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
         click.echo(f"\ninterrupted: finished cells are saved; complete the run{hint}", err=True)
         return 130
     click.echo(summary.line())
+    if summary.busy_warning:
+        click.echo(f"warning: {summary.busy_warning}", err=True)
     if summary.exit_code:
         click.echo(f"resume the failed cells with: sparsebench run --resume {summary.path}", err=True)
     return summary.exit_code
@@ -205,8 +207,15 @@ def suites():
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the fingerprint as JSON.")
-def env(as_json):
+@click.option("--check", is_flag=True,
+              help="Instead: watch the machine for --seconds and say whether it is fit to measure now (other "
+                   "processes, steal, iowait, load average, frequency governor); exit 1 when it is not.")
+@click.option("--seconds", type=click.FloatRange(0.1, 60), default=2.0, show_default=True,
+              help="--check: how long to watch.")
+def env(as_json, check, seconds):
     """Print the environment fingerprint stored with every run."""
+    if check:
+        return _env_check(seconds, as_json)
     from .execute.env import fingerprint
 
     info = fingerprint()
@@ -231,6 +240,35 @@ def env(as_json):
     for key, value in lines:
         click.echo(f"{key + ':':<17} {value}")
     return 0
+
+
+def _env_check(seconds: float, as_json: bool) -> int:
+    """`env --check`: pyperf's `system show` for this tool, in a few lines and an exit code."""
+    from dataclasses import asdict
+
+    from .load import BUSY_CORES, check_machine
+
+    found = check_machine(seconds)
+    if as_json:
+        click.echo(json.dumps({**asdict(found), "fit": found.fit}, indent=2))
+        return 0 if found.fit else 1
+    load, averages, freq = found.load, found.load_average, found.frequency
+    if load is not None:
+        click.echo(f"over {load.seconds:.1f} s: other processes {load.other_cores:.2f} cores, steal "
+                   f"{load.steal_cores:.2f}, iowait {load.iowait_cores:.2f} (of {load.cores}; busy from "
+                   f"{BUSY_CORES:g})")
+    if averages is not None:
+        click.echo(f"load average: {averages[0]:.2f} {averages[1]:.2f} {averages[2]:.2f} (1, 5, 15 minutes)")
+    click.echo(f"frequency: governor {', '.join(freq.governors) or 'not readable'}"
+               + (f", {freq.current_mhz:.0f} of {freq.max_mhz:.0f} MHz" if freq.ratio is not None else ""))
+    for name, pid, cores in found.busiest:
+        click.echo(f"busy: {name} (pid {pid}) {cores:.2f} cores")
+    for note in found.notes:
+        click.echo(f"note: {note}")
+    for problem in found.problems:
+        click.echo(f"NOT FIT: {problem}")
+    click.echo("fit to measure" if found.fit else "not fit to measure: figures taken now are likely low and noisy")
+    return 0 if found.fit else 1
 
 
 @cli.command()
@@ -267,12 +305,7 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     else:
         text = reporting.render(loaded, fmt, view, rows, cols, metric)
     if output is not None:
-        try:
-            output.parent.mkdir(parents=True, exist_ok=True)
-            output.write_text(text)
-        except OSError as exc:
-            raise UserError(f"{output}: cannot write report: {exc.strerror}") from None
-        click.echo(f"wrote {output}", err=True)
+        _write_text(output, text, "report")
     else:
         click.echo(text)
     for path in written:
@@ -343,7 +376,64 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
         raise UserError("--strict-env: " + "; ".join(reports[0].environment_warnings))
     for later in reports[1:]:
         later.environment_warnings = []  # the same machines: said once, above the first table
+    from .load import busy_warning
+
+    reports[0].power_warnings += [w for w in (busy_warning(base.latest(), f"baseline {baseline}"),
+                                              busy_warning(cur.latest(), f"current {current}")) if w]
     return _emit(reports, fmt, github_benchmark, cur)
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
+              show_default=True)
+@click.option("--cells", "cells", multiple=True, metavar="PATTERN",
+              help="Only cells whose label or id matches (shell pattern, e.g. 'fused*'). Repeatable.")
+@click.option("--since", metavar="DATE|COMMIT", help="Only results from this date (YYYY-MM-DD) or commit on.")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True,
+              help="A git checkout that knows the commits, for results whose header has no commit time.")
+@click.option("--alpha", default=0.01, show_default=True, help="Significance level a step must reach (Holm).")
+@click.option("--min-step", default=3.0, show_default=True, metavar="PCT",
+              help="The smallest step reported, in percent.")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout.")
+@click.option("--plots", type=click.Path(path_type=Path), help="Also write history.png and history.svg here.")
+def history(paths, fmt, cells, since, repo, alpha, min_step, output, plots):
+    """Each cell's samples/s across commits, and the steps in it.
+
+    PATHS are results files or folders of them (searched for *.jsonl), one or more per
+    commit: a nightly job's `results/`. Each file is placed on the commit its header names
+    (ordered by commit time); several files of one commit are its processes. A step is a
+    level change found by PELT and confirmed by a t-test between the commits on its two
+    sides; it needs two commits on each side. Reading a few dozen files takes seconds."""
+    from .analyze.history import load_history
+    from .analyze.history_view import render, write_plot
+
+    patterns = [p for c in cells for p in c.split(",") if p]
+    found = load_history(list(paths), cells=patterns, since=since, repo=repo, alpha=alpha, min_step=min_step / 100)
+    for warning in found.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    text = render(found, fmt)
+    if output is not None:
+        _write_text(output, text, "history")
+    else:
+        click.echo(text)
+    if plots is not None:
+        try:
+            written = write_plot(found, plots)
+        except OSError as exc:
+            raise UserError(f"{plots}: cannot write plots: {exc.strerror}") from None
+        for path in written:
+            click.echo(f"wrote {path}", err=True)
+    return 0
+
+
+def _write_text(output: Path, text: str, what: str) -> None:
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+    except OSError as exc:
+        raise UserError(f"{output}: cannot write {what}: {exc.strerror}") from None
+    click.echo(f"wrote {output}", err=True)
 
 
 @cli.command()

@@ -150,6 +150,10 @@ class Record:
                                                     "used during one of the timed windows (local cells)")
     steal_cores: float = _field("cores", Merge.MAX, "the most cores' worth the hypervisor gave other guests "
                                                     "(steal time) during one of the timed windows")
+    iowait_cores: float = _field("cores", Merge.MAX, "cores' worth of time the machine's CPUs waited on I/O over "
+                                                     "the whole cell (start-up included), as the orchestrator saw it")
+    load_1m: float = _field("", Merge.MAX, "the machine's 1-minute load average when the cell finished (its own "
+                                           "worker included)")
     step_ms_p50: float = _field("ms", Merge.MEDIAN, "median wall time of one train step")
     step_ms_p90: float = _field("ms", Merge.MEDIAN, "90th percentile of the step time")
     step_ms_p99: float = _field("ms", Merge.MEDIAN, "99th percentile of the step time")

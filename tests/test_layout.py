@@ -1,7 +1,7 @@
 """The package layout keeps its promises: the parent side never imports TensorFlow, and
 each folder imports only the layers below it.
 
-    errors, results, stats, machine, lifetime, modules   shared formats and facts (bottom)
+    errors, results, stats, machine, lifetime, modules, load, tables: shared formats and facts (bottom)
     plan/      what to run               -> bottom
     execute/   the parent process        -> plan, bottom
     train/     the worker (TensorFlow)   -> plan, bottom
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "sparsebench"
 FIXTURES = Path(__file__).parent / "fixtures"
 
-BOTTOM = {"errors", "results", "record", "stats", "machine", "lifetime", "modules"}
+BOTTOM = {"errors", "results", "record", "stats", "machine", "lifetime", "modules", "load", "tables"}
 ALLOWED = {
     "bottom": {"bottom"},
     "plan": {"bottom", "plan"},

@@ -31,7 +31,18 @@ def test_talk_view_values_rounding_and_status_cells():
     assert rows.loc[256, "GPU/CPU optimized"] == "n/a"
     assert any("noisy" in note for note in view.notes)
     text = report.render_markdown(view)
-    assert "| 256 | 4,000 | 21,000 | 5.25x | skipped: no GPU |" in text
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
+    assert ["256", "4,000", "21,000", "5.25x", "skipped: no GPU"] == rows[2][:5]
+    assert rows[1][0].endswith(":") and not rows[1][4].endswith(":")  # numbers right-aligned, text left
+    assert "- \\* noisy:" in text  # the note keeps its mark in markdown
+
+
+def test_markdown_escapes_pipes_and_leading_marks():
+    from sparsebench.tables import render_table
+
+    text = render_table(["a", "b"], [["x|y", "1"]], "markdown")
+    assert "x\\|y" in text
+    assert report.markdown_text("* noisy") == "\\* noisy" and report.markdown_text("fine") == "fine"
 
 
 def test_several_runs_combine_with_the_run_as_a_column():

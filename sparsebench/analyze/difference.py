@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..results import Results, clean_json
+from ..tables import markdown_text, render_table as render_rows
 
 # "failed": the current side failed (or timed out) where the baseline measured the cell: a
 # CI gate whose head crashes must fail. A cell only the baseline failed is "not compared".
@@ -192,22 +193,17 @@ def _warnings(report: DifferenceReport) -> list[str]:
 
 
 def render_table(report: DifferenceReport) -> str:
-    header, rows = _header(report), _rows(report)
-    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
     lines = _warnings(report)
-    lines += ["  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip(), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [render_rows(_header(report), _rows(report), "text")]
     lines += [*([report.suite.line()] if report.suite else []), "", report.rule, report.summary()]
     return "\n".join(lines)
 
 
 def render_markdown(report: DifferenceReport) -> str:
-    lines = [f"> {w}" for w in _warnings(report)]
+    lines = [f"> {markdown_text(w)}" for w in _warnings(report)]
     if lines:
         lines.append("")
-    header = _header(report)
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(v.replace("|", "\\|") for v in r) + " |" for r in _rows(report)]
+    lines += [render_rows(_header(report), _rows(report), "markdown")]
     lines += [*(["", report.suite.line()] if report.suite else []), "", report.rule, "", report.summary()]
     return "\n".join(lines)
 

@@ -15,7 +15,8 @@ import matplotlib.pyplot as plt
 
 from ..machine import field_at
 from .plots import figures
-from .report import Loaded, View, build_view, default_view, looks_numeric, view_matrix
+from ..tables import looks_numeric
+from .report import Loaded, View, build_view, default_view, view_matrix
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

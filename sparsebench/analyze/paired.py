@@ -32,6 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from ..load import BUSY_CORES
 from ..record import Record, round_cpu_rate, round_rate
 from ..results import Results
 from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, variance_components, wilcoxon_min_p
@@ -104,8 +105,8 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
     disturbed = _disturbed(cells_a, cells_b)
     if disturbed:
         report.power_warnings.append(
-            f"{len(disturbed)} cell measurement(s) ran beside other load (other processes or the hypervisor took >= "
-            f"{DISTURBED_CORES:g} core while its windows ran), e.g. {disturbed[0]}: a cell that keeps 1.5 cores busy "
+            f"{len(disturbed)} cell measurement(s) ran beside other load (other processes, the hypervisor or iowait took >= "
+            f"{DISTURBED_CORES:g} core while it ran), e.g. {disturbed[0]}: a cell that keeps 1.5 cores busy "
             f"drops to one then, in wall time far more than in CPU time")
     if aa and compared:
         report.notes.append(_floor_note(compared, report.suite, alpha, rounds, metric))
@@ -113,7 +114,7 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
     return report
 
 
-DISTURBED_CORES = 0.5  # other processes or steal beyond this during a cell's windows disturb it
+DISTURBED_CORES = BUSY_CORES  # other processes, steal or iowait beyond this while a cell ran disturb it
 
 
 def _disturbed(cells_a, cells_b) -> list[str]:
@@ -122,7 +123,7 @@ def _disturbed(cells_a, cells_b) -> list[str]:
     for side, cells in (("A", cells_a), ("B", cells_b)):
         for cell_id, rounds in cells:
             for r, record in sorted(rounds.items()):
-                load = max(record.other_cores or 0.0, record.steal_cores or 0.0)
+                load = max(record.other_cores or 0.0, record.steal_cores or 0.0, record.iowait_cores or 0.0)
                 if load >= DISTURBED_CORES:
                     found.append(f"{cell_id} (side {side}, round {r}: {load:.1f} cores)")
     return found

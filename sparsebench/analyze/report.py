@@ -24,11 +24,13 @@ from typing import Any
 import pandas as pd
 
 from ..errors import UserError
+from ..load import busy_warning
 from ..machine import field_at
 from ..plan.spec import BASELINE_VARIANT
 from ..record import Record
 from ..results import JSON_KEYS, flat_view, read_results
 from ..stats import NOISY_CV, is_noisy
+from ..tables import looks_numeric, markdown_text, render_table
 
 VIEWS = ("talk", "matrix", "pivot", "best", "ops")
 FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -73,6 +75,9 @@ def load(paths: list[Path]) -> Loaded:
         machine = field_at(results.environment, "cpu", "model") or "unknown CPU"
         runs.append({"path": str(path), "label": label, "header": results.header, "machine": machine})
         merged = results.latest()
+        busy = busy_warning(merged, str(path))
+        if busy:
+            warnings.append(busy)
         labels = Counter(_label(record) for record in merged)
         for record in merged:
             row = flat_view(record)
@@ -466,39 +471,17 @@ def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | N
 
 # -- renderers -------------------------------------------------------------------------
 def render_text(view: View) -> str:
-    table = view.table.astype(str)
-    widths = {c: max(len(c), *(len(v) for v in table[c])) if len(table) else len(c) for c in table.columns}
-    lines = [view.title, ""]
-    lines.append("  ".join(c.rjust(widths[c]) for c in table.columns))
-    lines.append("  ".join("-" * widths[c] for c in table.columns))
-    for _, row in table.iterrows():
-        lines.append("  ".join(str(row[c]).rjust(widths[c]) for c in table.columns))
+    lines = [view.title, "", render_table(list(view.table.columns), view.table.astype(str).values.tolist(), "text")]
     lines += [""] + view.notes if view.notes else []
     return "\n".join(lines)
 
 
 def render_markdown(view: View) -> str:
-    table = view.table.astype(str)
-    lines = [f"**{view.title}**", ""]
-    lines.append("| " + " | ".join(table.columns) + " |")
-    lines.append("|" + "|".join("---:" if _numeric_column(table[c]) else "---" for c in table.columns) + "|")
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in table.columns) + " |")
+    lines = [f"**{view.title}**", "",
+             render_table(list(view.table.columns), view.table.astype(str).values.tolist(), "markdown")]
     if view.notes:
-        lines += [""] + [f"- {note}" for note in view.notes]
+        lines += [""] + [f"- {markdown_text(note)}" for note in view.notes]
     return "\n".join(lines)
-
-
-def looks_numeric(value: Any) -> bool:
-    """A display value that is a number: 12,300 / 1.23 / 2.50x / 25,000* / 24,800≈ / 4.1% / -3.0%."""
-    if isinstance(value, (int, float)):
-        return True
-    text = str(value).strip().replace(",", "").replace(".", "").lstrip("+-").rstrip("x%" + NOISY_MARK + TIE_MARK)
-    return text.isdigit()
-
-
-def _numeric_column(values: pd.Series) -> bool:
-    return all(looks_numeric(v) for v in values if v)
 
 
 def render_csv(view: View) -> str:

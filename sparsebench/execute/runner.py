@@ -7,6 +7,8 @@ recording every cell as it finishes, and the final summary and exit code.
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import shlex
 import subprocess
 import sys
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import __version__
+from .. import __version__, load
 from ..errors import UserError
 from ..lifetime import EXPOSED_OPT_IN, exposed_opt_in, private_network_problem
 from ..machine import environment_differences
@@ -39,6 +41,11 @@ class RunSummary:
     planned: int = 0  # worker runs of a cell (a cell measured in N processes counts N)
     already_done: int = 0
     processes: int = 1
+    records: list[Record] = field(default_factory=list)  # this run's, as written
+
+    @property
+    def busy_warning(self) -> str | None:
+        return load.busy_warning(self.records)
 
     @property
     def exit_code(self) -> int:
@@ -72,16 +79,28 @@ def _size(schedule: Schedule) -> int:
 
 
 def git_revision() -> dict[str, Any] | None:
-    """The project's git revision, where sparsebench runs from a checkout."""
+    """The commit these results belong to, so `history` can place them.
+
+    From the checkout sparsebench runs from (an editable install) when there is one, with
+    the commit's own time; otherwise from `SPARSEBENCH_COMMIT` or GitHub Actions'
+    `GITHUB_SHA` (a nightly job that installed a checkout with `pip install .`)."""
     root = Path(__file__).resolve().parent.parent.parent
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
-        if rev.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
-        return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True,
+                                   timeout=10)
+            when = subprocess.run(["git", "show", "-s", "--format=%cI", "HEAD"], cwd=root, capture_output=True,
+                                  text=True, timeout=10)
+            return {"commit": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip()),
+                    "committed_at": when.stdout.strip() or None, "source": "checkout"}
     except (OSError, subprocess.SubprocessError):
-        return None
+        pass
+    for variable in ("SPARSEBENCH_COMMIT", "GITHUB_SHA"):
+        commit = os.environ.get(variable, "").strip()
+        if commit:
+            return {"commit": commit, "dirty": None, "committed_at": None, "source": variable}
+    return None
 
 
 def prepare(suite_arg: str, overrides: list[str], check_files: bool = True) -> tuple[Suite, list[Cell]]:
@@ -279,22 +298,28 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
               f"kmp_blocktime, onednn)", file=sys.stderr)
     progress = Progress(_size(schedule), quiet=quiet, processes=summary.processes)
     finished: list[tuple[Cell, Record]] = []
+    started: dict[str, load.CpuTimes | None] = {}  # cell id -> the machine's CPU times when it started
+
+    def start(cell: Cell) -> None:
+        started[cell.cell_id] = load.read_cpu_times()
+        progress.start(cell)
 
     def record(outcome: Outcome) -> None:
-        rec = adjust(outcome.record)
+        rec = with_machine_load(adjust(outcome.record), started.pop(outcome.cell.cell_id, None))
         writer.append(rec)
         summary.counts[rec.status] += 1
+        summary.records.append(rec)
         finished.append((outcome.cell, rec))
         progress.finish(outcome.cell, rec)
 
-    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=progress.start, cluster=cluster,
+    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=start, cluster=cluster,
                                 profile=profile, bound=bound)
     unavailable = skip_reason(custom_op)
     try:
         for round_number, cells in schedule:
             if unavailable:
                 for cell in [c for c in cells if needs_custom_op(c)]:
-                    progress.start(cell)
+                    start(cell)
                     record(Outcome(cell, Record.new(cell, round_number, "skipped", unavailable)))
                 cells = [c for c in cells if not needs_custom_op(c)]
             orchestrator.run(cells, round=round_number)
@@ -302,6 +327,16 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
         progress.close()
         writer.close()
     return finished
+
+
+def with_machine_load(record: Record, before: load.CpuTimes | None) -> Record:
+    """The record with what the machine did while its cell ran: iowait over the cell and
+    the load average at its end (the worker measures other processes and steal itself,
+    over its timed windows only)."""
+    during = load.between(before, load.read_cpu_times())
+    if during is None:
+        return record
+    return dataclasses.replace(record, iowait_cores=round(during.iowait_cores, 3), load_1m=during.load_1m)
 
 
 def profile(*, suite_arg: str, overrides: list[str], steps: int, output: Path | None = None, quiet: bool = False,

@@ -1,0 +1,142 @@
+"""`sparsebench history`: results placed on commits, steps found where they were planted
+and nowhere in noise, every output format."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sparsebench.analyze import history
+from sparsebench.execute import runner
+
+sys.path.insert(0, str(Path(__file__).parent / "fixtures"))
+import make_fixtures  # noqa: E402
+
+HISTORY = Path(__file__).parent / "fixtures" / "history"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "sparsebench", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=300)
+
+
+def test_the_planted_step_is_found_at_its_commit_and_the_noisy_flat_cell_has_none():
+    found = history.load_history([HISTORY])
+    trends = {t.label: t for t in found.trends}
+    assert set(trends) == {"els-b512-sgd-cpu", "fused-b512-sgd-cpu"}
+    assert len(found.commits) == make_fixtures.HISTORY_COMMITS
+    [step] = trends["els-b512-sgd-cpu"].steps
+    assert step.after == make_fixtures.history_commit(make_fixtures.HISTORY_STEP_AT)
+    assert step.before == make_fixtures.history_commit(make_fixtures.HISTORY_STEP_AT - 1)
+    assert step.low < make_fixtures.HISTORY_STEP < step.high and step.high < 1
+    assert step.p < 0.01
+    assert trends["fused-b512-sgd-cpu"].steps == []  # 10% run-to-run noise, no step
+
+
+def test_the_detector_is_calibrated_on_many_seeded_series():
+    """Flat series of 10 commits with 10% noise: at most alpha's share of false steps;
+    a 15% step with 3% noise: found at its exact commit almost always."""
+    rng = np.random.default_rng(7)
+    false_alarms = sum(bool(history.confirmed_steps(rng.normal(0, 0.10, 10), 0.01, 0.03)[0]) for _ in range(300))
+    assert false_alarms <= 6  # 2% of 300: alpha is 1%
+    step = np.where(np.arange(10) >= 6, np.log(0.85), 0.0)
+    exact = sum(history.confirmed_steps(step + rng.normal(0, 0.03, 10), 0.01, 0.03)[0] == [6] for _ in range(300))
+    assert exact >= 270
+
+
+def test_a_search_that_always_finds_a_split_does_not_make_a_step():
+    """PELT proposes splits in pure noise; the max-statistic test must refuse them."""
+    rng = np.random.default_rng(3)
+    proposed = kept = 0
+    for _ in range(100):
+        values = rng.normal(0, 0.1, 12)
+        found, count, _ = history.confirmed_steps(values, 0.01, 0.0)
+        proposed += count
+        kept += len(found)
+    assert proposed > 10 and kept <= 2
+
+
+def test_files_are_ordered_by_commit_time_not_by_name(tmp_path):
+    names = sorted(HISTORY.glob("*.jsonl"))
+    for i, path in enumerate(names):  # the newest commit gets the alphabetically first name
+        shutil.copy(path, tmp_path / f"{len(names) - i:02d}.jsonl")
+    found = history.load_history([tmp_path])
+    assert found.commits == [make_fixtures.history_commit(i) for i in range(len(names))]
+
+
+def test_two_files_of_one_commit_are_its_processes(tmp_path):
+    first = sorted(HISTORY.glob("*.jsonl"))[0]
+    shutil.copy(first, tmp_path / "a.jsonl")
+    shutil.copy(first, tmp_path / "b.jsonl")
+    found = history.load_history([tmp_path])
+    assert len(found.commits) == 1
+    assert all(t.points[0].processes == 2 for t in found.trends)
+
+
+def test_a_file_without_a_commit_is_placed_by_its_start_and_said_so(tmp_path):
+    lines = sorted(HISTORY.glob("*.jsonl"))[0].read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["run"]["git"]
+    (tmp_path / "r.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    found = history.load_history([tmp_path], repo=None)
+    assert found.placements[0].when_source == "run"
+    assert any("no commit in its header" in w for w in found.warnings)
+
+
+def test_cells_and_since_filters():
+    found = history.load_history([HISTORY], cells=["fused*"], since=make_fixtures.history_commit(4)[:7])
+    assert [t.label for t in found.trends] == ["fused-b512-sgd-cpu"]
+    assert found.commits == [make_fixtures.history_commit(i) for i in range(4, 10)]
+    assert len(history.load_history([HISTORY], since="2026-11-08").commits) == 3
+
+
+def test_the_commit_comes_from_the_environment_outside_a_checkout(monkeypatch):
+    def no_git(*args, **kwargs):
+        return subprocess.CompletedProcess(args, 128, "", "not a git repository")
+
+    monkeypatch.setattr(runner.subprocess, "run", no_git)
+    monkeypatch.delenv("SPARSEBENCH_COMMIT", raising=False)
+    monkeypatch.setenv("GITHUB_SHA", "abc123")
+    assert runner.git_revision()["commit"] == "abc123"
+    monkeypatch.setenv("SPARSEBENCH_COMMIT", "def456")
+    assert runner.git_revision() == {"commit": "def456", "dirty": None, "committed_at": None,
+                                     "source": "SPARSEBENCH_COMMIT"}
+    monkeypatch.delenv("SPARSEBENCH_COMMIT")
+    monkeypatch.delenv("GITHUB_SHA")
+    assert runner.git_revision() is None
+
+
+def test_a_checkout_records_its_commit_time():
+    revision = runner.git_revision()
+    if revision is None or revision["source"] != "checkout":
+        pytest.skip("sparsebench does not run from a git checkout here")
+    assert history._parse_time(revision["committed_at"]) is not None
+
+
+def test_text_markdown_json_html_and_plots(tmp_path):
+    done = cli("history", HISTORY, "--plots", tmp_path / "plots")
+    assert done.returncode == 0, done.stderr
+    step_commits = f"{make_fixtures.history_commit(5)[:9]}..{make_fixtures.history_commit(6)[:9]}"
+    assert "1 step(s)" in done.stdout and step_commits in done.stdout
+    assert (tmp_path / "plots" / "history.png").stat().st_size > 1000
+    markdown = cli("history", HISTORY, "--format", "markdown").stdout
+    assert "| els-b512-sgd-cpu" in markdown and "**1 step(s)**" in markdown
+    payload = json.loads(cli("history", HISTORY, "--format", "json").stdout)
+    cells = {c["label"]: c for c in payload["cells"]}
+    assert cells["els-b512-sgd-cpu"]["steps"][0]["after"] == make_fixtures.history_commit(6)
+    assert len(cells["fused-b512-sgd-cpu"]["points"]) == 10 and cells["fused-b512-sgd-cpu"]["steps"] == []
+    page = cli("history", HISTORY, "--format", "html", "-o", tmp_path / "h.html")
+    assert page.returncode == 0, page.stderr
+    text = (tmp_path / "h.html").read_text()
+    assert text.count("data:image/png;base64,") == 2 and step_commits in text
+
+
+def test_no_step_is_said_plainly():
+    done = cli("history", HISTORY, "--cells", "fused*")
+    assert done.returncode == 0, done.stderr
+    assert "no step found" in done.stdout
