@@ -61,3 +61,47 @@ def test_the_harness_sees_a_lost_exit_code(tmp_path):
     step = _gate_steps()[1]
     script = step["run"].replace("set -o pipefail", "")
     assert _run_step(tmp_path, step, script, 1, ["bash", "-e"]) == 0
+
+
+def _nightly_step(name_part: str) -> dict:
+    steps = yaml.safe_load(WORKFLOW.read_text())["jobs"]["nightly"]["steps"]
+    [step] = [s for s in steps if name_part in s.get("name", "")]
+    return step
+
+
+def test_the_nightly_history_step_publishes_the_steps_it_finds(tmp_path):
+    """The nightly job's publishing step, run as GitHub runs it with the real sparsebench on
+    stored results (the committed fixtures, one planted step): the summary names the step
+    and the HTML page is written."""
+    import shutil
+    import sys
+
+    step = _nightly_step("Publish the history")
+    results = tmp_path / "history" / "results"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "history", results)
+    for path in results.glob("*.jsonl"):  # recent enough for the step's 90 days
+        lines = path.read_text().splitlines()
+        lines[0] = lines[0].replace('"2026-11-', '"2099-11-')
+        path.write_text("\n".join(lines) + "\n")
+    fake = tmp_path / "venv" / "bin" / "sparsebench"
+    fake.parent.mkdir(parents=True)
+    root = Path(__file__).resolve().parent.parent
+    fake.write_text(f'#!/bin/sh\nPYTHONPATH="{root}" exec "{sys.executable}" -m sparsebench "$@"\n')
+    fake.chmod(0o755)
+    path = tmp_path / "script.sh"
+    path.write_text(step["run"])
+    env = {"PATH": "/usr/bin:/bin", "GITHUB_STEP_SUMMARY": str(tmp_path / "summary.md"), "HOME": str(tmp_path)}
+    done = subprocess.run([*_github_shell(step), str(path)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "**1 step(s)**" in summary and "els-b512-sgd-cpu" in summary
+    assert "data:image/png;base64," in (tmp_path / "history" / "index.html").read_text()
+
+
+def test_the_nightly_job_runs_only_on_the_schedule_and_the_gate_only_on_pull_requests():
+    workflow = yaml.safe_load(WORKFLOW.read_text())
+    triggers = workflow[True] if True in workflow else workflow["on"]  # YAML 1.1 reads `on` as true
+    assert "schedule" in triggers and "pull_request" in triggers
+    assert workflow["jobs"]["nightly"]["if"] == "github.event_name != 'pull_request'"
+    assert workflow["jobs"]["throughput"]["if"] == "github.event_name == 'pull_request'"

@@ -222,7 +222,7 @@ def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str
         results = read_results(path)
         warnings += results.warnings
         placement = place(results, repo)
-        if placement.when_source == "run":
+        if placement.commit is None:
             warnings.append(f"{path}: no commit in its header; placed at its run's start time")
         if placement.dirty:
             warnings.append(f"{path}: measured on a checkout with uncommitted changes to {short_commit(placement.commit)}")
