@@ -39,14 +39,20 @@ def cli() -> None:
 @click.option("--allow-env-change", is_flag=True,
               help="With --resume: go on although this machine differs from the one that started the run.")
 @click.option("--require-gpu", is_flag=True, help="Record GPU cells on a machine without a GPU as failed, not skipped.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar; print only failures and the summary.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress view or heartbeat; print only failures and the summary.")
+@click.option("--verbose", "-v", is_flag=True, help="Stream each worker's log (TensorFlow's messages) to stderr.")
 @click.option("--dry-run", is_flag=True, help="List the cells and exit.")
 @click.option("--cluster", metavar="FILE",
               help="Run the parameter-server cells against this real cluster (JSON: {\"chief\": [this host:port], "
                    "\"ps\": [...], \"worker\": [...]}) instead of a local one per cell.")
-def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_change, require_gpu, quiet, dry_run,
-        cluster):
-    """Run a suite's cells, each in its own worker process, and record the results."""
+def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_change, require_gpu, quiet, verbose,
+        dry_run, cluster):
+    """Run a suite's cells, each in its own worker process, and record the results.
+
+    On a terminal a live view names the running cell and its phase (starting the worker,
+    quality steps, warm-up, timing, memory bound); off one a heartbeat line every 30 s
+    (SPARSEBENCH_HEARTBEAT_S) shows life in a CI log. The smoke suite takes about 75 s on
+    2 cores, after the fused op's first compile (20-60 s)."""
     from .execute import runner
 
     overrides = list(overrides) + ([f"processes={processes}"] if processes is not None else [])
@@ -61,7 +67,7 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
     try:
         summary = runner.run(suite_arg=suite_arg, overrides=list(overrides), output=output, resume=resume, quiet=quiet,
                              require_gpu=require_gpu, isolation=isolation, allow_env_change=allow_env_change,
-                             cluster=cluster)
+                             cluster=cluster, verbose=verbose)
     except KeyboardInterrupt:
         target = resume or output
         hint = f" with --resume {target}" if target else " with --resume <the results file above>"

@@ -217,12 +217,23 @@ def busy_text(other: float | None, steal: float | None, iowait: float | None = N
     return ", ".join(parts) or None
 
 
+SHORTEST_WINDOW_S = 0.2  # /proc/stat's 10 ms ticks say nothing over shorter windows
+
+
+def record_busy(record) -> str | None:
+    """What else ran while a record (record.Record) was measured, where it was enough to
+    matter; None otherwise. Windows shorter than SHORTEST_WINDOW_S (records written before
+    the worker refused to judge them) give no other/steal figure worth a warning."""
+    seconds = sorted(record.window_seconds or [])
+    short = bool(seconds) and seconds[len(seconds) // 2] < SHORTEST_WINDOW_S
+    return busy_text(None if short else record.other_cores, None if short else record.steal_cores,
+                     getattr(record, "iowait_cores", None))
+
+
 def busy_warning(records: list, source: str = "") -> str | None:
-    """One line naming the ok records measured on a busy machine (pyperf-style), or None.
-    `records` carry other_cores, steal_cores and iowait_cores (record.Record)."""
+    """One line naming the ok records measured on a busy machine (pyperf-style), or None."""
     ok = [r for r in records if getattr(r, "status", "ok") == "ok"]
-    busy = [(r.cell_id, text) for r in ok
-            if (text := busy_text(r.other_cores, r.steal_cores, getattr(r, "iowait_cores", None)))]
+    busy = [(r.cell_id, text) for r in ok if (text := record_busy(r))]
     if not busy:
         return None
     where = f"{source}: " if source else ""

@@ -150,3 +150,13 @@ def test_env_check_on_this_machine():
     found = json.loads(done.stdout)
     assert found["fit"] is (done.returncode == 0) and found["fit"] is (not found["problems"])
     assert found["load"]["seconds"] == pytest.approx(0.5, abs=0.4)
+
+
+def test_windows_too_short_for_proc_stat_give_no_busy_warning():
+    """A 3 ms window read 3.2 'other' cores on a 2-core machine: records written before the
+    worker refused such windows must not raise a false alarm."""
+    [record] = read_results(TALK).latest()[:1]
+    record.other_cores, record.window_seconds = 3.2, [0.003, 0.002, 0.003]
+    assert load.record_busy(record) is None
+    record.window_seconds = [0.4, 0.4, 0.4]
+    assert load.record_busy(record) == "3.2 other cores"

@@ -258,6 +258,6 @@ def test_measurements_beside_other_load_are_named(tmp_path):
     b = _side(tmp_path / "b.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, seed=2)
     b.records[2] = b.records[2].replace(other_cores=0.9)
     rep = paired_report(a, b)
-    assert any("1 cell measurement(s) ran beside other load" in w and "side B, round 3: 0.9 cores" in w
+    assert any("1 cell measurement(s) ran beside other load" in w and "side B, round 3: 0.9 other cores" in w
                for w in rep.power_warnings)
     assert not any("other load" in w for w in paired_report(a, a).power_warnings)

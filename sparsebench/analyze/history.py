@@ -38,7 +38,7 @@ from scipy import stats as sps
 
 from .. import stats
 from ..errors import UserError
-from ..load import BUSY_CORES, busy_text
+from ..load import BUSY_CORES, record_busy
 from ..results import Results, ResultsError, read_results
 
 MIN_SEGMENT = 2  # commits on each side of a step
@@ -269,7 +269,7 @@ def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str]) ->
                     entry[1].append([float(w) for w in record.windows])
                     if str(placement.path) not in entry[2]:
                         entry[2].append(str(placement.path))
-                    busy = busy_text(record.other_cores, record.steal_cores, record.iowait_cores)
+                    busy = record_busy(record)
                     if busy:
                         entry[3].append(f"{placement.path.name}: {busy}")
         first = positions[key][0][0]

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from ..load import BUSY_CORES
+from ..load import BUSY_CORES, record_busy
 from ..record import Record, round_cpu_rate, round_rate
 from ..results import Results
 from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, variance_components, wilcoxon_min_p
@@ -123,9 +123,9 @@ def _disturbed(cells_a, cells_b) -> list[str]:
     for side, cells in (("A", cells_a), ("B", cells_b)):
         for cell_id, rounds in cells:
             for r, record in sorted(rounds.items()):
-                load = max(record.other_cores or 0.0, record.steal_cores or 0.0, record.iowait_cores or 0.0)
-                if load >= DISTURBED_CORES:
-                    found.append(f"{cell_id} (side {side}, round {r}: {load:.1f} cores)")
+                busy = record_busy(record)
+                if busy:
+                    found.append(f"{cell_id} (side {side}, round {r}: {busy})")
     return found
 
 

@@ -148,6 +148,8 @@ class Orchestrator:
         isolation: str = "cell",
         python: str = sys.executable,
         on_start: Callable[[Cell], None] = lambda cell: None,
+        on_phase: Callable[[Cell, str], None] = lambda cell, text: None,
+        worker_log: Callable[[str], None] | None = None,
         cluster: RemoteCluster | None = None,
         profile: ProfileRequest | None = None,
         gate: Callable[[Cell], None] | None = None,
@@ -166,6 +168,8 @@ class Orchestrator:
         self.isolation = isolation
         self.python = python
         self.on_start = on_start
+        self.on_phase = on_phase  # called at every poll with what the running cell's worker is doing
+        self.worker_log = worker_log  # `run -v`: each line the worker prints, as it prints it
         self.cluster = cluster
         self.profile = profile
         self.gate = gate
@@ -242,11 +246,38 @@ class Orchestrator:
         if self.on_ready is not None:
             self.on_ready()
 
+    def _phase(self, folder: Path) -> str:
+        """What the worker says it does (train/phase.py); before it is ready, its start-up."""
+        if not (folder / "ready").exists():
+            return "starting the worker (importing TensorFlow)"
+        try:
+            return (folder / "phase").read_text().strip() or "running"
+        except OSError:
+            return "running"
+
+    def _stream_log(self, log: Path, offset: int) -> int:
+        """`run -v`: the worker log's lines written since `offset`; returns the new offset."""
+        if self.worker_log is None:
+            return offset
+        try:
+            with open(log, "rb") as fh:
+                fh.seek(offset)
+                chunk = fh.read()
+        except OSError:
+            return offset
+        complete = chunk[:chunk.rfind(b"\n") + 1]
+        for line in complete.decode(errors="replace").splitlines():
+            self.worker_log(line)
+        return offset + len(complete)
+
     def _watch(self, cells: list[Cell], folder: Path, log: Path) -> list[Cell]:
         index = 0
         self._release(cells[0], folder, index)
         clock_start = time.monotonic()  # without a gate, the first cell's clock includes process start-up
+        log_offset = 0
         while True:
+            log_offset = self._stream_log(log, log_offset)
+            self.on_phase(cells[index], self._phase(folder))
             result_file = folder / f"{index}.json"
             if result_file.exists():
                 payload = json.loads(result_file.read_text())
@@ -257,6 +288,7 @@ class Orchestrator:
                         self._process.wait(timeout=EXIT_GRACE_S)
                     except subprocess.TimeoutExpired:
                         pass  # every record is saved; `finally` kills the straggler
+                    self._stream_log(log, log_offset)
                     return []
                 self._release(cells[index], folder, index)
                 clock_start = time.monotonic()
@@ -266,6 +298,7 @@ class Orchestrator:
             if returncode is not None:
                 if result_file.exists():  # written just before exit
                     continue
+                log_offset = self._stream_log(log, log_offset)
                 reason = _describe_exit(returncode)
                 detail = last_line(log)
                 self.record(Outcome(cell, Record.new(cell, self._round, "failed",

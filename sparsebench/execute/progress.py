@@ -1,12 +1,14 @@
-"""Progress of a run: a live bar on a terminal, one line per finished cell everywhere.
+"""Progress of a run: a live view on a terminal, a heartbeat off one, one line per
+finished cell everywhere.
 
-The bar (stderr, redrawn in place) shows the cell running, cells done/total and an ETA
-from the mean time per finished cell. Result lines go to stdout so they survive in logs.
-`quiet` keeps only failures and the final summary, for CI logs.
+The live view (stderr, rich) shows cells done/total, elapsed time, an ETA and the running
+cell with its phase. Result lines go to stdout so they survive in logs. `quiet` keeps only
+failures and the final summary.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -80,45 +82,116 @@ def describe_cluster(cluster: dict | None) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
+HEARTBEAT_S = 30.0  # off a terminal: a line this often while a cell runs, so a CI log shows life
+
+
+def heartbeat_seconds() -> float:
+    """`SPARSEBENCH_HEARTBEAT_S` (seconds, > 0) or HEARTBEAT_S."""
+    try:
+        value = float(os.environ.get("SPARSEBENCH_HEARTBEAT_S", HEARTBEAT_S))
+    except ValueError:
+        return HEARTBEAT_S
+    return value if value > 0 else HEARTBEAT_S
+
+
+def wants_live(stream: TextIO) -> bool:
+    """A live view only on a terminal that can redraw (not TERM=dumb); colours follow
+    NO_COLOR through rich."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return tty and os.environ.get("TERM", "") not in ("dumb", "unknown")
+
+
 class Progress:
+    """On a terminal: one live view (rich) with a bar, cells done/total, elapsed time, an
+    ETA and the running cell with its phase (starting the worker, quality steps, warm-up,
+    timing, memory bound). Off a terminal: a heartbeat line on stderr every
+    `heartbeat_s` while a cell runs. Everywhere: one line per finished cell on stdout."""
+
     def __init__(self, total: int, quiet: bool = False, out: TextIO | None = None, err: TextIO | None = None,
-                 processes: int = 1):
+                 processes: int = 1, heartbeat_s: float | None = None, clock=time.monotonic):
         self.total = total
         self.processes = processes
         self.quiet = quiet
-        self.out = out or sys.stdout
+        self._out = out  # None: sys.stdout at the time of writing (rich's live view redirects it)
         self.err = err or sys.stderr
         self.done = 0
-        self.started_at = time.monotonic()
-        self.live = (not quiet) and self.err.isatty()
+        self.clock = clock
+        self.started_at = clock()
+        self.heartbeat_s = heartbeat_s if heartbeat_s is not None else heartbeat_seconds()
         self.current: Cell | None = None
+        self.phase_text = ""
+        self.phase_since = self.started_at
+        self.last_said = self.started_at
+        self.live = (not quiet) and wants_live(self.err)
+        self._view = None
+        if self.live:
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            from rich.table import Column
+
+            fixed = (lambda: Column(no_wrap=True, min_width=7))
+            self._view = RichProgress(BarColumn(bar_width=24), MofNCompleteColumn(table_column=fixed()),
+                                      TimeElapsedColumn(table_column=fixed()), TextColumn("ETA"),
+                                      TimeRemainingColumn(table_column=fixed()),
+                                      TextColumn("{task.description}", table_column=Column(ratio=1, no_wrap=True,
+                                                                                           overflow="ellipsis")),
+                                      console=Console(file=self.err), transient=True, redirect_stdout=False,
+                                      redirect_stderr=False)
+            self._task = self._view.add_task("", total=max(total, 1))
+            self._view.start()
+
+    @property
+    def out(self) -> TextIO:
+        return self._out or sys.stdout
 
     def start(self, cell: Cell) -> None:
         self.current = cell
-        self._draw()
+        self.phase(cell, "starting")
 
-    def _draw(self) -> None:
-        if not self.live or self.current is None:
-            return
-        width = 24
-        filled = int(width * self.done / max(self.total, 1))
-        elapsed = time.monotonic() - self.started_at
-        eta = f"ETA {format_duration(elapsed / self.done * (self.total - self.done))}" if self.done else "ETA --:--"
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {eta}  running {self.current.label}"
-        self.err.write("\r\033[K" + line[:160])
-        self.err.flush()
+    def phase(self, cell: Cell, text: str) -> None:
+        """What the running cell's worker does now (polled by the orchestrator)."""
+        now = self.clock()
+        if text != self.phase_text or cell is not self.current:
+            self.current, self.phase_text, self.phase_since = cell, text, now
+        if self._view is not None:
+            self._view.update(self._task, description=f"{cell.label}: {text} ({now - self.phase_since:.0f} s)")
+        elif not self.quiet and now - self.last_said >= self.heartbeat_s:
+            self.last_said = now
+            print(f"... {self.done}/{self.total} done, {format_duration(now - self.started_at)} elapsed"
+                  f"{self._eta(now)}; running {cell.label}: {text} for {now - self.phase_since:.0f} s",
+                  file=self.err, flush=True)
+
+    def _eta(self, now: float) -> str:
+        if not self.done:
+            return ""
+        return f", ETA {format_duration((now - self.started_at) / self.done * (self.total - self.done))}"
+
+    def log(self, line: str) -> None:
+        """A line for stderr (a worker's log under -v), above the live view."""
+        if self._view is not None:
+            self._view.console.print(line, markup=False, highlight=False)
+        else:
+            print(line, file=self.err, flush=True)
 
     def finish(self, cell: Cell, record: Record) -> None:
         self.done += 1
-        if self.live:
-            self.err.write("\r\033[K")
+        self.last_said = self.clock()
         if not self.quiet or not record.done:
             which = f" (process {record.round_number()}/{self.processes})" if self.processes > 1 else ""
-            print(f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}{which}", file=self.out,
-                  flush=True)
-        self._draw()
+            line = f"[{self.done}/{self.total}] {cell.label:<40} {describe_record(record)}{which}"
+            if self._view is not None and wants_live(self.out):  # the same terminal: print above the view
+                self._view.console.print(line, markup=False, highlight=False, soft_wrap=True)
+            else:
+                print(line, file=self.out, flush=True)
+        if self._view is not None:
+            self._view.update(self._task, completed=self.done)
 
     def close(self) -> None:
-        if self.live:
-            self.err.write("\r\033[K")
-            self.err.flush()
+        if self._view is not None:
+            self._view.stop()
+            self._view = None

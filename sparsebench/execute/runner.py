@@ -168,6 +168,7 @@ def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
     """The header's slow parts, computed once the results file is known to be writable:
     the custom op's build (where a cell needs it) and the environment fingerprint."""
     run_meta["custom_op"] = prebuild(cells)
+    print("environment: probing TensorFlow for the fingerprint (a few seconds)", file=sys.stderr, flush=True)
     return {"run": run_meta, "environment": fingerprint()}
 
 
@@ -182,6 +183,7 @@ def run(
     isolation: str | None = None,
     allow_env_change: bool = False,
     cluster: str | None = None,
+    verbose: bool = False,
 ) -> RunSummary:
     """`sparsebench run`: a new run of `suite_arg` into `output`, or (`resume`) the missing
     and failed cells of a results file; returns the counts and the exit code."""
@@ -222,7 +224,7 @@ def run(
                          processes=max(c.measure.processes for c in cells))
     execute(todo, writer=writer, summary=summary, quiet=quiet,
             isolation=isolation or run_meta.get("isolation", suite.isolation), adjust=require, custom_op=custom_op,
-            cluster=remote)
+            cluster=remote, verbose=verbose)
     return summary
 
 
@@ -286,7 +288,8 @@ def check_run_header(path: Path, run_meta: dict[str, Any]) -> None:
 def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, quiet: bool, isolation: str,
             cluster: RemoteCluster | None = None, profile: ProfileRequest | None = None,
             adjust: Callable[[Record], Record] = lambda record: record,
-            custom_op: dict[str, Any] | None = None, bound: BoundRequest | None = None) -> list[tuple[Cell, Record]]:
+            custom_op: dict[str, Any] | None = None, bound: BoundRequest | None = None,
+            verbose: bool = False) -> list[tuple[Cell, Record]]:
     """Run the schedule's rounds through workers, appending each (adjusted) record as it
     arrives; always closes the writer. Cells that need a custom op that could not be built
     are recorded as skipped without a worker. Returns (cell, record) pairs in the order
@@ -297,6 +300,7 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
               f"oneDNN (axes intra_op_threads, inter_op_threads, omp_num_threads, mkl_num_threads, "
               f"kmp_blocktime, onednn)", file=sys.stderr)
     progress = Progress(_size(schedule), quiet=quiet, processes=summary.processes)
+    worker_log = (lambda line: progress.log(f"  worker | {line}")) if verbose else None
     finished: list[tuple[Cell, Record]] = []
     started: dict[str, load.CpuTimes | None] = {}  # cell id -> the machine's CPU times when it started
 
@@ -312,7 +316,8 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
         finished.append((outcome.cell, rec))
         progress.finish(outcome.cell, rec)
 
-    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=start, cluster=cluster,
+    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=start, on_phase=progress.phase,
+                                worker_log=worker_log, cluster=cluster,
                                 profile=profile, bound=bound)
     unavailable = skip_reason(custom_op)
     try:

@@ -27,6 +27,7 @@ from ..plan.spec import CUSTOM_OP_VARIANTS
 from ..record import Record, input_bound_verdict, process_rate
 from .inputs.open import CellInput, open_input
 from .measure.tf_facts import threads_in_effect
+from . import phase
 
 
 def peak_rss_mb() -> float:
@@ -230,11 +231,14 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
 
     prepared = prepare(cell)
     trainer, inp, phases = prepared.trainer, prepared.input, prepared.phases
+    phase.announce(f"quality: {cell.measure.quality_steps} steps (the first trace the graph)")
     quality = train_for_quality(cell, prepared)
     sampler = GpuSampler() if cell.model.device == "gpu" else None
+    phase.announce(f"warm-up: {cell.measure.warmup_steps} steps")
 
     def windows_start() -> None:
         """Between warm-up and the timed windows: start the GPU sampler, zero the input wait."""
+        phase.announce(f"timing {cell.measure.windows} windows")
         if sampler is not None:
             sampler.start()
         if inp.stream is not None:
@@ -259,6 +263,7 @@ def run_cell(cell: Cell, *, round: int, isolation: str) -> Record:
     if sampler is not None:
         fields.update(sampler.summary())
     t0 = time.perf_counter()
+    phase.announce("memory bound: replaying the cell's batches")
     fields.update(bound_fields(cell, inp, fields["samples_per_sec"]))  # after the windows: never inside them
     phases["bound_s"] = time.perf_counter() - t0
     return Record.new(cell, round, "ok", isolation=isolation, **fields)

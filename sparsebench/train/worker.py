@@ -42,6 +42,7 @@ from ..record import Record
 from .inputs.datafiles import DataFileError
 from .measure.tf_facts import tensorflow_info, threads_in_effect
 from .measure.windows import EmptyWindow
+from . import phase
 
 # A cell that fails for one of these failed on its settings or its data: the record's reason
 # is the message alone (one line the user can act on), the traceback is kept beside it.
@@ -119,10 +120,12 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     startup["tf_import_s"] = time.perf_counter() - t0
     tf_facts = tensorflow_info()
     (out_dir / "ready").write_text(str(time.time()))  # started: the parent may now time the other side's cells
+    phase.configure(out_dir)
     for index, cell in enumerate(job.cells):
         while job.lockstep and not (out_dir / f"{index}.go").exists():
             time.sleep(0.002)
         (out_dir / f"{index}.started").write_text(str(time.time()))
+        phase.announce("preparing data and model")
         started = time.perf_counter()
 
         def fail_now(message: str, index: int = index, cell: Cell = cell, started: float = started) -> None:

@@ -84,12 +84,17 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
     return (sum(ticks[:8]) - idle) / CLOCK_TICKS, steal / CLOCK_TICKS
 
 
+# /proc/stat counts in ticks (10 ms) per CPU: over a shorter span its busy time is off by
+# more than a core's worth (a 3 ms window read 3.2 "other" cores on a 2-core machine).
+MIN_INTERFERENCE_WALL_S = 0.2
+
+
 def interference(before: tuple[float, float] | None, after: tuple[float, float] | None, own_cpu: float,
                  wall: float) -> tuple[float | None, float | None]:
     """(other cores, stolen cores) over a span: how many cores' worth of CPU went to other
     processes (the machine's busy time minus ours) and to the hypervisor's other guests.
     A cell that keeps 1.5 cores busy cannot while something else holds one of two."""
-    if before is None or after is None or wall <= 0:
+    if before is None or after is None or wall < MIN_INTERFERENCE_WALL_S:
         return None, None
     busy, steal = after[0] - before[0], after[1] - before[1]
     return max(busy - steal - own_cpu, 0.0) / wall, steal / wall
