@@ -247,7 +247,7 @@ class Orchestrator:
             self.on_ready()
 
     def _phase(self, folder: Path) -> str:
-        """What the worker says it does (train/phase.py); before it is ready, its start-up."""
+        """What the worker says it does (train/measure/phase.py); before it is ready, its start-up."""
         if not (folder / "ready").exists():
             return "starting the worker (importing TensorFlow)"
         try:

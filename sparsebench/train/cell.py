@@ -27,7 +27,7 @@ from ..plan.spec import CUSTOM_OP_VARIANTS
 from ..record import Record, input_bound_verdict, process_rate
 from .inputs.open import CellInput, open_input
 from .measure.tf_facts import threads_in_effect
-from . import phase
+from .measure import phase
 
 
 def peak_rss_mb() -> float:

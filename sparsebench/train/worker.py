@@ -42,7 +42,7 @@ from ..record import Record
 from .inputs.datafiles import DataFileError
 from .measure.tf_facts import tensorflow_info, threads_in_effect
 from .measure.windows import EmptyWindow
-from . import phase
+from .measure import phase
 
 # A cell that fails for one of these failed on its settings or its data: the record's reason
 # is the message alone (one line the user can act on), the traceback is kept beside it.
