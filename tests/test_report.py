@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from sparsebench import stats
 from sparsebench.analyze import report
 from sparsebench.analyze.html import render_html
 from sparsebench.analyze.plots import write_plots
@@ -22,17 +23,20 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_talk_view_values_rounding_and_status_cells():
     view = report.build_view(report.load([TALK]), "talk")
     rows = view.table.set_index("batch size")
-    assert rows.loc[256, "CPU baseline"] == "4,000"
-    assert rows.loc[256, "CPU optimized"] == "21,000"  # the faster of the two lookups
-    assert rows.loc[256, "CPU speedup"] == "5.25x"
-    assert rows.loc[1024, "CPU optimized"] == "25,000*"  # noisy (CV 20%); the failed variant is not picked
-    assert rows.loc[1024, "CPU speedup"] == "2.50x"
+    # every figure with its 95% interval; † one process (run-to-run noise not measured)
+    assert rows.loc[256, "CPU baseline"] == "4,000 [3,900-4,100] †"
+    assert rows.loc[256, "CPU optimized"] == "21,000 [20,500-21,500] †"  # the faster of the two lookups
+    low, high = stats.ratio_interval([[4000.0, 4100.0, 3900.0]], [[21000.0, 21500.0, 20500.0]])
+    assert rows.loc[256, "CPU speedup"] == f"5.25x [{low:.2f}-{high:.2f}]" and low < 5.25 < high
+    assert rows.loc[1024, "CPU optimized"].startswith("25,000* [")  # noisy (CV 20%); the failed one is not picked
+    assert rows.loc[1024, "CPU speedup"].startswith("2.50x [")
     assert rows.loc[256, "GPU baseline"] == "skipped: no GPU" == rows.loc[1024, "GPU optimized"]
     assert rows.loc[256, "GPU/CPU optimized"] == "n/a"
     assert any("noisy" in note for note in view.notes)
     text = report.render_markdown(view)
     rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in text.splitlines() if line.startswith("|")]
-    assert ["256", "4,000", "21,000", "5.25x", "skipped: no GPU"] == rows[2][:5]
+    assert ["256", "4,000 [3,900-4,100] †", "21,000 [20,500-21,500] †"] == rows[2][:3]
+    assert rows[2][3].startswith("5.25x [") and rows[2][4] == "skipped: no GPU"
     assert rows[1][0].endswith(":") and not rows[1][4].endswith(":")  # numbers right-aligned, text left
     assert "- \\* noisy:" in text  # the note keeps its mark in markdown
 
@@ -49,8 +53,9 @@ def test_several_runs_combine_with_the_run_as_a_column():
     view = report.build_view(report.load([TALK, TALK_GPU]), "talk")
     gpu_run = view.table[view.table["run"] == "talk_gpu"].iloc[0]
     assert gpu_run["machine"] == "Other CPU 42"
-    assert (gpu_run["GPU baseline"], gpu_run["GPU optimized"], gpu_run["GPU speedup"]) == ("5,500", "22,000", "4.00x")
-    assert gpu_run["GPU/CPU optimized"] == "2.93x"  # 22,000 / 7,500
+    assert (gpu_run["GPU baseline"], gpu_run["GPU optimized"], gpu_run["GPU speedup"]) == (
+        "5,500 [5,500-5,500] †", "22,000 [22,000-22,000] †", "4.00x [4.00-4.00]")  # identical windows
+    assert gpu_run["GPU/CPU optimized"] == "2.93x [2.93-2.93]"  # 22,000 / 7,500
     assert len(view.table) == 3
     matrix = report.build_view(report.load([TALK, TALK_GPU]), "matrix")
     assert list(matrix.table.columns[:2]) == ["run", "cell"] and len(matrix.table) == 14
@@ -60,10 +65,16 @@ def test_pivot_and_best_views():
     loaded = report.load([THREADS])
     pivot = report.build_view(loaded, "pivot", rows="intra_op_threads", cols="inter_op_threads")
     table = pivot.table.set_index("intra_op_threads")
-    assert table.loc[1, "1"] == "1,100" and table.loc[2, "2"] == "2,200"
+    assert table.loc[1, "1"] == "1,100 [1,100-1,100]" and table.loc[2, "2"] == "2,200 [2,200-2,200]"
+    csv = report.render(loaded, "csv", view="pivot", rows="intra_op_threads", cols="inter_op_threads")
+    assert csv.splitlines()[0] == "intra_op_threads,1,2,1_low,2_low,1_high,2_high"
     best = report.build_view(report.load([TALK]), "best").table
     first = best[(best["batch size"] == 256) & (best["device"] == "cpu")].iloc[0]
-    assert first["fastest"] == "elsfast-b256-sgd-cpu" and first["margin"] == "1.05x"
+    low, high = stats.ratio_interval([[20000.0, 20500.0, 19500.0]], [[21000.0, 21500.0, 20500.0]])
+    assert first["fastest"] == "elsfast-b256-sgd-cpu" and first["margin [95% CI]"] == f"1.05x [{low:.2f}-{high:.2f}]"
+    assert first["samples/s [95% CI]"] == "21,000 [20,500-21,500] †"
+    best_csv = report.render(report.load([TALK]), "csv", view="best")
+    assert "samples_per_sec_low" in best_csv.splitlines()[0] and "margin_high" in best_csv.splitlines()[0]
     with pytest.raises(UserError, match="--rows colour: not a column"):
         report.build_view(loaded, "pivot", rows="colour", cols="variant")
 
@@ -102,7 +113,10 @@ def test_json_keys_and_csv():
     assert rows[0]["windows"] == [4000.0, 4100.0, 3900.0] and rows[0]["grad_type"] == "dense"
     assert rows[3]["status"] == "skipped" and rows[3]["samples_per_sec"] is None
     csv = report.render(loaded, "csv", view="talk")
-    assert csv.splitlines()[1].startswith("256,4000.0,21000.0,5.25")
+    header, first = csv.splitlines()[:2]
+    assert header.startswith("batch_size,cpu_baseline,cpu_baseline_low,cpu_baseline_high,cpu_optimized,"
+                             "cpu_optimized_low,cpu_optimized_high,cpu_speedup,cpu_speedup_low,cpu_speedup_high")
+    assert first.startswith("256,4000.0,3900.0,4100.0,21000.0,20500.0,21500.0,5.25,")
 
 
 def test_default_view_is_talk_for_gpu_vs_cpu():

@@ -29,6 +29,7 @@ from ..machine import field_at
 from ..plan.spec import BASELINE_VARIANT
 from ..record import Record
 from ..results import JSON_KEYS, flat_view, read_results
+from .. import stats
 from ..stats import NOISY_CV, is_noisy
 from ..tables import looks_numeric, markdown_text, render_table
 
@@ -156,6 +157,34 @@ def rate_cell(row: pd.Series) -> str:
         return status_text(row)
     mark = NOISY_MARK if _noisy(row) else ""
     return sig3(row["samples_per_sec"]) + mark
+
+
+def rate_with_interval(row: pd.Series) -> str:
+    """A throughput with its 95% interval: 21,000 [20,500-21,500] (marks as rate_cell)."""
+    text = rate_cell(row)
+    if row["status"] != "ok" or pd.isna(row.get("samples_per_sec_low")) or pd.isna(row.get("samples_per_sec_high")):
+        return text
+    mark = f" {ONE_PROCESS_MARK}" if one_process(row) else ""
+    return f"{text} [{sig3(row['samples_per_sec_low'])}-{sig3(row['samples_per_sec_high'])}]{mark}"
+
+
+def ratio_of(top: pd.Series | None, bottom: pd.Series | None) -> tuple[float | None, float | None, float | None]:
+    """top / bottom samples/s with the 95% interval of the ratio (both cells resampled:
+    processes, then windows); Nones where either is missing."""
+    if top is None or bottom is None or not bottom["samples_per_sec"]:
+        return None, None, None
+    value = float(top["samples_per_sec"]) / float(bottom["samples_per_sec"])
+    windows_top, windows_bottom = top.get("process_windows"), bottom.get("process_windows")
+    if not windows_top or not windows_bottom:
+        return value, None, None
+    low, high = stats.ratio_interval(windows_bottom, windows_top)
+    return value, low, high
+
+
+def ratio_text(value: float | None, low: float | None, high: float | None) -> str:
+    if not value:
+        return "n/a"
+    return ratio(value) + (f" [{low:.2f}-{high:.2f}]" if low is not None and high is not None else "")
 
 
 def _noisy(row: pd.Series) -> bool:
@@ -310,13 +339,15 @@ def view_talk(frame: pd.DataFrame) -> View:
         nums["batch_size"] = int(batch)
         best_rates: dict[str, float | None] = {}
         base_rates: dict[str, float | None] = {}
+        picked_rows: dict[str, tuple[pd.Series | None, pd.Series | None]] = {}
         for device in devices:
             cells = frame[(frame["batch_size"] == batch) & (frame["device"] == device)]
             base = cells[cells["variant"] == BASELINE_VARIANT]
             others = cells[cells["variant"] != BASELINE_VARIANT]
             d = device.upper()
-            row[f"{d} baseline"], base_rates[device] = _pick(base, fastest=True)
-            row[f"{d} optimized"], best_rates[device] = _pick(others, fastest=True)
+            row[f"{d} baseline"], base_rates[device], base_row = _pick(base)
+            row[f"{d} optimized"], best_rates[device], best_row = _pick(others)
+            picked_rows[device] = (base_row, best_row)
             ok_others = others[others["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
             if len(ok_others):
                 winner = ok_others.iloc[0]
@@ -328,16 +359,18 @@ def view_talk(frame: pd.DataFrame) -> View:
                     ties.append(f"{TIE_MARK} batch {int(batch)} {d}: {winner['label']} is the fastest, but "
                                 f"{', '.join(r['label'] + ' (' + sig3(r['samples_per_sec']) + ')' for r in tied)} "
                                 f"lies within its interval ({interval_text(winner)}): a tie, not a finding")
-            nums[f"{device}_baseline"] = base_rates[device]
-            nums[f"{device}_optimized"] = best_rates[device]
-            speedup = _div(best_rates[device], base_rates[device])
-            row[f"{d} speedup"] = ratio(speedup) if speedup else "n/a"
-            nums[f"{device}_speedup"] = speedup
+            for kind, picked in (("baseline", base_row), ("optimized", best_row)):
+                nums[f"{device}_{kind}"] = None if picked is None else float(picked["samples_per_sec"])
+                nums[f"{device}_{kind}_low"] = None if picked is None else picked["samples_per_sec_low"]
+                nums[f"{device}_{kind}_high"] = None if picked is None else picked["samples_per_sec_high"]
+            speedup = ratio_of(best_row, base_row)
+            row[f"{d} speedup"] = ratio_text(*speedup)
+            nums[f"{device}_speedup"], nums[f"{device}_speedup_low"], nums[f"{device}_speedup_high"] = speedup
         if "cpu" in devices and "gpu" in devices:
-            for kind, rates in (("baseline", base_rates), ("optimized", best_rates)):
-                value = _div(rates["gpu"], rates["cpu"])
-                row[f"GPU/CPU {kind}"] = ratio(value) if value else "n/a"
-                nums[f"gpu_over_cpu_{kind}"] = value
+            for i, kind in enumerate(("baseline", "optimized")):
+                value = ratio_of(picked_rows["gpu"][i], picked_rows["cpu"][i])
+                row[f"GPU/CPU {kind}"] = ratio_text(*value)
+                nums[f"gpu_over_cpu_{kind}"], nums[f"gpu_over_cpu_{kind}_low"], nums[f"gpu_over_cpu_{kind}_high"] = value
         out_rows.append(row)
         numeric_rows.append(nums)
     notes.append(f"baseline: {BASELINE_VARIANT}; optimized: the fastest other variant measured at that batch size and device")
@@ -347,21 +380,16 @@ def view_talk(frame: pd.DataFrame) -> View:
     return View("Training throughput, samples/s (the talk's table)", pd.DataFrame(out_rows), notes, pd.DataFrame(numeric_rows))
 
 
-def _pick(cells: pd.DataFrame, fastest: bool) -> tuple[str, float | None]:
-    """The fastest ok cell's display value and number, or the status of the first cell."""
+def _pick(cells: pd.DataFrame) -> tuple[str, float | None, pd.Series | None]:
+    """The fastest ok cell's display value (with its interval), number and row, or the
+    status of the first cell."""
     if cells.empty:
-        return "not measured", None
+        return "not measured", None, None
     ok = cells[cells["status"] == "ok"]
     if ok.empty:
-        return status_text(cells.iloc[0]), None
+        return status_text(cells.iloc[0]), None, None
     best = ok.loc[ok["samples_per_sec"].idxmax()]
-    return rate_cell(best), float(best["samples_per_sec"])
-
-
-def _div(a: float | None, b: float | None) -> float | None:
-    if a is None or b is None or b == 0:
-        return None
-    return a / b
+    return rate_with_interval(best), float(best["samples_per_sec"]), best
 
 
 def _labelled(values: pd.Series) -> pd.Categorical:
@@ -383,7 +411,10 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
     partial = sorted(axis for axis in {rows, cols} if ok[axis].isna().any())
     ok = ok.assign(**{axis: _labelled(ok[axis]) for axis in partial})
     index = ["run", rows] if _multi_run(ok) else [rows]
-    table = ok.pivot_table(index=index, columns=cols, values=metric, aggfunc="max", observed=True)
+    # Each entry is the cell with the largest metric (where several cells share it), with
+    # that cell's own interval when the metric is the throughput.
+    chosen = ok.sort_values(metric, ascending=False, na_position="last").drop_duplicates([*index, cols])
+    table = chosen.pivot_table(index=index, columns=cols, values=metric, aggfunc="first", observed=True)
     counts = ok.groupby([*index, cols], observed=True).size()
     counts = counts[counts > 0]
     notes = [f"{metric}; rows {rows}, columns {cols}"]
@@ -394,34 +425,63 @@ def view_pivot(frame: pd.DataFrame, rows: str, cols: str, metric: str) -> View:
         notes += quality_steps_note(ok)
     fmt = sig3 if metric.startswith("samples_per_sec") else (lambda v: "" if pd.isna(v) else f"{v:.4g}")
     display = table.map(lambda v: "" if pd.isna(v) else fmt(v))
+    numeric = table.reset_index()
+    if metric == "samples_per_sec":
+        bounds = {side: chosen.pivot_table(index=index, columns=cols, values=f"samples_per_sec_{side}",
+                                           aggfunc="first", observed=True).reindex_like(table)
+                  for side in ("low", "high")}
+        display = display.astype(object)
+        for r in table.index:
+            for c in table.columns:
+                low, high = bounds["low"].loc[r, c], bounds["high"].loc[r, c]
+                if display.loc[r, c] and pd.notna(low) and pd.notna(high):
+                    display.loc[r, c] = f"{display.loc[r, c]} [{sig3(low)}-{sig3(high)}]"
+        notes.append("each entry: samples/s [its 95% interval]")
+        flat = [bounds[side].reset_index().rename(columns=lambda c: c if c in index else f"{c}_{side}")
+                for side in ("low", "high")]
+        numeric.columns = [str(c) for c in numeric.columns]
+        for part in flat:
+            part.columns = [str(c) for c in part.columns]
+            numeric = numeric.merge(part, on=[str(i) for i in index])
     display = display.reset_index()
     display.columns = [str(c) for c in display.columns]
-    return View(f"{metric} by {rows} x {cols}", display, notes, table.reset_index())
+    return View(f"{metric} by {rows} x {cols}", display, notes, numeric)
 
 
 def view_best(frame: pd.DataFrame) -> View:
-    rows = []
+    rows, numeric = [], []
     multi = _multi_run(frame)
     for (run, batch, device), cells in frame.groupby(["run", "batch_size", "device"], sort=False):
         lead = {"run": run} if multi else {}
         ok = cells[cells["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
         if ok.empty:
             rows.append({**lead, "batch size": int(batch), "device": device, "fastest": status_text(cells.iloc[0]),
-                         "samples/s": "", "next": "", "margin": ""})
+                         "samples/s [95% CI]": "", "next": "", "margin [95% CI]": ""})
+            numeric.append({**lead, "batch_size": int(batch), "device": device, "fastest": None})
             continue
         first = ok.iloc[0]
         second = ok.iloc[1] if len(ok) > 1 else None
+        margin = ratio_of(first, second)
         rows.append({
             **lead,
             "batch size": int(batch),
             "device": device,
             "fastest": first["label"],
-            "samples/s": rate_cell(first),
+            "samples/s [95% CI]": rate_with_interval(first),
             "next": second["label"] if second is not None else "",
-            "margin": ratio(first["samples_per_sec"] / second["samples_per_sec"]) if second is not None else "",
+            "margin [95% CI]": ratio_text(*margin) if second is not None else "",
         })
+        numeric.append({**lead, "batch_size": int(batch), "device": device, "fastest": first["label"],
+                        "samples_per_sec": first["samples_per_sec"], "samples_per_sec_low": first["samples_per_sec_low"],
+                        "samples_per_sec_high": first["samples_per_sec_high"],
+                        "next": second["label"] if second is not None else None,
+                        "margin": margin[0], "margin_low": margin[1], "margin_high": margin[2]})
     shown = frame[frame["label"].isin([r["fastest"] for r in rows])]
-    return View("Fastest configuration per batch size and device", pd.DataFrame(rows), _noisy_note(shown), None)
+    notes = _noisy_note(shown) + _one_process_note(shown[shown["status"] == "ok"])
+    notes.append("margin: the fastest cell's samples/s over the next one's, with the ratio's 95% interval (an "
+                 "interval that includes 1.00x is a tie)")
+    return View("Fastest configuration per batch size and device", pd.DataFrame(rows), notes,
+                pd.DataFrame(numeric))
 
 
 def view_ops(frame: pd.DataFrame, top: int = 12) -> View:
