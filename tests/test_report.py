@@ -199,3 +199,35 @@ def test_report_says_when_quality_rests_on_different_step_counts(tmp_path):
     assert any("loss and AUC rest on different training: 100 steps, after the timed windows" in n for n in notes)
     pivot = report.build_view(report.load([mixed]), "pivot", rows="batch_size", cols="variant", metric="auc")
     assert any("different training" in n for n in pivot.notes)
+
+
+def test_the_shards_plot_shows_only_partitioned_variants_and_titles_stay_inside_the_figure(tmp_path):
+    """13 unpartitioned series used to pile up at shards=1; a long title ran off the left edge."""
+    sys.path.insert(0, str(FIXTURES))
+    import make_fixtures as mk
+    from sparsebench.analyze.plots import figures
+    from sparsebench.plan.cell import Cell, Threads
+    from sparsebench.plan.spec import DataSpec, MeasureSpec, ModelSpec
+
+    def cell(variant, shards=1, optimizer="sgd"):
+        model = ModelSpec(variant=variant, optimizer=optimizer, **({"shards": shards} if shards > 1 else {}))
+        return Cell(suite="shards", batch_size=512, model=model, data=DataSpec(feature_bits=20), threads=Threads(),
+                    measure=MeasureSpec())
+
+    records = [mk.ok(cell(v, n), [1000.0 * n, 1010.0 * n, 990.0 * n])
+               for v in ("row_partitioned", "col_partitioned") for n in (2, 4)]
+    records += [mk.ok(cell(v, optimizer=o), [900.0, 910.0, 890.0])
+                for v in ("embedding_lookup_sparse", "sparse_dense_matmul") for o in ("sgd", "adam", "adagrad")]
+    path = tmp_path / "shards.jsonl"
+    mk.write_to(path, records, "shards" + "-a-rather-long-suite-name" * 4)
+    figs = figures(report.load([path]).frame)
+    ax = figs["shards"].axes[0]
+    labels = ax.get_legend_handles_labels()[1]
+    assert len(labels) == 2 and all("partitioned" in label for label in labels), labels
+    assert "2 unpartitioned variant(s) not shown" in \
+        ax.get_title(loc="left").replace("\n", " ")
+    for fig in figs.values():
+        renderer = fig.canvas.get_renderer()
+        title = fig.axes[0].title if fig.axes[0].get_title() else fig.axes[0]._left_title
+        box = title.get_window_extent(renderer)
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (fig.axes[0].get_title(loc="left"), box)

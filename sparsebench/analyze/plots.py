@@ -6,6 +6,7 @@ of the median; titles say what was measured and on which machine (the fingerprin
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -16,7 +17,7 @@ import pandas as pd  # noqa: E402
 
 from .. import stats  # noqa: E402
 from ..errors import UserError  # noqa: E402
-from ..plan.spec import BASELINE_VARIANT  # noqa: E402
+from ..plan.spec import BASELINE_VARIANT, PARTITIONED_VARIANTS  # noqa: E402
 from .report import AXIS_COLUMNS, VARIANT_AXES  # noqa: E402
 
 GROUP_AXES = [a for a in AXIS_COLUMNS if a != "batch_size"]
@@ -100,9 +101,13 @@ def _figure():
     return plt.subplots(figsize=(11, 5.5))
 
 
+TITLE_CHARACTERS = 110  # at fontsize 10 on an 11-inch figure
+
+
 def _finish(ax, fig, title: str) -> None:
-    """Title, grid, and the legend outside the axes so it never hides data."""
-    ax.set_title(title, fontsize=10)
+    """Title (wrapped and left-aligned: a long one used to run off the figure's left
+    edge), grid, and the legend outside the axes so it never hides data."""
+    ax.set_title(textwrap.fill(title, TITLE_CHARACTERS), fontsize=10, loc="left")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
@@ -205,9 +210,13 @@ def figures(frame: pd.DataFrame) -> dict[str, object]:
     if ok["workers"].nunique() > 1:
         out["hogwild_scaling"] = _line_plot(ok, "workers", "Hogwild worker threads",
                                             f"Hogwild scaling, with ideal linear scaling ({where})", ideal=True)
-    if ok["shards"].nunique() > 1:
-        out["shards"] = _line_plot(ok, "shards", "shards of W",
-                                   f"Throughput vs shards, rows vs columns ({where})")
+    partitioned = ok[ok["variant"].isin(PARTITIONED_VARIANTS)]
+    if partitioned["shards"].nunique() > 1:
+        # Only the partitioned variants have shards: the others would pile up at x=1.
+        others = ok["variant"].nunique() - partitioned["variant"].nunique()
+        left_out = f"; {others} unpartitioned variant(s) not shown" if others else ""
+        out["shards"] = _line_plot(partitioned, "shards", "shards of W",
+                                   f"Throughput vs shards, rows vs columns ({where}{left_out})")
     return out
 
 
