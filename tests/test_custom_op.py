@@ -107,9 +107,12 @@ def test_workers_starting_together_compile_once(tmp_path):
                                    'while [ "$1" != "-o" ]; do shift; done; echo lib > "$2"\n')
     code = "from sparsebench.train.custom_ops.build import build, as_dict; import json; print(json.dumps(as_dict(build())))"
     extra = env(CXX=str(cxx), SPARSEBENCH_OPS_CACHE=str(tmp_path / "cache"))
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=extra)
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=extra)
              for _ in range(2)]
-    infos = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err for _, err in outputs]
+    infos = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     assert all(i["ok"] for i in infos) and sorted(i["cached"] for i in infos) == [False, True]
     assert counter.read_text().count("run") == 1
     assert len({i["library"] for i in infos}) == 1
