@@ -220,11 +220,16 @@ def busy_text(other: float | None, steal: float | None, iowait: float | None = N
 SHORTEST_WINDOW_S = 0.2  # /proc/stat's 10 ms ticks say nothing over shorter windows
 
 
+def _flat(values: list) -> list[float]:
+    """A process's windows, or a merged record's windows per process, as one list."""
+    return [v for item in values for v in (item if isinstance(item, list) else [item]) if isinstance(v, (int, float))]
+
+
 def record_busy(record) -> str | None:
     """What else ran while a record (record.Record) was measured, where it was enough to
     matter; None otherwise. Windows shorter than SHORTEST_WINDOW_S (records written before
     the worker refused to judge them) give no other/steal figure worth a warning."""
-    seconds = sorted(record.window_seconds or [])
+    seconds = sorted(_flat(record.window_seconds or []))
     short = bool(seconds) and seconds[len(seconds) // 2] < SHORTEST_WINDOW_S
     return busy_text(None if short else record.other_cores, None if short else record.steal_cores,
                      getattr(record, "iowait_cores", None))

@@ -160,3 +160,13 @@ def test_windows_too_short_for_proc_stat_give_no_busy_warning():
     assert load.record_busy(record) is None
     record.window_seconds = [0.4, 0.4, 0.4]
     assert load.record_busy(record) == "3.2 other cores"
+
+
+def test_a_merged_record_from_a_real_run_is_judged_by_its_windows_per_process(tmp_path):
+    """Merged records hold window_seconds per process (a list of lists): report and compare
+    read those (a TypeError once, on a real run's file)."""
+    [record] = read_results(TALK).latest()[:1]
+    record.other_cores, record.window_seconds = 1.0, [[0.4, 0.41, 0.39], [0.4, 0.4, 0.4]]
+    assert load.record_busy(record) == "1.0 other cores"
+    record.window_seconds = [[0.003, 0.002], [0.003]]
+    assert load.record_busy(record) is None
