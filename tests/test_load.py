@@ -170,3 +170,21 @@ def test_a_merged_record_from_a_real_run_is_judged_by_its_windows_per_process(tm
     assert load.record_busy(record) == "1.0 other cores"
     record.window_seconds = [[0.003, 0.002], [0.003]]
     assert load.record_busy(record) is None
+
+
+def test_a_run_records_the_machine_before_its_first_cell_and_warns_when_busy(monkeypatch, capsys):
+    from sparsebench.execute import runner
+
+    busy = load.MachineLoad(1.0, 2.0, 2.0, 0.0, 0.0, 1.9, 2)
+    check = load.Check(busy, (1.9, 1.0, 0.5), load.Frequency([], None, None), [("yes", 42, 1.0)],
+                       busy.problems(), [])
+    monkeypatch.setattr(runner.load, "check_machine", lambda seconds: check)
+    state = runner.machine_at_start()
+    assert state["load"]["other_cores"] == 2.0 and state["busiest"] == [{"name": "yes", "pid": 42, "cores": 1.0}]
+    err = capsys.readouterr().err
+    assert "warning: the machine is not quiet before the first cell: other processes used 2.0 cores (yes 1.0)" in err
+    quiet = load.MachineLoad(1.0, 0.05, 0.05, 0.0, 0.0, 0.1, 2)
+    monkeypatch.setattr(runner.load, "check_machine",
+                        lambda seconds: load.Check(quiet, None, load.Frequency([], None, None), [], [], []))
+    assert runner.machine_at_start()["problems"] == []
+    assert capsys.readouterr().err == ""

@@ -169,7 +169,26 @@ def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
     the custom op's build (where a cell needs it) and the environment fingerprint."""
     run_meta["custom_op"] = prebuild(cells)
     print("environment: probing TensorFlow for the fingerprint (a few seconds)", file=sys.stderr, flush=True)
-    return {"run": run_meta, "environment": fingerprint()}
+    environment = fingerprint()
+    run_meta["machine_at_start"] = machine_at_start()
+    return {"run": run_meta, "environment": environment}
+
+
+def machine_at_start(seconds: float = 1.0) -> dict[str, Any]:
+    """The machine for a second before the first cell (`env --check`), recorded in the
+    header; a warning on stderr when it is busy, so nobody waits for a run whose figures
+    will be low."""
+    found = load.check_machine(seconds)
+    for problem in found.problems:
+        busiest = ", ".join(f"{name} {cores:.1f}" for name, _, cores in found.busiest[:3])
+        print(f"warning: the machine is not quiet before the first cell: {problem}"
+              f"{f' ({busiest})' if busiest else ''}; the figures will likely be low and noisy", file=sys.stderr,
+              flush=True)
+    return {"load": found.load.to_dict() if found.load else None, "load_average": found.load_average,
+            "governors": found.frequency.governors, "current_mhz": found.frequency.current_mhz,
+            "max_mhz": found.frequency.max_mhz,
+            "busiest": [{"name": n, "pid": p, "cores": round(c, 3)} for n, p, c in found.busiest],
+            "problems": found.problems}
 
 
 def run(
