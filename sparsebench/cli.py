@@ -401,9 +401,12 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
 @click.option("--alpha", default=0.01, show_default=True, help="Significance level a step must reach (Holm).")
 @click.option("--min-step", default=3.0, show_default=True, metavar="PCT",
               help="The smallest step reported, in percent.")
+@click.option("--skip-busy", is_flag=True,
+              help="Leave out measurements taken on a busy machine (other processes, steal or iowait of half a core "
+                   "or more); each is named in a warning.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout.")
 @click.option("--plots", type=click.Path(path_type=Path), help="Also write history.png and history.svg here.")
-def history(paths, fmt, cells, since, repo, alpha, min_step, output, plots):
+def history(paths, fmt, cells, since, repo, alpha, min_step, skip_busy, output, plots):
     """Each cell's samples/s across commits, and the steps in it.
 
     PATHS are results files or folders of them (searched for *.jsonl), one or more per
@@ -415,7 +418,8 @@ def history(paths, fmt, cells, since, repo, alpha, min_step, output, plots):
     from .analyze.history_view import render, write_plot
 
     patterns = [p for c in cells for p in c.split(",") if p]
-    found = load_history(list(paths), cells=patterns, since=since, repo=repo, alpha=alpha, min_step=min_step / 100)
+    found = load_history(list(paths), cells=patterns, since=since, repo=repo, alpha=alpha, min_step=min_step / 100,
+                         skip_busy=skip_busy)
     for warning in found.warnings:
         click.echo(f"warning: {warning}", err=True)
     text = render(found, fmt)

@@ -140,3 +140,26 @@ def test_no_step_is_said_plainly():
     done = cli("history", HISTORY, "--cells", "fused*")
     assert done.returncode == 0, done.stderr
     assert "no step found" in done.stdout
+
+
+def test_busy_measurements_are_ringed_warned_about_and_skipped_on_request(tmp_path):
+    """A run beside other load at one commit: named in a warning, marked on its point, and
+    left out with --skip-busy (the els cell then has 9 commits, and still its step)."""
+    for path in sorted(HISTORY.glob("*.jsonl")):
+        lines = path.read_text().splitlines()
+        if path.name.startswith("2026-11-03"):
+            records = [json.loads(line) for line in lines[1:]]
+            for record in records:
+                if record["cell_id"].startswith("els"):
+                    record["other_cores"], record["window_seconds"] = 1.1, [0.4] * 5
+            lines = [lines[0], *map(json.dumps, records)]
+        (tmp_path / path.name).write_text("\n".join(lines) + "\n")
+    found = history.load_history([tmp_path])
+    els = next(t for t in found.trends if t.label.startswith("els"))
+    assert els.points[2].busy == ["2026-11-03-smoke.jsonl: 1.1 other cores"]
+    assert any("1 of 20 cell measurements ran on a busy machine" in w for w in found.warnings)
+    skipped = history.load_history([tmp_path], skip_busy=True)
+    els = next(t for t in skipped.trends if t.label.startswith("els"))
+    assert len(els.points) == 9 and not any(p.busy for p in els.points)
+    assert [s.after for s in els.steps] == [make_fixtures.history_commit(make_fixtures.HISTORY_STEP_AT)]
+    assert any("--skip-busy: left out 1 measurement(s)" in w for w in skipped.warnings)

@@ -211,7 +211,7 @@ def _since_filter(placed: list[tuple[Placement, Results]], since: str | None) ->
 
 def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str | None = None,
                  repo: Path | None = None, alpha: float = DEFAULT_ALPHA,
-                 min_step: float = DEFAULT_MIN_STEP) -> History:
+                 min_step: float = DEFAULT_MIN_STEP, skip_busy: bool = False) -> History:
     if not 0 < alpha < 1:
         raise UserError(f"history --alpha {alpha}: must be between 0 and 1")
     if not 0 <= min_step < 1:
@@ -231,7 +231,11 @@ def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str
     if not placed:
         raise UserError(f"history --since {since}: no results file is that recent")
     placed.sort(key=lambda pr: (pr[0].when, pr[0].started_at or pr[0].when, str(pr[0].path)))
-    trends = _trends(placed, cells)
+    skipped: list[str] = []
+    trends = _trends(placed, cells, skipped if skip_busy else None)
+    if skipped:
+        warnings.append(f"--skip-busy: left out {len(skipped)} measurement(s) taken on a busy machine, e.g. "
+                        f"{skipped[0]}")
     if cells and not trends:
         raise UserError(f"history --cells {','.join(cells)}: matches no cell of the results files")
     for trend in trends:
@@ -246,7 +250,10 @@ def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str
     return History([p for p, _ in placed], trends, alpha, min_step, warnings)
 
 
-def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str]) -> list[Trend]:
+def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str],
+            skipped: list[str] | None = None) -> list[Trend]:
+    """Per cell, a point per commit. With `skipped` (a list), measurements taken on a busy
+    machine are left out and named there instead."""
     order: list[str] = []
     positions: dict[str, list[tuple[Placement, Results]]] = {}
     for placement, results in placed:
@@ -265,11 +272,14 @@ def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str]) ->
                     label = cell_id.rsplit("-", 1)[0]  # the id is the label and a hash
                     if not _matches(patterns, cell_id, label):
                         continue
+                    busy = record_busy(record)
+                    if busy and skipped is not None:
+                        skipped.append(f"{label} in {placement.path.name} ({busy})")
+                        continue
                     entry = per_cell.setdefault(cell_id, (label, [], [], []))
                     entry[1].append([float(w) for w in record.windows])
                     if str(placement.path) not in entry[2]:
                         entry[2].append(str(placement.path))
-                    busy = record_busy(record)
                     if busy:
                         entry[3].append(f"{placement.path.name}: {busy}")
         first = positions[key][0][0]
