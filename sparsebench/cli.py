@@ -412,8 +412,9 @@ def history(paths, fmt, cells, since, repo, alpha, min_step, skip_busy, output, 
     PATHS are results files or folders of them (searched for *.jsonl), one or more per
     commit: a nightly job's `results/`. Each file is placed on the commit its header names
     (ordered by commit time); several files of one commit are its processes. A step is a
-    level change found by PELT and confirmed by a t-test between the commits on its two
-    sides; it needs two commits on each side. Reading a few dozen files takes seconds."""
+    level change proposed by PELT and confirmed by testing the commits on its two sides
+    against step-free series of their length; it needs two commits on each side. Reading a
+    few dozen files takes seconds."""
     from .analyze.history import load_history
     from .analyze.history_view import render, write_plot
 

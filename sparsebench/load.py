@@ -108,14 +108,10 @@ class MachineLoad:
 
     def problems(self) -> list[str]:
         """What makes a figure measured meanwhile suspect, one phrase each."""
-        found = []
-        if self.other_cores is not None and self.other_cores >= BUSY_CORES:
-            found.append(f"other processes used {self.other_cores:.1f} cores")
-        if self.steal_cores >= BUSY_CORES:
-            found.append(f"the hypervisor stole {self.steal_cores:.1f} cores")
-        if self.iowait_cores >= BUSY_CORES:
-            found.append(f"{self.iowait_cores:.1f} cores waited on I/O")
-        return found
+        phrases = {"other": "other processes used {:.1f} cores", "steal": "the hypervisor stole {:.1f} cores",
+                   "iowait": "{:.1f} cores waited on I/O"}
+        return [phrases[kind].format(cores)
+                for kind, cores in busy_parts(self.other_cores, self.steal_cores, self.iowait_cores)]
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -205,19 +201,20 @@ def judge(load: MachineLoad | None, averages: tuple[float, float, float] | None,
     return problems, notes
 
 
+def busy_parts(other: float | None, steal: float | None, iowait: float | None) -> list[tuple[str, float]]:
+    """The kinds of load ("other", "steal", "iowait") at or over BUSY_CORES, with their cores:
+    the one threshold a cell's record and a machine check are judged by."""
+    return [(kind, cores) for kind, cores in (("other", other), ("steal", steal), ("iowait", iowait))
+            if cores is not None and cores >= BUSY_CORES]
+
+
 def busy_text(other: float | None, steal: float | None, iowait: float | None = None) -> str | None:
     """'1.0 other cores' / '0.6 cores stolen' for a record's figures at or over BUSY_CORES, else None."""
-    parts = []
-    if other is not None and other >= BUSY_CORES:
-        parts.append(f"{other:.1f} other cores")
-    if steal is not None and steal >= BUSY_CORES:
-        parts.append(f"{steal:.1f} cores stolen")
-    if iowait is not None and iowait >= BUSY_CORES:
-        parts.append(f"{iowait:.1f} cores in iowait")
-    return ", ".join(parts) or None
+    phrases = {"other": "{:.1f} other cores", "steal": "{:.1f} cores stolen", "iowait": "{:.1f} cores in iowait"}
+    return ", ".join(phrases[kind].format(cores) for kind, cores in busy_parts(other, steal, iowait)) or None
 
 
-SHORTEST_WINDOW_S = 0.2  # /proc/stat's 10 ms ticks say nothing over shorter windows
+SHORTEST_WINDOW_S = 0.2  # /proc/stat's 10 ms ticks say nothing over shorter windows (the worker's cputime too)
 
 
 def _flat(values: list) -> list[float]:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
 from pathlib import Path
@@ -13,16 +11,14 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 
 from ..tables import render_table  # noqa: E402
 from .history import History, Step, Trend, short_commit  # noqa: E402
-from .report import sig3  # noqa: E402
+from .html import STYLE, figure_png, table_html  # noqa: E402
+from .report import View, sig3  # noqa: E402
 
 HISTORY_FORMATS = ("text", "markdown", "json", "html")
-
-
-def _rate(value: float) -> str:
-    return sig3(value)
 
 
 def _interval(low: float, high: float) -> str:
@@ -49,11 +45,12 @@ def summary_rows(history: History) -> list[list[str]]:
     for trend in history.trends:
         first, last = trend.points[0], trend.points[-1]
         steps = "; ".join(f"{_step_text(s)} at {s.range_text()}" for s in trend.steps) or "none"
-        rows.append([trend.label, str(len(trend.points)), f"{_rate(first.rate)} {_interval(first.low, first.high)}",
-                     f"{_rate(last.rate)} {_interval(last.low, last.high)}", _pct(last.rate / first.rate), steps])
+        rows.append([trend.label, str(len(trend.points)), f"{sig3(first.rate)} {_interval(first.low, first.high)}",
+                     f"{sig3(last.rate)} {_interval(last.low, last.high)}", _pct(last.rate / first.rate), steps])
     return rows
 
 
+COMMIT_HEADER = ["commit", "time", "placed by", "results files"]
 SUMMARY_HEADER = ["cell", "commits", "first (samples/s [95% CI])", "latest", "latest/first", "steps"]
 STEP_HEADER = ["cell", "commits", "before", "after", "change [95% CI]", "p (Holm)", "commits before/after", "note"]
 
@@ -67,7 +64,7 @@ def step_rows(history: History) -> list[list[str]]:
             near = trend.points[s.position - s.commits_before:s.position + s.commits_after]
             busy = [short_commit(p.commit) for p in near if p.busy]
             note = f"measured on a busy machine at {', '.join(busy)}" if busy else ""
-            rows.append([trend.label, s.range_text(), _rate(before.rate), _rate(after.rate), _step_text(s),
+            rows.append([trend.label, s.range_text(), sig3(before.rate), sig3(after.rate), _step_text(s),
                          f"{s.p:.2g}", f"{s.commits_before}/{s.commits_after}", note])
     return rows
 
@@ -102,7 +99,7 @@ def render_tables(history: History, fmt: str) -> str:
         parts += ["no step found", ""]
     parts += [bold("cells"), "", render_table(SUMMARY_HEADER, summary_rows(history), fmt), "",
               bold("commits (oldest first)"), "",
-              render_table(["commit", "time", "placed by", "results files"], commit_rows(history), fmt), "",
+              render_table(COMMIT_HEADER, commit_rows(history), fmt), "",
               method_line(history)]
     return "\n".join(parts)
 
@@ -184,32 +181,22 @@ def write_plot(history: History, folder: Path) -> list[Path]:
     return written
 
 
-def _png(fig) -> str:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def _table_html(header: list[str], rows: list[list[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _table(title: str, header: list[str], rows: list[list[str]]) -> str:
+    return table_html(View(title, pd.DataFrame(rows, columns=header), [], None))
 
 
 def render_html(history: History) -> str:
-    from .html import STYLE
-
     stepped = [t for t in history.trends if t.steps]
     parts = [f"<h1>sparsebench history</h1><p class=note>{html.escape(_heading(history))}</p>"]
     if stepped:
-        parts += ["<h2>Steps</h2>", _table_html(STEP_HEADER, step_rows(history))]
-        parts.append(f"<img alt='cells with a step' src='data:image/png;base64,{_png(figure(history, stepped, 2))}'>")
+        parts.append(_table("Steps", STEP_HEADER, step_rows(history)))
+        parts.append(f"<img alt='cells with a step' src='data:image/png;base64,"
+                     f"{figure_png(figure(history, stepped, 2))}'>")
     else:
         parts.append("<h2>Steps</h2><p>no step found</p>")
-    parts += ["<h2>Every cell</h2>", _table_html(SUMMARY_HEADER, summary_rows(history)),
-              f"<img alt='every cell' src='data:image/png;base64,{_png(figure(history))}'>",
-              "<h2>Commits</h2>", _table_html(["commit", "time", "placed by", "results files"], commit_rows(history)),
+    parts += [_table("Every cell", SUMMARY_HEADER, summary_rows(history)),
+              f"<img alt='every cell' src='data:image/png;base64,{figure_png(figure(history))}'>",
+              _table("Commits", COMMIT_HEADER, commit_rows(history)),
               f"<p class=note>{html.escape(method_line(history))}</p>"]
     if history.warnings:
         parts.append("<h2>Warnings</h2>" + "".join(f"<p class=note>{html.escape(w)}</p>" for w in history.warnings))

@@ -46,7 +46,7 @@ def table_html(view: View) -> str:
     return f"<h2>{_e(view.title)}</h2><table><tr>{head}</tr>{''.join(body)}</table>{notes}"
 
 
-def _figure_png(fig) -> str:
+def figure_png(fig) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
@@ -93,7 +93,7 @@ def render_html(loaded: Loaded, view: str | None, rows: str | None, cols: str | 
     if plots:
         parts.append("<h2>Plots</h2>")
         for name, fig in plots.items():
-            parts.append(f"<img alt='{_e(name)}' src='data:image/png;base64,{_figure_png(fig)}'>")
+            parts.append(f"<img alt='{_e(name)}' src='data:image/png;base64,{figure_png(fig)}'>")
     parts.append("<h2>Environment and settings</h2>")
     parts += [environment_html(run) for run in loaded.runs]
     suites = ", ".join(sorted(set(loaded.frame["suite"].dropna()))) or "sparsebench"

@@ -337,16 +337,14 @@ def view_talk(frame: pd.DataFrame) -> View:
         nums.update({axis: value for axis, value in zip(split_by, settings)})
         row["batch size"] = int(batch)
         nums["batch_size"] = int(batch)
-        best_rates: dict[str, float | None] = {}
-        base_rates: dict[str, float | None] = {}
         picked_rows: dict[str, tuple[pd.Series | None, pd.Series | None]] = {}
         for device in devices:
             cells = frame[(frame["batch_size"] == batch) & (frame["device"] == device)]
             base = cells[cells["variant"] == BASELINE_VARIANT]
             others = cells[cells["variant"] != BASELINE_VARIANT]
             d = device.upper()
-            row[f"{d} baseline"], base_rates[device], base_row = _pick(base)
-            row[f"{d} optimized"], best_rates[device], best_row = _pick(others)
+            row[f"{d} baseline"], base_row = _pick(base)
+            row[f"{d} optimized"], best_row = _pick(others)
             picked_rows[device] = (base_row, best_row)
             ok_others = others[others["status"] == "ok"].sort_values("samples_per_sec", ascending=False)
             if len(ok_others):
@@ -380,16 +378,16 @@ def view_talk(frame: pd.DataFrame) -> View:
     return View("Training throughput, samples/s (the talk's table)", pd.DataFrame(out_rows), notes, pd.DataFrame(numeric_rows))
 
 
-def _pick(cells: pd.DataFrame) -> tuple[str, float | None, pd.Series | None]:
-    """The fastest ok cell's display value (with its interval), number and row, or the
-    status of the first cell."""
+def _pick(cells: pd.DataFrame) -> tuple[str, pd.Series | None]:
+    """The fastest ok cell's display value (with its interval) and row, or the status of
+    the first cell and None."""
     if cells.empty:
-        return "not measured", None, None
+        return "not measured", None
     ok = cells[cells["status"] == "ok"]
     if ok.empty:
-        return status_text(cells.iloc[0]), None, None
+        return status_text(cells.iloc[0]), None
     best = ok.loc[ok["samples_per_sec"].idxmax()]
-    return rate_with_interval(best), float(best["samples_per_sec"]), best
+    return rate_with_interval(best), best
 
 
 def _labelled(values: pd.Series) -> pd.Categorical:

@@ -148,7 +148,7 @@ class Orchestrator:
         isolation: str = "cell",
         python: str = sys.executable,
         on_start: Callable[[Cell], None] = lambda cell: None,
-        on_phase: Callable[[Cell, str], None] = lambda cell, text: None,
+        on_phase: Callable[[Cell, str], None] | None = None,
         worker_log: Callable[[str], None] | None = None,
         cluster: RemoteCluster | None = None,
         profile: ProfileRequest | None = None,
@@ -168,7 +168,7 @@ class Orchestrator:
         self.isolation = isolation
         self.python = python
         self.on_start = on_start
-        self.on_phase = on_phase  # called at every poll with what the running cell's worker is doing
+        self.on_phase = on_phase  # where given: called at every poll with what the running cell's worker does
         self.worker_log = worker_log  # `run -v`: each line the worker prints, as it prints it
         self.cluster = cluster
         self.profile = profile
@@ -277,7 +277,8 @@ class Orchestrator:
         log_offset = 0
         while True:
             log_offset = self._stream_log(log, log_offset)
-            self.on_phase(cells[index], self._phase(folder))
+            if self.on_phase is not None:  # no reads of the phase file in the poll loop unless someone shows it
+                self.on_phase(cells[index], self._phase(folder))
             result_file = folder / f"{index}.json"
             if result_file.exists():
                 payload = json.loads(result_file.read_text())

@@ -335,7 +335,8 @@ def execute(schedule: Schedule, *, writer: ResultsWriter, summary: RunSummary, q
         finished.append((outcome.cell, rec))
         progress.finish(outcome.cell, rec)
 
-    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=start, on_phase=progress.phase,
+    orchestrator = Orchestrator(record=record, isolation=isolation, on_start=start,
+                                on_phase=None if quiet else progress.phase,
                                 worker_log=worker_log, cluster=cluster,
                                 profile=profile, bound=bound)
     unavailable = skip_reason(custom_op)

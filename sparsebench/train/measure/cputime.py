@@ -15,6 +15,8 @@ import os
 import time
 from collections import Counter
 
+from ...load import SHORTEST_WINDOW_S
+
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -86,7 +88,7 @@ def machine_cpu_seconds() -> tuple[float, float] | None:
 
 # /proc/stat counts in ticks (10 ms) per CPU: over a shorter span its busy time is off by
 # more than a core's worth (a 3 ms window read 3.2 "other" cores on a 2-core machine).
-MIN_INTERFERENCE_WALL_S = 0.2
+MIN_INTERFERENCE_WALL_S = SHORTEST_WINDOW_S
 
 
 def interference(before: tuple[float, float] | None, after: tuple[float, float] | None, own_cpu: float,
