@@ -218,6 +218,29 @@ def batch_signature(num_features: int):
 
 
 # -- training --------------------------------------------------------------------------
+def gradient_tensors(grads) -> list[tf.Tensor]:
+    """Every tensor of the step's gradients, for a control dependency of the updates on all
+    of them.
+
+    Automatic control dependencies order an update after the reads of its variable, not
+    after everything that consumes what was read. Where a gradient still needs a read value
+    of a table (`sparse_dense_matmul`'s gradient for its values gathers rows of the read
+    table, for `bias_x`) and the executor happens to run that gather after the table's
+    update, the update finds the buffer shared and copies the whole table first. Which
+    order the executor picks was fixed per process: on this machine 1 process in 4 of the
+    gate's sdm cell copied its 4 MB table in every step (`__memcpy` under
+    `PrepareToUpdateVariable`), which made the cell bimodal across processes and failed
+    CI's counted tier by 9%. With the updates after every gradient, the read is released
+    before any update starts."""
+    tensors = []
+    for grad in grads:
+        if isinstance(grad, tf.IndexedSlices):
+            tensors += [grad.values, grad.indices]
+        elif grad is not None:
+            tensors.append(grad)
+    return tensors
+
+
 class Trainer:
     """Owns a model, its optimizer and the traced train / predict / gradient-stats steps.
 
@@ -264,7 +287,7 @@ class Trainer:
         for grad, var in zip(grads, variables):
             if self.model.is_sparse_table(var):
                 self.grad_types[var.name] = "IndexedSlices" if isinstance(grad, tf.IndexedSlices) else "dense"
-        with self._placement(), tf.name_scope("optimizer"):
+        with self._placement(), tf.name_scope("optimizer"), tf.control_dependencies(gradient_tensors(grads)):
             self.optimizer.apply(zip(grads, variables))
         return loss
 
@@ -281,7 +304,7 @@ class Trainer:
         for table in model.kernel.tables:
             self.grad_types[table.name] = "fused"
         bias_x = model.norm.bias_x if model.norm is not None else None
-        with self._placement(), tf.name_scope("optimizer"):
+        with self._placement(), tf.name_scope("optimizer"), tf.control_dependencies(gradient_tensors(grads)):
             self.optimizer.apply_fused(model.kernel.tables[0], bias_x, rows, keys, normalized, grad_out)
             self.optimizer.apply(zip(grads, dense))
         return loss
