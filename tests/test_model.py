@@ -245,43 +245,41 @@ def _ancestors(op) -> set:
     return seen
 
 
-_READ_OPS = {"ReadVariableOp"}
-
-
 @pytest.mark.parametrize("variant", ["sparse_dense_matmul", "embedding_lookup_sparse", "row_partitioned",
                                      "fused_custom_op"])
 @pytest.mark.parametrize("optimizer", ["sgd", "lazy_adam"])
-def test_no_read_of_a_variable_outlives_its_update_in_the_traced_step(small_data, variant, optimizer):
-    """An update that runs while a read value of its variable is still waiting for a consumer
-    finds the buffer shared and copies the whole variable first: in 1 process in 4 the
+def test_no_read_of_a_table_outlives_its_update_in_the_traced_step(small_data, variant, optimizer):
+    """An update that runs while a read value of its table is still waiting for a consumer
+    finds the buffer shared and copies the whole table first: in 1 process in 4 the
     executor ordered sdm's gradient gather after the table's update and the step copied its
     4 MB table every time. In the traced train step the worker times, every consumer of a
-    variable's read value must come before each update of that variable (the step counter,
-    a scalar, left out)."""
+    table's read value must come before each update of that table."""
     require_custom_op(variant)
     shards = 2 if variant == "row_partitioned" else 1
     trainer = build_trainer(ModelSpec(variant=variant, optimizer=optimizer, out_dim=4, shards=shards),
                             SMALL.num_features, "/CPU:0")
     sp, labels = tensors(small_data, 64, 1)[0]
-    graph = trainer.train_step.get_concrete_function(sp, labels).graph
-    readers: dict = {}  # the resource a read came from -> the ops consuming the read value
+    function = trainer.train_step.get_concrete_function(sp, labels)
+    graph = function.graph
+    inside = {id(outer): inner for outer, inner in graph.captures}
+    tables = {inside[id(table.handle)].ref() for table in trainer.model.kernel.tables if id(table.handle) in inside}
+    assert tables, "the traced step captures no table"
+    readers: dict = {}  # a table's handle inside the graph -> the ops consuming a read value of it
     updates: dict = {}
     for op in graph.get_operations():
-        resources = [t for t in op.inputs if t.dtype == tf.resource]
-        if not resources:
+        handles = [t.ref() for t in op.inputs if t.ref() in tables]
+        if not handles:
             continue
-        if op.type in _READ_OPS:
-            if op.outputs[0].shape.rank == 0:
-                continue  # the optimizer's step counter: a copy of it is 8 bytes
-            readers.setdefault(resources[0].ref(), []).extend(c for out in op.outputs for c in out.consumers())
-        elif op.name.startswith("optimizer/") and op.type != "ResourceGather":
-            for resource in resources:
-                updates.setdefault(resource.ref(), []).append(op)
+        if op.type == "ReadVariableOp":
+            readers.setdefault(handles[0], []).extend(c for out in op.outputs for c in out.consumers())
+        elif op.name.startswith("optimizer/"):
+            for handle in handles:
+                updates.setdefault(handle, []).append(op)
     checked = 0
-    for resource, update_ops in updates.items():
+    for handle, update_ops in updates.items():
         for update in update_ops:
             before = _ancestors(update)
-            late = [c.name for c in readers.get(resource, []) if c not in before and c is not update]
-            assert not late, f"{update.name} ({update.type}) may run before {late[:3]} consume their read of its variable"
+            late = [c.name for c in readers.get(handle, []) if c not in before and c is not update]
+            assert not late, f"{update.name} ({update.type}) may run before {late[:3]} consume their read of its table"
             checked += 1
     assert checked > 0

@@ -53,6 +53,9 @@ class SparseKernel(tf.Module):
     variant = ""
     shards_share_rows = False  # True where every shard holds a slice of every row
     fuses_normalization = False  # True: `fused()` applies the max-normalization itself
+    # True where the forward reads the whole table (one tensor sharing its buffer) and the
+    # gradient still consumes that read: the table's update must wait for it (trainer.py).
+    reads_whole_table = False
 
     def __init__(self, num_features: int, out_dim: int, shards: int = 1, name: str | None = None):
         super().__init__(name=name or self.variant)
@@ -86,6 +89,7 @@ class SparseKernel(tf.Module):
 
 class SparseDenseMatmul(SparseKernel):
     variant = "sparse_dense_matmul"
+    reads_whole_table = True  # its gradient for the values (bias_x's path) gathers rows of the read table
 
     def __call__(self, sp):
         return tf.sparse.sparse_dense_matmul(sp, self.tables[0])

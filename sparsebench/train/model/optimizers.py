@@ -76,16 +76,20 @@ class Optimizer:
     def slot_variables(self) -> list[tf.Variable]:
         return [slot for slots in self._slots.values() for slot in slots.values()]
 
-    def apply(self, grads_and_vars: Iterable[tuple]) -> None:
+    def apply(self, grads_and_vars: Iterable[tuple], wait_for: dict | None = None) -> None:
+        """Apply each gradient to its variable; `wait_for`: variable ref -> tensors its
+        update must wait for (control dependencies)."""
+        wait_for = wait_for or {}
         for grad, var in grads_and_vars:
             if grad is None:
                 continue
             if var.ref() not in self._slots:
                 raise ConfigError(f"optimizer {self.name}: variable {var.name} was not built")
-            if isinstance(grad, tf.IndexedSlices):
-                self._apply_sparse(grad, var, self._slots[var.ref()])
-            else:
-                self._apply_dense(grad, var, self._slots[var.ref()])
+            with tf.control_dependencies(wait_for.get(var.ref(), [])):
+                if isinstance(grad, tf.IndexedSlices):
+                    self._apply_sparse(grad, var, self._slots[var.ref()])
+                else:
+                    self._apply_dense(grad, var, self._slots[var.ref()])
         self.iterations.assign_add(1)
 
     def _apply_dense(self, grad, var, slots):
