@@ -86,7 +86,11 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
 @click.option("--task", metavar="JOB:N", help="This machine's task: ps:N or worker:N (with --cluster).")
 @click.option("--intra-op-threads", type=click.IntRange(min=0), default=0, help="TensorFlow intra-op threads (0: default).")
 @click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, help="TensorFlow inter-op threads (0: default).")
-def serve(cluster, task, intra_op_threads, inter_op_threads):
+@click.option("--custom-op", "custom_op", default="try", show_default=True, metavar="try|off|PATH",
+              help="The fused op library, loaded before the server starts (fused_custom_op cells need it on every "
+                   "task): try = build or load it where this machine can (a first build compiles for 20-60 s), else "
+                   "serve the stock layouts only; off; or a library's path, which must load.")
+def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
     """Serve one task (PS or worker) of a real cluster until killed.
 
     TensorFlow's servers listen on every interface and authenticate nothing: run them only
@@ -106,7 +110,8 @@ def serve(cluster, task, intra_op_threads, inter_op_threads):
     job, index = parse_task(task, spec)
     check_ports_free(spec, job, index)
     command = [sys.executable, "-m", "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec), "--task", task,
-               "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads)]
+               "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads),
+               "--custom-op", custom_op]
     click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
                err=True)
     os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code

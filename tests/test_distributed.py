@@ -8,6 +8,7 @@ that a failure."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+
+from conftest import require_custom_op
 
 from sparsebench.errors import ConfigError, UserError
 from sparsebench.lifetime import UNSHARE, private_network_problem
@@ -192,6 +195,97 @@ def test_one_synchronous_step_on_one_ps_and_one_worker_equals_a_local_step(priva
     assert all("/job:ps/" in device for device in result["devices"])
 
 
+ONE_FUSED_STEP = textwrap.dedent("""
+    import json, sys, tempfile
+    from pathlib import Path
+    from sparsebench.train.ps.cluster import LocalCluster, bring_loopback_up
+    bring_loopback_up()
+    import numpy as np
+    import tensorflow as tf
+    from sparsebench.plan.cell import Cell, Distribution
+    from sparsebench.plan.spec import DataSpec, ModelSpec
+    from sparsebench.train.custom_ops.build import load, loaded_library
+    from sparsebench.train.inputs.data import SyntheticData, to_sparse_tensor
+    from sparsebench.train.ps.distributed import PsTraining
+    from sparsebench.train.ps.fused import ShardedFusedTrainer
+    from sparsebench.train.model.trainer import build_trainer
+
+    optimizer, ps_tasks = sys.argv[1], int(sys.argv[2])
+    load()
+    spec = ModelSpec(variant="fused_custom_op", out_dim=8, hidden_units=(4,), optimizer=optimizer)
+    data = SyntheticData(DataSpec(feature_bits=10, mean_active=20))
+    batches = data.batches(64, 2)
+    cell = Cell(suite="t", batch_size=64, model=spec, data=data.spec,
+                distribution=Distribution("parameter_server", ps_tasks=ps_tasks, worker_tasks=1, steps_per_execution=2))
+    local = build_trainer(spec, data.num_features, "/CPU:0")
+    model = local.model
+    rng = np.random.default_rng(0)
+    for variable in model.train_variables:  # non-zero everywhere, so every update shows
+        variable.assign(rng.normal(0, 0.1, variable.shape).astype(np.float32))
+    model.norm.max_x.assign(rng.uniform(0.5, 2.0, model.norm.max_x.shape).astype(np.float32))
+
+    def roles(table, max_x, bias_x, dense):
+        return {"table": table, "max_x": max_x, "bias_x": bias_x, **{f"dense{i}": v for i, v in enumerate(dense)}}
+
+    before = roles(model.kernel.tables[0].numpy(), model.norm.max_x.numpy(), model.norm.bias_x.numpy(),
+                   [v.numpy() for v in model.dense_variables])
+    # Two local steps first: once this process joins a cluster, its local device is renamed.
+    for batch in batches:
+        local.train_step(to_sparse_tensor(batch, data.num_features), tf.constant(batch.labels))
+    after_local = roles(model.kernel.tables[0].numpy(), model.norm.max_x.numpy(), model.norm.bias_x.numpy(),
+                        [v.numpy() for v in model.dense_variables])
+    with LocalCluster(ps_tasks, 1, Path(tempfile.mkdtemp()), custom_op=loaded_library()) as cluster:
+        cluster.start()
+        training = PsTraining(cell, cluster.spec, batches, data.num_features,
+                              build=lambda: ShardedFusedTrainer(spec, data.num_features, ps_tasks))
+        sharded = training.trainer.model
+        for i in range(ps_tasks):
+            sharded.tables[i].assign(before["table"][i::ps_tasks])
+            sharded.maxima[i].assign(before["max_x"][i::ps_tasks])
+            sharded.feature_bias[i].assign(before["bias_x"][i::ps_tasks])
+        for variable, value in zip(sharded.dense_variables, [before[f"dense{i}"] for i in range(len(model.dense_variables))]):
+            variable.assign(value)
+        training.schedule(1)  # one function of two synchronous steps on the one worker
+        training.coordinator.join()
+
+        def whole(parts):
+            full = np.zeros((data.num_features, *parts[0].shape[1:]), np.float32)
+            for i, part in enumerate(parts):
+                full[i::ps_tasks] = part
+            return full
+
+        after_ps = roles(whole([v.numpy() for v in sharded.tables]), whole([v.numpy() for v in sharded.maxima]),
+                         whole([v.numpy() for v in sharded.feature_bias]), [v.numpy() for v in sharded.dense_variables])
+        devices = {v.name: v.device for v in sharded.tables + sharded.maxima + sharded.feature_bias}
+    print(json.dumps({
+        "max_diff": {k: float(np.abs(after_local[k] - after_ps[k]).max()) for k in after_local},
+        "moved": {k: float(np.abs(after_local[k] - before[k]).max()) for k in after_local},
+        "devices": devices,
+    }))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "lazy_adam"])
+@pytest.mark.parametrize("ps_tasks", [1, 2])
+def test_fused_steps_on_ps_tasks_equal_local_fused_steps(private_network, optimizer, ps_tasks):
+    """The table, its maxima and per-feature bias row-sharded (mod) over the PS tasks, each
+    task running the fused forward and update for its rows: two synchronous steps leave
+    every variable within 1e-5 of two local fused steps."""
+    require_custom_op()
+    done = subprocess.run([*UNSHARE, sys.executable, "-c", ONE_FUSED_STEP, optimizer, str(ps_tasks)],
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert min(result["moved"].values()) > 1e-6, result["moved"]  # every variable changed
+    assert max(result["max_diff"].values()) < 1e-5, result["max_diff"]
+    devices = result["devices"]  # each shard on a PS task of its own, its maxima and bias beside it
+    tables = [devices[f"W_shard{i}:0"] for i in range(ps_tasks)]
+    assert len(set(tables)) == ps_tasks and all("/job:ps/" in device for device in tables), devices
+    for i, device in enumerate(tables):
+        assert devices[f"max_x_shard{i}:0"] == devices[f"bias_x_shard{i}:0"] == device, devices
+
+
 # -- a local cluster's isolation and lifetime ----------------------------------------------------
 PS_SUITE = """
 name = "ps-life"
@@ -275,9 +369,15 @@ def _records(tmp_path: Path, run: subprocess.Popen, err: str) -> list[dict]:
     return [json.loads(line) for line in out.read_text().splitlines()[1:]]
 
 
-def _start_ps_run(tmp_path: Path) -> tuple[subprocess.Popen, dict[str, psutil.Process], list[int]]:
+def fused_suite(text: str) -> str:
+    """A PS suite with the fused layer in place of the row-partitioned one."""
+    return text.replace('variant = ["row_partitioned"]\nshards = [2]', 'variant = ["fused_custom_op"]\nshards = [1]')
+
+
+def _start_ps_run(tmp_path: Path, variant: str = "row_partitioned") -> tuple[subprocess.Popen, dict[str, psutil.Process],
+                                                                             list[int]]:
     suite = tmp_path / "ps.toml"
-    suite.write_text(PS_SUITE)
+    suite.write_text(fused_suite(PS_SUITE) if variant == "fused_custom_op" else PS_SUITE)
     run = subprocess.Popen([sys.executable, "-m", "sparsebench", "run", "--suite", str(suite), "--quiet", "--output",
                             str(tmp_path / "out.jsonl")], env=env(), cwd=tmp_path, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
@@ -311,8 +411,10 @@ def _gone(processes, timeout_s: float = 120.0) -> bool:
 
 
 @pytest.mark.slow
-def test_a_killed_ps_fails_its_cell_by_name_and_no_port_or_task_outlives_the_run(private_network, tmp_path):
-    run, tasks, ports = _start_ps_run(tmp_path)
+@pytest.mark.parametrize("variant", ["row_partitioned", "fused_custom_op"])
+def test_a_killed_ps_fails_its_cell_by_name_and_no_port_or_task_outlives_the_run(private_network, tmp_path, variant):
+    require_custom_op(variant)
+    run, tasks, ports = _start_ps_run(tmp_path, variant)
     try:
         listening = {c.laddr.port for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
         assert not listening & set(ports)  # the cluster listens only inside its namespace
@@ -391,7 +493,7 @@ REAL_CLUSTER = textwrap.dedent("""
     cluster = {"chief": [f"127.0.0.1:{chief}"], "ps": [f"127.0.0.1:{ps}"], "worker": [f"127.0.0.1:{worker}"]}
     (folder / "cluster.json").write_text(json.dumps({"cluster": cluster}))
     servers = [subprocess.Popen([sys.executable, "-m", "sparsebench", "serve", "--cluster", str(folder / "cluster.json"),
-                                 "--task", task]) for task in ("ps:0", "worker:0")]
+                                 "--task", task, *sys.argv[2:]]) for task in ("ps:0", "worker:0")]
     try:
         for port in (ps, worker):
             while True:
@@ -426,6 +528,52 @@ def test_run_cluster_coordinates_tasks_started_by_serve(private_network, tmp_pat
     assert records[2]["status"] == "skipped" and records[2]["reason"] == "cluster shape differs"
     header = json.loads((tmp_path / "out.jsonl").read_text().splitlines()[0])
     assert header["run"]["cluster"]["source"] == str(tmp_path / "cluster.json")
+
+
+@pytest.mark.slow
+def test_a_fused_cell_on_tasks_served_without_the_op_library_is_skipped_with_the_reason(private_network, tmp_path):
+    """A real cluster whose tasks were started without the fused op library (`serve
+    --custom-op off`, as on machines with no compiler): the fused cell is skipped, saying
+    which library is missing and how to serve it, not failed with TensorFlow's error."""
+    require_custom_op()
+    (tmp_path / "ps.toml").write_text(fused_suite(PS_SUITE).replace("seconds_per_window = 60.0", "seconds_per_window = 1.0")
+                                      .replace("ps_tasks = [2]", "ps_tasks = [1]"))
+    done = subprocess.run([*UNSHARE, sys.executable, "-c", REAL_CLUSTER, str(tmp_path), "--custom-op", "off"],
+                          capture_output=True, text=True, env=env(), timeout=400)
+    assert "RC 0" in done.stdout, done.stderr[-3000:]
+    (record,) = map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines()[1:])
+    assert record["status"] == "skipped", record.get("reason")
+    assert record["reason"].startswith("custom op unavailable: a task of the cluster has not loaded the fused op library")
+    assert "SparsebenchFused" in record["reason"] and "serve --custom-op" in record["reason"]
+
+
+LOCAL_CLUSTER_WITHOUT_THE_LIBRARY = textwrap.dedent("""
+    import sys, tempfile
+    from pathlib import Path
+    from sparsebench.train.ps.cluster import LocalCluster, bring_loopback_up
+    from sparsebench.errors import CellSkipped
+    bring_loopback_up()
+    with LocalCluster(1, 1, Path(tempfile.mkdtemp()), custom_op=sys.argv[1]) as cluster:
+        try:
+            cluster.start()
+        except CellSkipped as exc:
+            print("SKIPPED", exc)
+        else:
+            print("STARTED")
+""")
+
+
+@pytest.mark.slow
+def test_a_task_that_cannot_load_the_op_library_skips_the_cell_naming_the_task(private_network, tmp_path):
+    """Each task of a local cluster loads the coordinator's library before its server
+    starts; one that cannot ends the start with the cell's skip reason, naming it."""
+    missing = tmp_path / "no-such-library.so"
+    done = subprocess.run([*UNSHARE, sys.executable, "-c", LOCAL_CLUSTER_WITHOUT_THE_LIBRARY, str(missing)],
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    line = done.stdout.strip().splitlines()[-1]
+    assert re.match(r"SKIPPED custom op unavailable: (ps|worker):0 cannot load the fused op library", line), line
+    assert str(missing) in line
 
 
 @pytest.mark.slow

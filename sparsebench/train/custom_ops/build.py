@@ -350,6 +350,12 @@ def load(compile_if_missing: bool = True):
     return _loaded
 
 
+def loaded_library() -> str | None:
+    """The path of the library this process loaded (None if none): what a local cluster's
+    tasks load too."""
+    return None if _loaded_info is None else _loaded_info.library
+
+
 def loaded_build() -> dict | None:
     """How the loaded library was built (target and flags), for the record; None if none is loaded."""
     if _loaded_info is None:

@@ -17,8 +17,10 @@ from typing import Any, Callable
 from ...errors import CellSkipped
 from ...plan.cell import Cell
 from ...plan.job import RemoteCluster
+from ...plan.spec import CUSTOM_OP_VARIANTS
 from ...record import Record
 from ..cell import measured_fields, model_fields, prepare, profile_record, quality_fields
+from ..custom_ops.build import loaded_library
 
 
 @contextlib.contextmanager
@@ -27,10 +29,10 @@ def ps_session(cell: Cell, remote: RemoteCluster | None, cluster_dir: Path, fail
     cluster spec, source, local cluster or None, watchdog or None)."""
     from ..model.trainer import build_trainer
     from .cluster import LocalCluster, Watchdog
-    from .distributed import PsTraining, check_supported
+    from .distributed import PsTraining
 
-    check_supported(cell)
-    prepared = prepare(cell, build=False)
+    fused = cell.model.variant in CUSTOM_OP_VARIANTS
+    prepared = prepare(cell, build=False)  # a fused cell: the op library built and loaded here first
     d = cell.distribution
     local = None
     if remote is not None:
@@ -42,7 +44,8 @@ def ps_session(cell: Cell, remote: RemoteCluster | None, cluster_dir: Path, fail
                               f"{shape[0]} x {shape[1]}")
     else:
         local = LocalCluster(d.ps_tasks, d.worker_tasks, cluster_dir, threads={
-            "intra_op_threads": cell.threads.intra_op_threads, "inter_op_threads": cell.threads.inter_op_threads})
+            "intra_op_threads": cell.threads.intra_op_threads, "inter_op_threads": cell.threads.inter_op_threads},
+            custom_op=loaded_library() if fused else None)
         cluster, source = local.spec, "local"
     watchdog = None
     try:
@@ -53,17 +56,43 @@ def ps_session(cell: Cell, remote: RemoteCluster | None, cluster_dir: Path, fail
             watchdog = Watchdog(local, fail_now)
             watchdog.start()
         t0 = time.perf_counter()
-        training = PsTraining(cell, cluster, prepared.input.pool, prepared.input.num_features,
-                              build=lambda: build_trainer(cell.model, prepared.input.num_features, None,
-                                                          prepared.calibration))
+        if fused:
+            from .fused import ShardedFusedTrainer
+
+            build = lambda: ShardedFusedTrainer(cell.model, prepared.input.num_features,  # noqa: E731
+                                                len(cluster["ps"]), prepared.calibration)
+        else:
+            build = lambda: build_trainer(cell.model, prepared.input.num_features, None,  # noqa: E731
+                                          prepared.calibration)
+        training = PsTraining(cell, cluster, prepared.input.pool, prepared.input.num_features, build=build)
         prepared.trainer = training.trainer
         prepared.phases["build_s"] = time.perf_counter() - t0
-        yield prepared, training, cluster, source, local, watchdog
+        try:
+            yield prepared, training, cluster, source, local, watchdog
+        except Exception as exc:  # noqa: BLE001 - re-raised unless it is a task without the op library
+            missing = op_missing_on_a_task(exc) if fused else None
+            if missing is None:
+                raise
+            from ..custom_ops.build import CustomOpUnavailable
+
+            raise CustomOpUnavailable(missing) from None
     finally:
         if watchdog is not None:
             watchdog.stop()
         if local is not None:
             local.stop()
+
+
+def op_missing_on_a_task(exc: BaseException) -> str | None:
+    """Why a fused cell cannot run on this cluster, where `exc` says a task has not loaded
+    the fused op library (TensorFlow: "Op type not registered 'SparsebenchFused...' in
+    binary running on HOST"); None for any other error."""
+    text = str(getattr(exc, "message", None) or exc)
+    if "not registered" not in text or "Sparsebench" not in text:
+        return None
+    line = next((line for line in text.splitlines() if "not registered" in line), text).strip()
+    return (f"a task of the cluster has not loaded the fused op library ({line[:200]}); start every task with "
+            f"`sparsebench serve --custom-op try` (or PATH) on a machine where the op builds")
 
 
 def run_ps_cell(cell: Cell, *, round: int, isolation: str, remote: RemoteCluster | None, private_network: bool,

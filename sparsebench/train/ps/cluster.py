@@ -33,6 +33,7 @@ from typing import Callable
 
 from ...lifetime import die_with_parent
 from ...modules import module_command
+from .cluster_task import CUSTOM_OP_EXIT
 
 START_TIMEOUT_S = 60.0
 
@@ -106,8 +107,11 @@ class LocalCluster:
     """PS and worker tasks on loopback for one cell, plus the chief's (coordinator's) address."""
 
     def __init__(self, ps_tasks: int, worker_tasks: int, log_dir: Path, threads: dict[str, int] | None = None,
-                 python: str = sys.executable):
+                 python: str = sys.executable, custom_op: str | None = None):
+        """`custom_op`: the fused op library's path, loaded by every task before its server
+        starts (a task that cannot load it ends the start with `CustomOpUnavailable`)."""
         self.ps_tasks, self.worker_tasks = ps_tasks, worker_tasks
+        self.custom_op = custom_op
         self.log_dir = log_dir
         self.threads = threads or {}
         self.python = python
@@ -136,6 +140,8 @@ class LocalCluster:
             for name, value in self.threads.items():
                 if value:
                     command += [f"--{name.replace('_', '-')}", str(value)]
+            if self.custom_op is not None:
+                command += ["--custom-op", self.custom_op]
             with open(self.log_dir / f"{task.replace(':', '-')}.log", "w") as log:
                 self.processes[task] = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log,
                                                         stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
@@ -166,11 +172,24 @@ class LocalCluster:
     def log_path(self, task: str) -> Path:
         return self.log_dir / f"{task.replace(':', '-')}.log"
 
+    def last_line(self, task: str) -> str | None:
+        """The last line `task` wrote to its log, without the `sparsebench: error: ` prefix."""
+        try:
+            lines = [line for line in self.log_path(task).read_text(errors="replace").splitlines() if line.strip()]
+        except OSError:
+            return None
+        return lines[-1].removeprefix("sparsebench: error: ") if lines else None
+
     def dead(self) -> dict[str, str]:
         """Tasks whose process has ended: task -> how."""
         return {task: describe_exit(p.returncode) for task, p in self.processes.items() if p.poll() is not None}
 
     def check(self) -> None:
+        for task, process in self.processes.items():
+            if process.poll() == CUSTOM_OP_EXIT:
+                from ..custom_ops.build import CustomOpUnavailable
+
+                raise CustomOpUnavailable(self.last_line(task) or f"{task} cannot load the fused op library")
         dead = self.dead()
         if dead:
             raise TaskDied("; ".join(f"{task} {how}" for task, how in dead.items()))

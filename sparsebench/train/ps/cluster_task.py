@@ -17,11 +17,46 @@ from ...errors import ConfigError
 from ...plan.cluster_file import check_ports_free, from_tf_config, parse_task, read_cluster
 
 
+# A task told to load the fused op library (`--custom-op PATH`) that cannot exits with this
+# code, its reason on the last line of its log: the cell is skipped, naming the task.
+CUSTOM_OP_EXIT = 3
+
+
+def load_custom_op(how: str, task: str) -> bool:
+    """Load the fused op library before the server starts (TensorFlow registers ops per
+    process: the worker builds graphs holding them, the PS tasks run them). `how`: "off";
+    "try" (build or load it where this machine can, else serve the stock layouts only,
+    saying why); or a library's path, which must load (exit CUSTOM_OP_EXIT if not)."""
+    if how == "off":
+        return False
+    import tensorflow as tf
+
+    if how == "try":
+        from ..custom_ops.build import build
+
+        info = build()
+        if not info.ok:
+            print(f"{task}: the fused layer is not served here (stock layouts only): {info.reason}", flush=True)
+            return False
+        how = info.library
+    try:
+        tf.load_op_library(how)
+    except (OSError, tf.errors.OpError) as exc:
+        message = getattr(exc, "message", None) or str(exc)
+        print(f"sparsebench: error: {task} cannot load the fused op library {how}: {message.strip().splitlines()[0]}",
+              flush=True)
+        sys.exit(CUSTOM_OP_EXIT)
+    print(f"{task}: fused op library loaded from {how}", flush=True)
+    return True
+
+
 def serve(cluster: dict[str, list[str]], job: str, index: int, intra_op_threads: int = 0,
-          inter_op_threads: int = 0, profiler_port: int = 0) -> None:
+          inter_op_threads: int = 0, profiler_port: int = 0, custom_op: str = "off") -> None:
     """Start the task's server (and, with a port, TensorFlow's profiler server, so
     `sparsebench profile` can trace this task) and serve until the process is killed."""
     import tensorflow as tf
+
+    load_custom_op(custom_op, f"{job}:{index}")
 
     if intra_op_threads:
         tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
@@ -42,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra-op-threads", type=int, default=0)
     parser.add_argument("--inter-op-threads", type=int, default=0)
     parser.add_argument("--profiler-port", type=int, default=0, help="also serve TensorFlow's profiler here")
+    parser.add_argument("--custom-op", default="off", metavar="off|try|PATH",
+                        help="load the fused op library before serving: off, try (build it if this machine can), "
+                             "or the library's path (must load)")
     args = parser.parse_args(argv)
     try:
         if args.cluster is None and args.task is None:
@@ -55,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sparsebench: error: {exc}", file=sys.stderr)
         return 2
-    serve(cluster, job, index, args.intra_op_threads, args.inter_op_threads, args.profiler_port)
+    serve(cluster, job, index, args.intra_op_threads, args.inter_op_threads, args.profiler_port, args.custom_op)
     return 0
 
 

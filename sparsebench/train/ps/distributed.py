@@ -27,9 +27,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from ...errors import CellSkipped
 from ...plan.cell import Cell
-from ...plan.spec import CUSTOM_OP_VARIANTS
 from ..measure.cputime import process_tree_cpu_seconds
 from ..measure.windows import Measurement
 
@@ -45,12 +43,6 @@ def connect(cluster: dict[str, list[str]]):
     strategy = tf.distribute.experimental.ParameterServerStrategy(resolver)
     coordinator = tf.distribute.experimental.coordinator.ClusterCoordinator(strategy)
     return strategy, coordinator
-
-
-def check_supported(cell: Cell) -> None:
-    if cell.model.variant in CUSTOM_OP_VARIANTS:
-        raise CellSkipped("custom op not on parameter servers",
-                          "fused_custom_op updates variables in place in its own process; it does not run on PS tasks")
 
 
 def _dataset_fn(pool, num_features: int):
@@ -112,7 +104,8 @@ class PsTraining:
 
     def placement(self) -> list[dict[str, Any]]:
         model = self.trainer.model
-        variables = list(model.train_variables) + ([model.norm.max_x] if model.norm is not None else [])
+        maxima = getattr(model, "maxima", None) or ([model.norm.max_x] if model.norm is not None else [])
+        variables = list(model.train_variables) + list(maxima)
         variables += self.trainer.optimizer.slot_variables() + [self.trainer.optimizer.iterations]
         return [{"variable": v.name, "shape": v.shape.as_list(), "device": v.device} for v in variables]
 
