@@ -286,7 +286,7 @@ def _env_check(seconds: float, as_json: bool) -> int:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json", "html"]), default="table",
               show_default=True, help="json: one object per cell with stable keys, whatever the view.")
-@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops"]),
+@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops", "traffic"]),
               help="Default: ops for profiles, talk for a gpu-vs-cpu run, matrix otherwise.")
 @click.option("--rows", help="pivot: the axis down the side (e.g. batch_size).")
 @click.option("--cols", help="pivot: the axis across the top (e.g. variant).")

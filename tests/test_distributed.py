@@ -47,7 +47,8 @@ def test_the_distributed_suite_crosses_local_and_ps_cells_and_keeps_local_ids():
     cells = load_suite("distributed").cells()
     local = [c for c in cells if c.distribution.is_local]
     ps = [c for c in cells if not c.distribution.is_local]
-    assert len(local) == 4 and len(ps) == 8  # ps_tasks collapses for local cells
+    assert len(local) == 6 and len(ps) == 12  # ps_tasks collapses for local cells
+    assert {c.model.variant for c in ps} == {"row_partitioned", "col_partitioned", "fused_custom_op"}
     assert {c.distribution.ps_tasks for c in ps} == {1, 2} and {c.distribution.worker_tasks for c in ps} == {2}
     assert all(c.label.endswith(("ps1w2", "ps2w2")) for c in ps)
     # A local cell's id does not depend on the distribution axis existing.

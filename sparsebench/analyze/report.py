@@ -10,11 +10,14 @@ Views:
 - `matrix`: every cell with median, 95% interval, CV, loss, AUC, peak memory, grad type.
 - `pivot`: any two axes against each other, for any metric.
 - `best`: per batch size and device, the fastest configuration and its margin over the next.
+- `traffic`: parameter-server cells: each PS task's bytes per step, bytes per example, and
+  how many times fewer bytes than the best stock layout of the same cluster shape.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,7 +36,7 @@ from .. import stats
 from ..stats import NOISY_CV, is_noisy
 from ..tables import looks_numeric, markdown_text, render_table
 
-VIEWS = ("talk", "matrix", "pivot", "best", "ops")
+VIEWS = ("talk", "matrix", "pivot", "best", "ops", "traffic")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 AXIS_COLUMNS = (
     "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
@@ -91,9 +94,10 @@ def load(paths: list[Path]) -> Loaded:
             row["process_windows"] = record.process_windows or ([record.windows] if record.windows else None)
             row["not_finite"] = [name for name in QUALITY_METRICS if record.not_finite(name)]
             row["quality_steps"] = record.quality_steps
+            row["cluster"] = record.cluster
             rows.append(row)
     frame = pd.DataFrame(rows, columns=[*JSON_KEYS, "run", "machine", "label", "profile", "process_windows",
-                                        "not_finite", "quality_steps"])
+                                        "not_finite", "quality_steps", "cluster"])
     return Loaded(frame, runs, warnings)
 
 
@@ -503,6 +507,76 @@ def view_ops(frame: pd.DataFrame, top: int = 12) -> View:
     return View("Where each step's time goes, op by op", pd.DataFrame(rows), notes, None)
 
 
+def ps_traffic(row: pd.Series) -> list[dict[str, dict[str, float]]]:
+    """Each process's `cluster.ps_bytes_per_step` (a merged record keeps one cluster per
+    process), leaving out processes that measured none (a remote cluster, no `ss`)."""
+    cluster = row.get("cluster")
+    clusters = cluster if isinstance(cluster, list) else [cluster]
+    return [c["ps_bytes_per_step"] for c in clusters if isinstance(c, dict) and c.get("ps_bytes_per_step")]
+
+
+def bytes_per_example(row: pd.Series) -> float | None:
+    """All PS tasks' bytes sent and received per example (per step / batch size), the
+    median over the cell's processes; None where none was measured."""
+    per_process = [sum(t["sent"] + t["received"] for t in traffic.values()) for traffic in ps_traffic(row)]
+    if not per_process or not row.get("batch_size"):
+        return None
+    return statistics.median(per_process) / float(row["batch_size"])
+
+
+def _bytes_text(value: float) -> str:
+    for unit, size in (("MB", 1e6), ("KB", 1e3)):
+        if value >= size:
+            return f"{value / size:.3g} {unit}"
+    return f"{value:.3g} B"
+
+
+def view_traffic(frame: pd.DataFrame) -> View:
+    """Parameter-server cells: what each PS task moved per step, per example, and the
+    fused layout's bytes against the best (fewest bytes) stock layout of the same cluster
+    shape, optimizer and batch size."""
+    ps = frame[frame["strategy"] == "parameter_server"]
+    if ps.empty:
+        raise UserError("report --view traffic: these results hold no parameter-server cells "
+                        "(strategy = \"parameter_server\", e.g. the distributed suite)")
+    multi = _multi_run(frame)
+    ps = ps.assign(_bytes=[bytes_per_example(row) for _, row in ps.iterrows()])
+    group = ["run", "ps_tasks", "worker_tasks", "optimizer", "batch_size"]
+    rows, numeric = [], []
+    for _, cell in ps.iterrows():
+        same = ps
+        for key in group:
+            same = same[same[key] == cell[key]]
+        stock = same[(same["variant"] != "fused_custom_op") & same["_bytes"].notna()]
+        best = stock.loc[stock["_bytes"].idxmin()] if not stock.empty else None
+        mine = cell["_bytes"]
+        fewer = (best["_bytes"] / mine if best is not None and mine and cell["variant"] == "fused_custom_op"
+                 else None)
+        measured = ps_traffic(cell)
+        per_task = "; ".join(
+            f"{task} {_bytes_text(statistics.median([p[task]['received'] for p in measured if task in p]))} in / "
+            f"{_bytes_text(statistics.median([p[task]['sent'] for p in measured if task in p]))} out"
+            for task in sorted({task for p in measured for task in p}))
+        rows.append({**({"run": cell["run"]} if multi else {}), "cell": cell["label"], "optimizer": cell["optimizer"],
+                     "PS x workers": f"{int(cell['ps_tasks'])} x {int(cell['worker_tasks'])}",
+                     "samples/s [95% CI]": rate_with_interval(cell),
+                     "per PS task and step": per_task or "not measured",
+                     "bytes/example": _bytes_text(mine) if mine else "",
+                     "vs best stock": f"{fewer:.1f}x fewer than {best['label']}" if fewer else ""})
+        numeric.append({**({"run": cell["run"]} if multi else {}), "cell": cell["label"], "optimizer": cell["optimizer"],
+                        "ps_tasks": cell["ps_tasks"], "worker_tasks": cell["worker_tasks"],
+                        "samples_per_sec": cell["samples_per_sec"], "bytes_per_example": mine,
+                        "best_stock": best["label"] if best is not None else None, "times_fewer_bytes": fewer})
+    notes = ["bytes: what each PS task sent and received over all its TCP connections during the timed windows "
+             "(the kernel's counters, as `ss -tinp` reports them), per train step of any worker; bytes/example sums "
+             "the PS tasks and divides by the batch size",
+             "vs best stock: the stock layout (row_ or col_partitioned) with the fewest bytes per example in the same "
+             "cluster shape, optimizer and batch size",
+             "on one machine the tasks share its cores and talk over loopback: samples/s show the PS machinery's "
+             "cost, not what a cluster of machines would reach"]
+    return View("Parameter-server traffic per step and per example", pd.DataFrame(rows), notes, pd.DataFrame(numeric))
+
+
 def default_view(loaded: Loaded) -> str:
     if loaded.frame["profile"].notna().any():
         return "ops"
@@ -520,6 +594,8 @@ def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | N
         return view_best(frame)
     if view == "ops":
         return view_ops(frame)
+    if view == "traffic":
+        return view_traffic(frame)
     if view == "pivot":
         if not rows or not cols:
             raise UserError("report --view pivot: give --rows AXIS and --cols AXIS")

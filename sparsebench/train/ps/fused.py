@@ -6,7 +6,8 @@ the table (`mod`: PS `i` holds the rows whose key `k % P == i`, as row `k // P`)
 rows' maxima and per-feature bias beside them. A step on a worker:
 
 1. splits the batch's entries by shard (`dynamic_partition`, order kept) and sends each PS
-   task only its entries: rows and shard-local keys as int32, values as float32;
+   task only its entries: shard-local keys as int32, values as float32, and how many of
+   them each batch row has (int32 [batch]: the entries are in row order);
 2. each PS task runs the fused forward on its entries (`fused_layer`, normalization and
    bias inside, its maxima updated in place) and returns its partial `[batch, out_dim]` sum;
 3. the worker sums the partials, runs the dense head and its gradient, and sends the
@@ -14,8 +15,9 @@ rows' maxima and per-feature bias beside them. A step on a worker:
 4. each PS task applies the fused update (SGD or Lazy Adam) to its shard from the output
    gradient and the entries it kept, so the normalized values never travel.
 
-Per PS task and step that is 12 bytes per entry of its shard plus two `[batch, out_dim]`
-float tensors, where `row_partitioned` moves `4 * out_dim` bytes per entry each way. The
+Per PS task and step that is 8 bytes per entry of its shard, 4 per batch row, and two
+`[batch, out_dim]` float tensors, where `row_partitioned` moves `4 * out_dim` bytes per
+entry each way. The
 function is the local fused step's: one synchronous step leaves every variable within
 float rounding of the local one (tests/test_distributed.py).
 
@@ -98,16 +100,20 @@ class ShardedFusedModel(tf.Module):
         return [*self.tables, *self.feature_bias, *self.dense_variables]
 
     def shard_entries(self, sp: tf.SparseTensor) -> list[tuple[tf.Tensor, tf.Tensor, tf.Tensor]]:
-        """Per shard, on the worker: (rows int32, shard-local keys int32, values) of the
-        entries whose key falls in it, in the batch's order. int32 halves what travels; a
-        batch row and a shard-local key both fit."""
+        """Per shard, on the worker: (entries per batch row int32 [B], shard-local keys
+        int32, values) of the entries whose key falls in it, in the batch's order. A
+        SparseTensor's entries are in row order, and `dynamic_partition` keeps it, so the PS
+        task rebuilds each entry's row from the per-row counts: 4 bytes per row instead of
+        per entry. int32 keys halve what the keys take; a shard-local key fits."""
         rows, keys, values = sp.indices[:, 0], sp.indices[:, 1], sp.values
         if self.discretizer is not None:
             keys, values = self.discretizer(keys, values)
         shards = tf.constant(self.shards, tf.int64)
         which = tf.cast(keys % shards, tf.int32)
-        parts = zip(tf.dynamic_partition(tf.cast(rows, tf.int32), which, self.shards),
-                    tf.dynamic_partition(tf.cast(keys // shards, tf.int32), which, self.shards),
+        batch_size = tf.cast(sp.dense_shape[0], tf.int32)
+        counts = [tf.math.bincount(part, minlength=batch_size, maxlength=batch_size, dtype=tf.int32)
+                  for part in tf.dynamic_partition(tf.cast(rows, tf.int32), which, self.shards)]
+        parts = zip(counts, tf.dynamic_partition(tf.cast(keys // shards, tf.int32), which, self.shards),
                     tf.dynamic_partition(values, which, self.shards))
         return list(parts)
 
@@ -117,9 +123,10 @@ class ShardedFusedModel(tf.Module):
         from ..custom_ops.ops import fused_layer
 
         outputs, kept = [], []
-        for i, (rows, keys, values) in enumerate(self.shard_entries(sp)):
+        for i, (counts, keys, values) in enumerate(self.shard_entries(sp)):
             with tf.device(self.devices[i]):
-                rows64, keys64 = tf.cast(rows, tf.int64), tf.cast(keys, tf.int64)
+                rows64 = tf.repeat(tf.range(tf.size(counts, out_type=tf.int64)), tf.cast(counts, tf.int64))
+                keys64 = tf.cast(keys, tf.int64)
                 bias_x = self.feature_bias[i] if self.feature_bias else None
                 max_x = self.maxima[i] if self.maxima else None
                 out, normalized = fused_layer(self.tables[i], rows64, keys64, values, sp.dense_shape[0], bias_x, max_x,
