@@ -231,3 +231,33 @@ def test_the_shards_plot_shows_only_partitioned_variants_and_titles_stay_inside_
         title = fig.axes[0].title if fig.axes[0].get_title() else fig.axes[0]._left_title
         box = title.get_window_extent(renderer)
         assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, (fig.axes[0].get_title(loc="left"), box)
+
+
+# A real run of the distributed suite (2-core VM, loopback clusters in private network
+# namespaces, at commit 01f44c4): `sparsebench run --suite distributed`.
+DISTRIBUTED = FIXTURES / "distributed.jsonl"
+
+
+def test_the_traffic_view_gives_bytes_per_example_and_the_fused_layouts_saving():
+    view = report.build_view(report.load([DISTRIBUTED]), "traffic")
+    rows = view.table.set_index("cell")
+    assert len(rows) == 12  # the parameter-server cells only
+    fused = rows.loc["fused-b1024-sgd-cpu-ps1w2"]
+    assert fused["PS x workers"] == "1 x 2"
+    assert fused["per PS task and step"] == "ps:0 1.04 MB in / 215 KB out"
+    assert fused["bytes/example"] == "1.22 KB"
+    assert fused["vs best stock"] == "15.0x fewer than col-x2-b1024-sgd-cpu-ps1w2"
+    assert rows.loc["fused-b1024-sgd-cpu-ps2w2", "vs best stock"] == "11.9x fewer than col-x2-b1024-sgd-cpu-ps2w2"
+    assert rows.loc["fused-b1024-lazy_adam-cpu-ps2w2", "vs best stock"] == "31.8x fewer than col-x2-b1024-lazy_adam-cpu-ps2w2"
+    assert rows.loc["row-mod2-b1024-sgd-cpu-ps1w2", "bytes/example"] == "43.3 KB"
+    assert rows.loc["row-mod2-b1024-sgd-cpu-ps1w2", "vs best stock"] == ""  # only the fused layout is compared
+    # The numbers behind the strings, against the records' own per-task counters.
+    numeric = view.numeric.set_index("cell")
+    lines = [json.loads(line) for line in DISTRIBUTED.read_text().splitlines()[1:]]
+    record = next(r for r in lines if r["cell_id"].startswith("fused-b1024-sgd-cpu-ps2w2"))
+    per_step = sum(t["sent"] + t["received"] for t in record["cluster"]["ps_bytes_per_step"].values())
+    assert numeric.loc["fused-b1024-sgd-cpu-ps2w2", "bytes_per_example"] == pytest.approx(per_step / 1024)
+    stock = next(r for r in lines if r["cell_id"].startswith("col-x2-b1024-sgd-cpu-ps2w2"))
+    stock_step = sum(t["sent"] + t["received"] for t in stock["cluster"]["ps_bytes_per_step"].values())
+    assert numeric.loc["fused-b1024-sgd-cpu-ps2w2", "times_fewer_bytes"] == pytest.approx(stock_step / per_step)
+    assert any("loopback" in note for note in view.notes)

@@ -512,7 +512,14 @@ def ps_traffic(row: pd.Series) -> list[dict[str, dict[str, float]]]:
     process), leaving out processes that measured none (a remote cluster, no `ss`)."""
     cluster = row.get("cluster")
     clusters = cluster if isinstance(cluster, list) else [cluster]
-    return [c["ps_bytes_per_step"] for c in clusters if isinstance(c, dict) and c.get("ps_bytes_per_step")]
+    measured = []
+    for c in clusters:
+        traffic = c.get("ps_bytes_per_step") if isinstance(c, dict) else None
+        if isinstance(traffic, dict) and traffic and all(
+                isinstance(t, dict) and all(isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)
+                                            for k in ("sent", "received")) for t in traffic.values()):
+            measured.append(traffic)  # anything else (a hand-edited file) counts as not measured
+    return measured
 
 
 def bytes_per_example(row: pd.Series) -> float | None:

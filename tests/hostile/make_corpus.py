@@ -38,6 +38,9 @@ def main() -> None:
     results("record-status-bogus.jsonl", record=lambda r: {**r, "status": "great"})
     results("record-samples-string.jsonl", record=lambda r: {**r, "samples_per_sec": "fast"})
     results("record-cell-id-number.jsonl", record=lambda r: {**r, "cell_id": 7})
+    results("record-cluster-bytes-strings.jsonl", record=lambda r: {
+        **r, "axes": {**r["axes"], "strategy": "parameter_server", "ps_tasks": 1, "worker_tasks": 2},
+        "cluster": {"ps_bytes_per_step": {"ps:0": {"sent": "lots", "received": None}}}})
     results("record-corrupt-line.jsonl", extra=['{"cell_id": "x", "status": "ok"', '{"cell_id": "y", "status": "ok"}'])
     # Headers that --resume reads: a real run's header of the hostile suite, with wrong types.
     suite = (HERE / "suites" / "ok.toml").read_text()
