@@ -131,6 +131,11 @@ class DenseHead(tf.Module):
                 (tf.Variable(kernel, name=f"dense_{i}_kernel"), tf.Variable(tf.zeros([fan_out]), name=f"dense_{i}_bias"))
             )
 
+    @property
+    def parameters(self) -> list[tf.Variable]:
+        """Every layer's kernel and bias, in order."""
+        return [variable for layer in self.layers for variable in layer]
+
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         for i, (kernel, bias) in enumerate(self.layers):
             x = tf.matmul(x, kernel) + bias
@@ -167,17 +172,12 @@ class SparseModel(tf.Module):
         params = [*self.kernel.tables, self.sparse_bias]
         if self.norm is not None:
             params.append(self.norm.bias_x)
-        for kernel, bias in self.head.layers:
-            params += [kernel, bias]
-        return params
+        return params + self.head.parameters
 
     @property
     def dense_variables(self) -> list[tf.Variable]:
         """The variables outside the sparse layer's tables and per-feature bias."""
-        params = [self.sparse_bias]
-        for kernel, bias in self.head.layers:
-            params += [kernel, bias]
-        return params
+        return [self.sparse_bias, *self.head.parameters]
 
     def fused_pre_activation(self, sp: tf.SparseTensor, training: bool, watch: bool = True):
         """For a kernel that fuses the normalization: (sp @ W with the normalization inside,

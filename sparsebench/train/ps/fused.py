@@ -85,15 +85,10 @@ class ShardedFusedModel(tf.Module):
     def shards(self) -> int:
         return len(self.devices)
 
-    def is_sparse_table(self, var: tf.Variable) -> bool:
-        return any(var is table for table in self.tables)
-
     @property
     def dense_variables(self) -> list[tf.Variable]:
-        params = [self.sparse_bias]
-        for kernel, bias in self.head.layers:
-            params += [kernel, bias]
-        return params
+        """The variables outside the shards: the layer's bias and the dense head."""
+        return [self.sparse_bias, *self.head.parameters]
 
     @property
     def train_variables(self) -> list[tf.Variable]:
