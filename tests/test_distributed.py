@@ -599,3 +599,43 @@ def test_a_ps_cell_records_the_file_it_read(private_network, tmp_path):
     source = record["data_source"]
     assert source["source"] == str(tmp_path / "x.libsvm") and source["read"]["examples"] == 400 - 64
     assert "first 64 examples" in source["held_out"]
+
+
+# -- the batch pool a PS worker trains on -------------------------------------------------------
+def test_a_ps_worker_rebuilds_each_shipped_batch_exactly_and_cycles_the_pool():
+    """Workers get the pool as compact constants (keys, values, per-row counts); the
+    dataset they iterate must give back the local cell's SparseTensors, batch for batch."""
+    import numpy as np
+    import tensorflow as tf
+
+    from sparsebench.plan.spec import DataSpec
+    from sparsebench.train.inputs.data import SyntheticData, to_sparse_tensor
+    from sparsebench.train.ps.distributed import _dataset_fn
+
+    data = SyntheticData(DataSpec(feature_bits=12, mean_active=15))
+    pool = data.batches(16, 3)
+    shipped = list(_dataset_fn(pool, data.num_features)().take(len(pool) + 1))
+    for (sp, labels), batch in zip(shipped, [*pool, pool[0]]):
+        want = to_sparse_tensor(batch, data.num_features)
+        assert sp.indices.dtype == tf.int64
+        np.testing.assert_array_equal(sp.indices.numpy(), want.indices.numpy())
+        np.testing.assert_array_equal(sp.values.numpy(), want.values.numpy())
+        np.testing.assert_array_equal(sp.dense_shape.numpy(), want.dense_shape.numpy())
+        np.testing.assert_array_equal(labels.numpy(), batch.labels)
+
+
+def test_the_whole_pool_is_shipped_unless_it_passes_the_byte_cap():
+    from sparsebench.plan.spec import DataSpec
+    from sparsebench.train.inputs.data import SyntheticData
+    from sparsebench.train.ps.distributed import POOL_BYTES_CAP, batches_to_ship, shipped_bytes
+
+    data = SyntheticData(DataSpec(feature_bits=12, mean_active=15))
+    pool = data.batches(16, 5)
+    sizes = [shipped_bytes(b, data.num_features) for b in pool]
+    assert sizes[0] == pool[0].nnz * 8 + 16 * 8 + 8  # int32 keys, float32 values, per-row counts and labels
+    assert batches_to_ship(pool, data.num_features) == 5
+    assert batches_to_ship(pool, data.num_features, cap_bytes=sum(sizes[:3])) == 3
+    assert batches_to_ship(pool, data.num_features, cap_bytes=sum(sizes[:3]) - 1) == 2
+    assert batches_to_ship(pool, data.num_features, cap_bytes=1) == 1  # never none
+    # The distributed suite's pool (32 batches of 1024 x ~100 entries) fits whole.
+    assert 32 * (1024 * 100 * 8 + 1024 * 8) < POOL_BYTES_CAP

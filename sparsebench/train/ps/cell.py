@@ -130,6 +130,30 @@ def run_ps_cell(cell: Cell, *, round: int, isolation: str, remote: RemoteCluster
             cluster=cluster_facts, bound_reason=PS_BOUND_REASON)
 
 
+COSTS_MIN_SECONDS = 2.0  # CPU times come in 10 ms ticks: a short span would read as steps
+
+
+def task_costs(local, training, functions: int, min_seconds: float = COSTS_MIN_SECONDS) -> dict[str, Any]:
+    """What one train step costs each task of a local cluster, untraced: CPU ms per step of
+    each task's process (and of this one, the coordinator) and each PS task's bytes per
+    step, over rounds of `functions` functions lasting at least `min_seconds` together.
+    The figures `report --view projection` rests on."""
+    traffic = {"before": local.ps_traffic()}
+    cpu_before, chief_before = local.cpu_seconds(), time.process_time()
+    start, steps = time.perf_counter(), 0
+    while steps == 0 or time.perf_counter() - start < min_seconds:
+        training.schedule(functions)
+        training.coordinator.join()
+        steps += functions * training.steps_per_execution
+    seconds = time.perf_counter() - start
+    chief_cpu, cpu_after, traffic["after"] = time.process_time() - chief_before, local.cpu_seconds(), local.ps_traffic()
+    return {**ps_bytes_per_step(traffic, steps),
+            "cpu_ms_per_step": {"chief": 1000.0 * chief_cpu / steps,
+                                **{task: 1000.0 * (cpu_after[task] - cpu_before[task]) / steps
+                                   for task in cpu_after if task in cpu_before}},
+            "costs_seconds": seconds, "costs_steps": steps}
+
+
 PS_BOUND_REASON = "parameter-server cells move rows over the network, which the memory bound does not model"
 
 
@@ -165,6 +189,7 @@ def profile_ps_cell(cell: Cell, *, round: int, isolation: str, steps: int, logdi
             training.schedule(functions)
             training.coordinator.join()
             untraced = time.perf_counter() - start
+            costs = task_costs(local, training, functions)
             training.schedule(functions)
             tf.profiler.experimental.client.trace(",".join(local.profiler_addresses()), str(logdir),
                                                   duration_ms=max(500, int(1500 * untraced)))
@@ -172,6 +197,7 @@ def profile_ps_cell(cell: Cell, *, round: int, isolation: str, steps: int, logdi
             elapsed, note = untraced, profiler.PS_TASKS_NOTE
             host_names = {f"127.0.0.1_{port}": task for task, port in local.profiler_ports.items()}
         else:
+            costs = {}
             tf.profiler.experimental.start(str(logdir))
             start = time.perf_counter()
             try:
@@ -186,5 +212,5 @@ def profile_ps_cell(cell: Cell, *, round: int, isolation: str, steps: int, logdi
                                          host_names=host_names)
         lost = dict(watchdog.lost) if watchdog is not None else {}
         return profile_record(cell, round, isolation, logdir, summary, prepared,
-                              cluster=cluster_record(cell, cluster, source, local is not None and private_network,
-                                                     training, lost))
+                              cluster={**cluster_record(cell, cluster, source, local is not None and private_network,
+                                                        training, lost), **costs})

@@ -166,6 +166,19 @@ class LocalCluster:
         totals = tcp_bytes_by_pid(set(pids))
         return None if totals is None else {pids[pid]: value for pid, value in totals.items()}
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """Per task: user + system CPU seconds its process has used so far (tasks that
+        ended are left out)."""
+        import psutil
+
+        seconds = {}
+        for task, process in self.processes.items():
+            try:
+                seconds[task] = sum(psutil.Process(process.pid).cpu_times()[:2])
+            except psutil.Error:
+                pass
+        return seconds
+
     def profiler_addresses(self) -> list[str]:
         return [f"grpc://127.0.0.1:{port}" for port in self.profiler_ports.values()]
 
