@@ -286,7 +286,7 @@ def _env_check(seconds: float, as_json: bool) -> int:
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json", "html"]), default="table",
               show_default=True, help="json: one object per cell with stable keys, whatever the view.")
-@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops", "traffic"]),
+@click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops", "traffic", "projection"]),
               help="Default: ops for profiles, talk for a gpu-vs-cpu run, matrix otherwise.")
 @click.option("--rows", help="pivot: the axis down the side (e.g. batch_size).")
 @click.option("--cols", help="pivot: the axis across the top (e.g. variant).")
@@ -295,10 +295,27 @@ def _env_check(seconds: float, as_json: bool) -> int:
               help="Keep only matching cells (e.g. variant=embedding_lookup_sparse). Repeatable.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Write here instead of stdout (html: the page).")
 @click.option("--plots", type=click.Path(path_type=Path), help="Also write PNG and SVG plots into this folder.")
-def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
+@click.option("--network", metavar="GBIT[,GBIT]", help="projection: link speeds in Gbit/s (default 10,25).")
+@click.option("--ps", "ps_counts", metavar="N[,N]", help="projection: PS task counts (default 4,8,16).")
+@click.option("--workers", "worker_counts", metavar="N[,N]", help="projection: worker task counts (default 4,16,64).")
+@click.option("--task-cores", type=click.FloatRange(min=0, min_open=True), metavar="CORES",
+              help="projection: cores of each task's machine (default: the profiled machine's).")
+def report(paths, fmt, view, rows, cols, metric, conditions, output, plots, network, ps_counts, worker_counts,
+           task_cores):
     """Tables, plots and an HTML page from one or more results files."""
     from .analyze import report as reporting
 
+    settings = None
+    if view == "projection":
+        from .analyze import projection
+
+        settings = projection.Settings(
+            ps=projection.parse_counts(ps_counts, projection.DEFAULT_PS, "ps"),
+            workers=projection.parse_counts(worker_counts, projection.DEFAULT_WORKERS, "workers"),
+            network_gbit=projection.parse_counts(network, projection.DEFAULT_NETWORK_GBIT, "network", float),
+            task_cores=task_cores)
+    elif any(option is not None for option in (network, ps_counts, worker_counts, task_cores)):
+        raise UserError("report: --network, --ps, --workers and --task-cores belong to --view projection")
     loaded = reporting.load(list(paths))
     if conditions:
         loaded = reporting.filter_rows(loaded, list(conditions))
@@ -312,9 +329,9 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots):
     if fmt == "html":
         from .analyze.html import render_html
 
-        text = render_html(loaded, view, rows, cols, metric)
+        text = render_html(loaded, view, rows, cols, metric, settings)
     else:
-        text = reporting.render(loaded, fmt, view, rows, cols, metric)
+        text = reporting.render(loaded, fmt, view, rows, cols, metric, settings)
     if output is not None:
         _write_text(output, text, "report")
     else:

@@ -482,6 +482,13 @@ def test_profile_traces_every_task_of_a_ps_cell(private_network, tmp_path):
     ops = {row["op_type"] for row in summary["ops"]}
     assert "ResourceScatterSub" in ops and "ResourceGather" in ops  # the PS's side of the step is in the table
     assert "op time per step by task" in done.stdout
+    # What the projection rests on, measured untraced over at least 2 s: each task's CPU
+    # per step (the coordinator's too) and the PS task's bytes per step.
+    cluster = record["cluster"]
+    assert set(cluster["cpu_ms_per_step"]) == {"chief", "ps:0", "worker:0"}
+    assert all(ms > 0 for ms in cluster["cpu_ms_per_step"].values()), cluster["cpu_ms_per_step"]
+    assert cluster["costs_seconds"] >= 2.0 and cluster["costs_steps"] > 0
+    assert cluster["ps_bytes_per_step"]["ps:0"]["received"] > 0
 
 
 REAL_CLUSTER = textwrap.dedent("""

@@ -84,8 +84,9 @@ def environment_html(run: dict) -> str:
     )
 
 
-def render_html(loaded: Loaded, view: str | None, rows: str | None, cols: str | None, metric: str) -> str:
-    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric)
+def render_html(loaded: Loaded, view: str | None, rows: str | None, cols: str | None, metric: str,
+                projection_settings=None) -> str:
+    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric, projection_settings)
     parts = [table_html(chosen)]
     if chosen.title != "All cells":
         parts.append(table_html(view_matrix(loaded.frame)))

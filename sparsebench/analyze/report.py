@@ -12,6 +12,8 @@ Views:
 - `best`: per batch size and device, the fastest configuration and its margin over the next.
 - `traffic`: parameter-server cells: each PS task's bytes per step, bytes per example, and
   how many times fewer bytes than the best stock layout of the same cluster shape.
+- `projection`: samples/s of larger PS clusters on a given network, forecast from a profiled
+  PS cell's per-task CPU and bytes per step, with its bottleneck (projection.py).
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .. import stats
 from ..stats import NOISY_CV, is_noisy
 from ..tables import looks_numeric, markdown_text, render_table
 
-VIEWS = ("talk", "matrix", "pivot", "best", "ops", "traffic")
+VIEWS = ("talk", "matrix", "pivot", "best", "ops", "traffic", "projection")
 FORMATS = ("table", "markdown", "csv", "json", "html")
 AXIS_COLUMNS = (
     "variant", "shards", "partition_strategy", "batch_size", "optimizer", "device", "intra_op_threads",
@@ -584,6 +586,33 @@ def view_traffic(frame: pd.DataFrame) -> View:
     return View("Parameter-server traffic per step and per example", pd.DataFrame(rows), notes, pd.DataFrame(numeric))
 
 
+def view_projection(loaded: Loaded, settings: "projection.Settings | None" = None) -> View:
+    """Forecasts for larger clusters from profiled PS cells, after the check of the model on
+    the profiled machine's own measured cells (projection.py)."""
+    from . import projection
+
+    cores = {run["label"]: _number_or_none(field_at((run["header"] or {}).get("environment") or {}, "cores_available"))
+             for run in loaded.runs}
+    rows, notes = projection.projection(loaded.frame, cores, settings or projection.Settings())
+    shown = []
+    for r in rows:
+        shown.append({
+            "layer": r["model"], **({"cell": r["cell"]} if any(x["cell"] for x in rows) else {}),
+            "PS x workers": f"{r['ps']} x {r['workers']}", "network": r["network"],
+            "samples/s": projection._rate_text(r["samples_per_sec"]), "bottleneck": r["bottleneck"],
+            "next bound": f"{r['next_bound']} {projection._rate_text(r['next_bound_samples_per_sec'])}",
+            **({"measured": projection._rate_text(r["measured_samples_per_sec"]) if r["measured_samples_per_sec"] else "",
+                "error": f"{r['error_pct']:+.1f}%" if r["error_pct"] is not None else ""}
+               if any(x["error_pct"] is not None for x in rows) else {}),
+        })
+    return View("Projected samples/s of larger parameter-server clusters", pd.DataFrame(shown), notes,
+                pd.DataFrame(rows))
+
+
+def _number_or_none(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
 def default_view(loaded: Loaded) -> str:
     if loaded.frame["profile"].notna().any():
         return "ops"
@@ -591,8 +620,11 @@ def default_view(loaded: Loaded) -> str:
     return "talk" if suites == {"gpu-vs-cpu"} else "matrix"
 
 
-def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | None = None, metric: str = "samples_per_sec") -> View:
+def build_view(loaded: Loaded, view: str, rows: str | None = None, cols: str | None = None, metric: str = "samples_per_sec",
+               projection_settings=None) -> View:
     frame = loaded.frame
+    if view == "projection":
+        return view_projection(loaded, projection_settings)
     if view == "matrix":
         return view_matrix(frame)
     if view == "talk":
@@ -642,11 +674,15 @@ def _json_default(value: Any) -> Any:
 
 
 def render(loaded: Loaded, fmt: str = "table", view: str | None = None, rows: str | None = None,
-           cols: str | None = None, metric: str = "samples_per_sec") -> str:
+           cols: str | None = None, metric: str = "samples_per_sec", projection_settings=None) -> str:
     """Text for every format but html (see html.py). Warnings are the caller's to print."""
-    if fmt == "json":
+    if fmt == "json" and view != "projection":
         return render_json(loaded)
-    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric)
+    chosen = build_view(loaded, view or default_view(loaded), rows, cols, metric, projection_settings)
+    if fmt == "json":  # the projection's own rows: they are not cells
+        numeric = chosen.numeric.astype(object).where(chosen.numeric.notna(), None)
+        return json.dumps({"rows": numeric.to_dict(orient="records"), "notes": chosen.notes}, indent=2,
+                          default=_json_default)
     if fmt == "markdown":
         return render_markdown(chosen)
     if fmt == "csv":
