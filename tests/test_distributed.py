@@ -610,8 +610,8 @@ def test_a_ps_cell_records_the_file_it_read(private_network, tmp_path):
 
 # -- the batch pool a PS worker trains on -------------------------------------------------------
 def test_a_ps_worker_rebuilds_each_shipped_batch_exactly_and_cycles_the_pool():
-    """Workers get the pool as compact constants (keys, values, per-row counts); the
-    dataset they iterate must give back the local cell's SparseTensors, batch for batch."""
+    """Workers get the pool as constants in their dataset function; the dataset they
+    iterate must give back the local cell's SparseTensors, batch for batch, and cycle."""
     import numpy as np
     import tensorflow as tf
 
@@ -639,10 +639,10 @@ def test_the_whole_pool_is_shipped_unless_it_passes_the_byte_cap():
     data = SyntheticData(DataSpec(feature_bits=12, mean_active=15))
     pool = data.batches(16, 5)
     sizes = [shipped_bytes(b, data.num_features) for b in pool]
-    assert sizes[0] == pool[0].nnz * 8 + 16 * 8 + 8  # int32 keys, float32 values, per-row counts and labels
+    assert sizes[0] == pool[0].nnz * 20 + 16 * 4 + 8  # int64 [nnz, 2] indices, float32 values and labels
     assert batches_to_ship(pool, data.num_features) == 5
     assert batches_to_ship(pool, data.num_features, cap_bytes=sum(sizes[:3])) == 3
     assert batches_to_ship(pool, data.num_features, cap_bytes=sum(sizes[:3]) - 1) == 2
     assert batches_to_ship(pool, data.num_features, cap_bytes=1) == 1  # never none
     # The distributed suite's pool (32 batches of 1024 x ~100 entries) fits whole.
-    assert 32 * (1024 * 100 * 8 + 1024 * 8) < POOL_BYTES_CAP
+    assert 32 * (1024 * 100 * 20 + 1024 * 4) < POOL_BYTES_CAP
