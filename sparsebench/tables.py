@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 from tabulate import tabulate
@@ -48,3 +49,15 @@ def markdown_text(text: str) -> str:
     """A line of prose as markdown shows it: a leading `*`, `-`, `+`, `#` or `>` (a noisy
     mark, a negative change) escaped so it is not read as a list, a heading or a quote."""
     return "\\" + text if text[:1] in "*-+#>" else text
+
+
+def sig3(value: Any) -> str:
+    """Samples/s to 3 significant digits, with thousands separators (12,300)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    value = float(value)
+    if value == 0:
+        return "0"
+    digits = 3 - int(math.floor(math.log10(abs(value)))) - 1
+    rounded = round(value, digits)
+    return f"{rounded:,.{max(digits, 0)}f}"

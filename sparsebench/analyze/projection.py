@@ -36,16 +36,15 @@ trip), and shows the error: the check of the model this machine can make.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from ..errors import UserError
+from ..tables import sig3
 
-BOUNDS = ("worker compute", "PS compute", "coordinator", "PS network", "worker network", "worker round trip")
-SHARED_BOUNDS = ("machine cores", "coordinator", "worker round trip")
 DEFAULT_PS = (4, 8, 16)
 DEFAULT_WORKERS = (4, 16, 64)
 DEFAULT_NETWORK_GBIT = (10.0, 25.0)
@@ -61,6 +60,9 @@ class Settings:
     workers: tuple[int, ...] = DEFAULT_WORKERS
     network_gbit: tuple[float, ...] = DEFAULT_NETWORK_GBIT
     task_cores: float | None = None
+
+    def cores_for(self, model: "Model") -> float:
+        return self.task_cores if self.task_cores is not None else model.profiles[0].cores
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,6 @@ class Profiled:
     chief_ms: float
     ps_in: float  # bytes all PS tasks received per step
     ps_out: float  # bytes all PS tasks sent per step
-    op_ms: dict[str, float] = field(default_factory=dict)
     samples_per_sec: float | None = None  # the untraced steps the costs were read over
 
 
@@ -119,10 +120,14 @@ class Model:
         received_by_ps, sent_by_ps = self.bytes_per_ps(ps)
         return received_by_ps * ps, sent_by_ps * ps
 
+    def cpu_ms(self, ps: int) -> tuple[float, float, float]:
+        """(worker, all PS tasks, coordinator) CPU ms per step at `ps` tasks, kept above zero."""
+        return tuple(max(f.at(ps), 1e-9) for f in (self.worker_ms, self.ps_ms, self.chief_ms))
+
     def bounds(self, ps: int, workers: int, gbit: float, cores: float) -> dict[str, float]:
         """Each bound on the cluster's steps per second."""
         link = gbit * 1e9 / 8.0  # bytes per second each way
-        worker_ms, ps_ms, chief_ms = (max(f.at(ps), 1e-9) for f in (self.worker_ms, self.ps_ms, self.chief_ms))
+        worker_ms, ps_ms, chief_ms = self.cpu_ms(ps)
         per_ps = max(self.bytes_per_ps(ps))
         per_worker = max(self.bytes_per_worker(ps))
         round_trip_ms = (worker_ms + ps_ms / ps) / cores + 1000.0 * per_worker / link
@@ -138,7 +143,7 @@ class Model:
     def shared_bounds(self, ps: int, workers: int, cores: float) -> dict[str, float]:
         """Bounds for every task on one machine of `cores` cores, over loopback (whose
         cost is in the tasks' CPU time)."""
-        worker_ms, ps_ms, chief_ms = (max(f.at(ps), 1e-9) for f in (self.worker_ms, self.ps_ms, self.chief_ms))
+        worker_ms, ps_ms, chief_ms = self.cpu_ms(ps)
         return {
             "machine cores": cores * 1000.0 / (worker_ms + ps_ms + chief_ms),
             "coordinator": 1000.0 / chief_ms,
@@ -182,13 +187,12 @@ def profiled_cell(row: pd.Series, cores: float | None) -> Profiled | None:
         return None
     costs = _number(cluster.get("costs_steps")), _number(cluster.get("costs_seconds"))
     rate = (costs[0] * float(row["batch_size"]) / costs[1]) if costs[0] and costs[1] else None
-    profile = row.get("profile") if isinstance(row.get("profile"), dict) else {}
     return Profiled(
         label=str(row["label"]), run=str(row["run"]), ps_tasks=int(row["ps_tasks"]),
         worker_tasks=int(row["worker_tasks"]), batch_size=int(row["batch_size"]), out_dim=int(row["out_dim"]),
         variant=str(row["variant"]), cores=cores, worker_ms=sums["worker"], ps_ms=sums["ps"],
         chief_ms=values["chief"], ps_in=sum(directions["received"]), ps_out=sum(directions["sent"]),
-        op_ms=dict(profile.get("hosts_ms_per_step") or {}), samples_per_sec=rate)
+        samples_per_sec=rate)
 
 
 def _fit(points: list[tuple[int, float]]) -> Linear:
@@ -211,7 +215,7 @@ def build_model(family: dict[str, Any], profiles: list[Profiled]) -> Model:
     return Model(
         family=family, profiles=profiles,
         worker_ms=_fit([(p.ps_tasks, p.worker_ms) for p in profiles]),
-        ps_ms=_fit([(p.ps_tasks, p.ps_ms) for p in profiles]) if fitted else Linear(float(np.mean([p.ps_ms for p in profiles])), 0.0),
+        ps_ms=_fit([(p.ps_tasks, p.ps_ms) for p in profiles]),
         chief_ms=_fit([(p.ps_tasks, p.chief_ms) for p in profiles]),
         fixed_in=fixed_in, fixed_out=fixed_out, entries_in=max(entries_in, 0.0), entries_out=max(entries_out, 0.0),
         fitted=fitted)
@@ -235,13 +239,6 @@ def _bottleneck(bounds: dict[str, float]) -> tuple[str, float, str, float]:
     ordered = sorted(bounds.items(), key=lambda kv: kv[1])
     (name, steps), (second, second_steps) = ordered[0], ordered[1]
     return name, steps, second, second_steps
-
-
-def _rate_text(samples: float) -> str:
-    for unit, size in (("M", 1e6), ("k", 1e3)):
-        if samples >= size:
-            return f"{samples / size:.3g}{unit}"
-    return f"{samples:.3g}"
 
 
 def _model_name(model: Model) -> str:
@@ -273,7 +270,7 @@ def validation_rows(model: Model, frame: pd.DataFrame) -> list[dict[str, Any]]:
 
 def forecast_rows(model: Model, settings: Settings) -> list[dict[str, Any]]:
     batch = float(model.family["batch_size"])
-    cores = settings.task_cores if settings.task_cores is not None else model.profiles[0].cores
+    cores = settings.cores_for(model)
     rows = []
     for gbit in settings.network_gbit:
         for ps in settings.ps:
@@ -295,7 +292,7 @@ def figures_note(model: Model, settings: Settings) -> str:
     profiles = "; ".join(
         f"{p.label} ({p.run}, {p.ps_tasks} PS x {p.worker_tasks} workers): CPU per step worker {p.worker_ms:.2f} ms, "
         f"PS {p.ps_ms:.2f} ms, coordinator {p.chief_ms:.2f} ms; PS bytes per step {p.ps_in / 1e3:.1f} KB in, "
-        f"{p.ps_out / 1e3:.1f} KB out" + (f"; {_rate_text(p.samples_per_sec)} samples/s while measured"
+        f"{p.ps_out / 1e3:.1f} KB out" + (f"; {sig3(p.samples_per_sec)} samples/s while measured"
                                           if p.samples_per_sec else "")
         for p in model.profiles)
     cpu = (f"CPU per step fitted over {len({p.ps_tasks for p in model.profiles})} PS counts: worker "
@@ -303,7 +300,7 @@ def figures_note(model: Model, settings: Settings) -> str:
            if model.fitted else
            "one PS count profiled: all PS CPU taken to divide evenly over the tasks, worker and coordinator CPU "
            "per step taken not to change with P (profile at two PS counts to fit how they do)")
-    cores = settings.task_cores if settings.task_cores is not None else model.profiles[0].cores
+    cores = settings.cores_for(model)
     return (f"{_model_name(model)} rests on: {profiles}. Bytes per PS task at P tasks: "
             f"{model.fixed_in / 1e3:.1f} KB in + {model.entries_in / 1e3:.1f} KB / P, "
             f"{model.fixed_out / 1e3:.1f} KB out + {model.entries_out / 1e3:.1f} KB / P "

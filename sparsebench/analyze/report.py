@@ -36,7 +36,7 @@ from ..record import Record
 from ..results import JSON_KEYS, flat_view, read_results
 from .. import stats
 from ..stats import NOISY_CV, is_noisy
-from ..tables import looks_numeric, markdown_text, render_table
+from ..tables import looks_numeric, markdown_text, render_table, sig3
 
 VIEWS = ("talk", "matrix", "pivot", "best", "ops", "traffic", "projection")
 FORMATS = ("table", "markdown", "csv", "json", "html")
@@ -134,18 +134,6 @@ def filter_rows(loaded: Loaded, conditions: list[str]) -> Loaded:
 
 
 # -- formatting helpers ----------------------------------------------------------------
-def sig3(value: Any) -> str:
-    """Samples/s to 3 significant digits, with thousands separators (12,300)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return ""
-    value = float(value)
-    if value == 0:
-        return "0"
-    digits = 3 - int(math.floor(math.log10(abs(value)))) - 1
-    rounded = round(value, digits)
-    return f"{rounded:,.{max(digits, 0)}f}"
-
-
 def ratio(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -599,9 +587,9 @@ def view_projection(loaded: Loaded, settings: "projection.Settings | None" = Non
         shown.append({
             "layer": r["model"], **({"cell": r["cell"]} if any(x["cell"] for x in rows) else {}),
             "PS x workers": f"{r['ps']} x {r['workers']}", "network": r["network"],
-            "samples/s": projection._rate_text(r["samples_per_sec"]), "bottleneck": r["bottleneck"],
-            "next bound": f"{r['next_bound']} {projection._rate_text(r['next_bound_samples_per_sec'])}",
-            **({"measured": projection._rate_text(r["measured_samples_per_sec"]) if r["measured_samples_per_sec"] else "",
+            "samples/s": sig3(r["samples_per_sec"]), "bottleneck": r["bottleneck"],
+            "next bound": f"{r['next_bound']} {sig3(r['next_bound_samples_per_sec'])}",
+            **({"measured": sig3(r["measured_samples_per_sec"]),
                 "error": f"{r['error_pct']:+.1f}%" if r["error_pct"] is not None else ""}
                if any(x["error_pct"] is not None for x in rows) else {}),
         })
