@@ -16,13 +16,15 @@ import click
 
 from . import WORKER_PROTOCOL, __version__
 from .errors import UserError
+from .execute.side import PROTOCOL as SIDE_PROTOCOL
 from .plan.spec import DATA_FORMATS, DataSpec
 from .results import VERSION as RESULTS_VERSION
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sparsebench",
-                      message=f"%(prog)s %(version)s (results format {RESULTS_VERSION}, worker protocol {WORKER_PROTOCOL})")
+                      message=f"%(prog)s %(version)s (results format {RESULTS_VERSION}, worker protocol {WORKER_PROTOCOL}, "
+                              f"side protocol {SIDE_PROTOCOL})")
 def cli() -> None:
     """Benchmark and profile sparse linear layers and sparse ranking models in TensorFlow."""
 
@@ -371,10 +373,7 @@ def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: st
             github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
-    if fail_on == "suite":
-        return int(any((r.gated and r.suite is not None and r.suite.status == "regressed") or r.count("failed")
-                       for r in reports))
-    return max(report.exit_code for report in reports)
+    return max(report.exit_code_for(fail_on) for report in reports)
 
 
 @cli.command()
@@ -490,9 +489,14 @@ def _write_text(output: Path, text: str, what: str) -> None:
               help="Slowdown of the whole suite (geometric mean of the cells) that regresses it.")
 @click.option("--suite-alpha", default=0.01, show_default=True,
               help="Significance level of the suite-level test.")
+@click.option("--mode-floor", default=20.0, show_default=True, metavar="PCT",
+              help="A round in which one side ran slower than its pair by more than this is a collapse of that side.")
+@click.option("--mode-share", default=0.5, show_default=True, metavar="FRACTION",
+              help="A cell whose B collapsed in this share of the rounds (at least 2) while A never did regressed: a "
+                   "slow mode B alone has.")
 @click.option("--fail-on", type=click.Choice(["any", "suite"]), default="any", show_default=True,
-              help="any: exit 1 on a regressed cell or suite; suite: only on the suite-level test (and on a cell B "
-                   "failed), for a gate that must almost never fail spuriously.")
+              help="any: exit 1 on a regressed cell (its mean change or a slow mode) or suite; suite: only on the "
+                   "suite-level test (and on a cell B failed).")
 @click.option("--count", "counted", is_flag=True,
               help="The counted tier instead: each side's cells under valgrind's callgrind (one thread, fixed "
                    "steps), gated on instructions and estimated cycles per example.")
@@ -507,16 +511,18 @@ def _write_text(output: Path, text: str, what: str) -> None:
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
-       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, fail_on, counted, count_steps, count_threshold,
-       cycles_threshold, output):
+       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, mode_floor, mode_share, fail_on, counted,
+       count_steps, count_threshold, cycles_threshold, output):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
     (a cell, or the suite as a whole; in wall time or in CPU time)."""
     from .analyze.paired import METRICS, check_options, paired_report
     from .execute import ab as ab_runner
+    from .machine import side_differences
     from .results import read_results
 
     decision = dict(max_regression=max_regression / 100.0, alpha=alpha, test=test, suite_alpha=suite_alpha,
-                    max_suite_regression=max_suite_regression / 100.0)
+                    max_suite_regression=max_suite_regression / 100.0, mode_floor=mode_floor / 100.0,
+                    mode_share=mode_share)
     check_options(**decision)
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
@@ -527,10 +533,10 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
                             "cycles": cycles_threshold / 100.0 if cycles_threshold is not None else None}, fmt,
                            github_benchmark, fail_on)
     notes = []
-    if interleave == "cell" and not all(ab_runner.speaks_protocol(side.python) for side in (a, b)):
+    if interleave == "cell" and not all(ab_runner.speaks_side_protocol(side.python) for side in (a, b)):
         interleave = "suite"
-        notes.append("a side's sparsebench cannot take turns cell by cell (an older version): each side ran the "
-                     "whole suite per round, so the two halves of a pair are a suite apart")
+        notes.append("a side's sparsebench has no side server (an older version): each side ran its own "
+                     "`sparsebench run` of the whole suite per round, so the two halves of a pair are a suite apart")
     runner = ab_runner.run_interleaved if interleave == "cell" else ab_runner.run_ab
     try:
         run = runner(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds, folder=folder)
@@ -540,6 +546,7 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
     measured = [m for m in METRICS if m == "wall" or any(r.cpu_samples_per_sec for r in side_a.records + side_b.records)]
     reports = [paired_report(side_a, side_b, aa=ab_runner.identical(a, b), metric=m, **decision) for m in measured]
+    reports[0].side_differences = side_differences(side_a.header, side_b.header)
     order = " ".join(run.order[:8]) + (" ..." if len(run.order) > 8 else "")
     reports[0].notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
                                  f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
@@ -550,6 +557,7 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
 def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, github_benchmark, fail_on) -> int:
     from .analyze.counted import COUNTED_METRICS, counted_report
     from .execute import ab as ab_runner
+    from .machine import side_differences
     from .results import read_results
 
     for option, metric in (("--count-threshold", "instructions"), ("--cycles-threshold", "cycles")):
@@ -561,9 +569,11 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
         click.echo(f"\ninterrupted: the counted cells' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
+    differences = side_differences(side_a.header, side_b.header)
     reports = [counted_report(side_a, side_b, metric=m, threshold=thresholds[m] or 0.01, gated=thresholds[m] is not None)
                for m in ("instructions", "cycles")]
     assert set(COUNTED_METRICS) == {r.metric for r in reports}
+    reports[0].side_differences = differences
     reports[0].notes.append(f"counted {steps} steps per cell on one thread under callgrind, both sides at once, in "
                             f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "
                             f"{run.results['A']} and {run.results['B']}")

@@ -107,3 +107,33 @@ def environment_differences(base: dict[str, Any], cur: dict[str, Any]) -> list[s
         if a != b:
             out.append(f"{name} differs: baseline {a!r}, current {b!r}")
     return out
+
+
+# What two sides of an A/B run may differ in beyond their code, each a fact that changes what
+# a worker does: (name, how to read it from a results header).
+SIDE_KEYS = (
+    ("Python", lambda h: field_at(h, "environment", "python")),
+    ("TensorFlow version", lambda h: field_at(h, "environment", "tensorflow", "version")),
+    ("TensorFlow build", lambda h: field_at(h, "environment", "tensorflow", "build")),
+    ("TF oneDNN build", lambda h: field_at(h, "environment", "tensorflow", "onednn_built")),
+    ("worker variables", lambda h: field_at(h, "environment", "worker_variables")),
+    ("fused op build flags", lambda h: field_at(h, "run", "custom_op", "flags")),
+    ("fused op target", lambda h: field_at(h, "run", "custom_op", "target")),
+    ("fused op compiler", lambda h: field_at(h, "run", "custom_op", "compiler")),
+)
+
+
+def _differing(a: Any, b: Any) -> str:
+    """'A x, B y', or for two mappings only the keys whose values differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        return "; ".join(f"{k}: A {a.get(k, '(unset)')!r}, B {b.get(k, '(unset)')!r}" for k in keys)
+    return f"A {a!r}, B {b!r}"
+
+
+def side_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """One line per fact that differs between two sides' results headers (`ab`): the
+    interpreter, TensorFlow's version and build, the variables every worker gets, the
+    fused op's build. Each side's header is written by its own code, so a side that changed
+    what reaches its workers shows here."""
+    return [f"{name}: {_differing(get(a), get(b))}" for name, get in SIDE_KEYS if get(a) != get(b)]

@@ -433,3 +433,38 @@ def variance_components(a: Sequence[float], b: Sequence[float], windows: Sequenc
     return {"within": float(math.sqrt(np.mean(np.square(within)))) if within else None,
             "between_process": math.sqrt(process_var),
             "between_round": math.sqrt(max(round_var, 0.0))}
+
+
+# -- a slow mode one side alone has (sparsebench ab) --------------------------------------
+# A regression that hits some processes only (a table copied in 1 process of 4, a memory
+# layout that is slow when earlier cells left the heap fragmented) splits B's rounds into a
+# normal and a slow mode. The mean log ratio then moves less than the slow rounds do, and
+# the spread it adds weakens the cell's t-test: a cell slow by 75% in 1 round of 4 is
+# almost never flagged by it. So the rounds are also looked at one by one: a round where B
+# ran slower than its pair by more than `floor` is a collapse of B, one where A ran slower
+# by as much is a collapse of A. Noise that hits both sides alike (drift, a slow episode,
+# heavy tails, a slow mode both sides have) collapses either side as often. A cell is
+# flagged when B collapsed in at least `share` of its rounds (at least 2) and A never did.
+
+
+@dataclass
+class SlowMode:
+    """The rounds in which either side ran far slower than its pair."""
+
+    rounds: int
+    collapses: list[int]  # 1-based rounds where B was slower than its pair by more than the floor
+    rises: list[int]  # rounds where A was
+    needed: int  # collapses of B that flag the cell
+    flagged: bool
+
+
+def slow_mode(log_ratios: Sequence[float], floor: float = 0.2, share: float = 0.5,
+              rounds: Sequence[int] | None = None) -> SlowMode:
+    """B's collapses and A's in one cell's per-round log ratios log(B/A) (see above)."""
+    logs = np.asarray(log_ratios, dtype=np.float64)
+    names = list(rounds) if rounds is not None else list(range(1, len(logs) + 1))
+    cut = math.log1p(-floor)
+    collapses = [names[i] for i, d in enumerate(logs) if d < cut]
+    rises = [names[i] for i, d in enumerate(logs) if d > -cut]
+    needed = max(2, math.ceil(share * len(logs)))
+    return SlowMode(len(logs), collapses, rises, needed, len(collapses) >= needed and not rises)

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,36 @@ TINY = Path(__file__).parent / "fixtures" / "tiny.toml"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def cli(*args, check=None):
+def elsewhere(tmp_path: Path) -> Path:
+    """A directory holding a `sparsebench` package that refuses to be imported: `ab` runs
+    from it in every test here, so any side command started with `python -m` from the
+    current directory (which puts that directory first on sys.path) fails the test."""
+    fake = tmp_path / "elsewhere" / "sparsebench"
+    fake.mkdir(parents=True, exist_ok=True)
+    (fake / "__init__.py").write_text("raise SystemExit('IMPORTED the fake sparsebench of the current directory')\n")
+    return fake.parent
+
+
+def cli(*args, check=None, cwd=None):
+    """`sparsebench ARGS` (the checkout's code, first on PYTHONPATH) run from a directory
+    with a fake sparsebench in it."""
+    from sparsebench.modules import module_command
+
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env)
+    done = subprocess.run(module_command(sys.executable, "sparsebench", *args), capture_output=True, text=True, env=env,
+                          cwd=cwd or elsewhere(Path(tempfile.mkdtemp(prefix="sparsebench-cwd-"))))
+    assert "IMPORTED the fake" not in done.stdout + done.stderr + _logs(args)
     if check is not None:
         assert done.returncode == check, done.stdout + done.stderr
     return done
+
+
+def _logs(args) -> str:
+    """Every log an A/B run left in its --output folder (side servers, rounds, workers)."""
+    if "--output" not in args:
+        return ""
+    folder = Path(args[list(args).index("--output") + 1])
+    return "".join(p.read_text(errors="replace") for p in folder.rglob("*.log")) if folder.exists() else ""
 
 
 def test_abba_order():
@@ -58,12 +83,26 @@ def test_run_with_processes_interleaves_rounds_and_merges_them(tmp_path):
     assert "†" not in matrix.split("\n\n")[1]  # no one-process mark on these rows
 
 
+def wrapper(tmp_path: Path, name: str, exports: str) -> Path:
+    """An interpreter that is a shell script exporting `exports` and exec-ing Python (as a
+    pyenv shim is, or a wrapper that changes what every worker gets)."""
+    path = tmp_path / name
+    path.write_text(f"#!/bin/sh\n{exports}\nexec {sys.executable} \"$@\"\n")
+    path.chmod(0o755)
+    return path
+
+
 def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path):
+    """Side B is a wrapper that turns huge pages off for its workers: its own side server
+    passes that on to its workers, and the report names the difference."""
     folder = tmp_path / "ab"
+    b_python = wrapper(tmp_path, "python-no-huge-pages", "export GLIBC_TUNABLES=glibc.malloc.hugetlb=0")
     done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--b-set", "intra_op_threads=1", "--format", "json",
-               "--output", str(folder))
+               "--b-python", str(b_python), "--output", str(folder))
     assert done.returncode in (0, 1), done.stderr  # a verdict either way; the order and pairing are what is tested
     payload = json.loads(done.stdout)
+    assert any(d.startswith("worker variables: GLIBC_TUNABLES: A 'glibc.malloc.hugetlb=1', B 'glibc.malloc.hugetlb=0'")
+               for d in payload["side_differences"]), payload["side_differences"]
     assert payload["names"] == ["A", "B"] and len(payload["cells"]) == 2
     for c in payload["cells"]:
         assert c["unit"] == "rounds" and c["samples"] == [2, 2]
@@ -87,16 +126,29 @@ def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path
     assert len({rec.worker["pid"] for rec in a.records}) == 4
 
 
-def test_ab_whole_suite_rounds_run_in_abba_order(tmp_path):
+def older_sparsebench(tmp_path: Path) -> Path:
+    """An interpreter whose sparsebench has no side server (as one from before it): its
+    side-protocol probe fails; everything else runs the real interpreter."""
+    old = tmp_path / "old-python"
+    old.write_text("#!/bin/sh\n"
+                   'case "$*" in *sparsebench.execute.side*) echo "No module named sparsebench.execute.side" >&2; '
+                   "exit 1;; esac\n"
+                   f'exec {sys.executable} "$@"\n')
+    old.chmod(0o755)
+    return old
+
+
+def test_ab_against_an_older_side_runs_whole_suite_rounds_in_abba_order(tmp_path):
+    """A side without a side server: each side and round is that side's own `run`."""
     folder = tmp_path / "ab"
-    done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--interleave", "suite", "--format", "json",
-               "--set", "variant=embedding_lookup_sparse", "--output", str(folder))
+    done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--a-python", str(older_sparsebench(tmp_path)),
+               "--format", "json", "--set", "variant=embedding_lookup_sparse", "--output", str(folder))
     assert done.returncode in (0, 1), done.stderr
     progress = [line for line in done.stderr.splitlines() if line.startswith("round ")]
     assert [line.split()[3].rstrip(":") for line in progress] == ["A", "B", "B", "A"]
     payload = json.loads(done.stdout)
     assert len(payload["cells"]) == 1 and payload["cells"][0]["samples"] == [2, 2]
-    assert any("A/A run" in note for note in payload["notes"])  # identical sides: the noise floor is reported
+    assert any("has no side server" in note and "own `sparsebench run`" in note for note in payload["notes"])
 
 
 def test_ab_fails_when_side_b_fails_every_cell(tmp_path):
@@ -117,21 +169,21 @@ def test_ab_bad_input_is_one_line(tmp_path, args, message):
     assert message in done.stderr and "Traceback" not in done.stderr
 
 
-def test_a_kill_9_of_ab_takes_its_probe_with_it(tmp_path):
-    """Side B's interpreter is a stand-in whose TensorFlow probe would run for a minute:
-    once `ab` is killed with SIGKILL, the probe must die with it (parent-death signal)."""
+def test_a_kill_9_of_ab_takes_its_side_servers_with_them(tmp_path):
+    """Side B's interpreter is a stand-in whose side server would run for two minutes:
+    once `ab` is killed with SIGKILL, the side server must die with it (parent-death
+    signal), and with it everything it started."""
     import signal
     import time
 
     import psutil
 
-    marker = tmp_path / "probe.pid"
+    marker = tmp_path / "side.pid"
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\n"
                     'case "$*" in\n'
-                    '  *--version*) echo "sparsebench 0.2.0"; exit 0;;\n'
-                    '  *--protocol*) echo 1; exit 0;;\n'
-                    f'  *--probe*) echo $$ > {marker}; exec sleep 120;;\n'
+                    '  *sparsebench.execute.side*--protocol*) echo 1; exit 0;;\n'
+                    f'  *sparsebench.execute.side*) echo $$ > {marker}; exec sleep 120;;\n'
                     "esac\n"
                     f'exec {sys.executable} "$@"\n')
     fake.chmod(0o755)
@@ -144,86 +196,78 @@ def test_a_kill_9_of_ab_takes_its_probe_with_it(tmp_path):
         time.sleep(0.1)
     if not marker.exists():
         ab.kill()
-        pytest.fail(f"the probe never started; ab said: {ab.communicate()[0]}")
-    probe = psutil.Process(int(marker.read_text()))
+        pytest.fail(f"side B's server never started; ab said: {ab.communicate()[0]}")
+    side = psutil.Process(int(marker.read_text()))
     ab.send_signal(signal.SIGKILL)
     ab.wait()
     try:
-        probe.wait(timeout=30)
+        side.wait(timeout=30)
     except psutil.TimeoutExpired:
-        probe.kill()
-        pytest.fail("the probe outlived the killed ab")
+        side.kill()
+        pytest.fail("side B's server outlived the killed ab")
 
 
 @pytest.mark.skipif(__import__("shutil").which("valgrind") is None, reason="valgrind is not installed")
 def test_ab_count_counts_both_sides_and_an_a_a_run_changes_nothing(tmp_path):
     """The counted tier end to end on the tiny suite: both sides under callgrind, every cell
-    counted, instructions per example equal to well within the 1% threshold."""
-    done = cli("ab", "--count", "--suite", str(TINY), "--count-steps", "3", "--format", "json",
+    counted, instructions per example equal to well within the 1% threshold. Side B's
+    interpreter is a wrapper script (valgrind does not follow a script into the Python it
+    execs): its cells are counted all the same, by its own side server."""
+    shim = wrapper(tmp_path, "python-shim", "export PYENV_VERSION=3.11")
+    done = cli("ab", "--count", "--suite", str(TINY), "--count-steps", "3", "--format", "json", "--b-python", str(shim),
                "--output", str(tmp_path / "ab"), check=0)
     payload = json.loads(done.stdout)
     assert payload["metric"] == "instructions" and payload["cycles"]["metric"] == "cycles"
     assert [c["status"] for c in payload["cells"]] == ["unchanged", "unchanged"]
     assert all(abs(c["ratio"] - 1) < 0.01 for c in payload["cells"])
-    records = read_results(tmp_path / "ab" / "a-count.jsonl").records
-    assert all(r.counted_steps == 3 and r.instructions_per_example > 0 and r.count_functions for r in records)
-    assert all(r.threads_in_effect["intra_op_threads_resolved"] == 1 for r in records)
+    for side in ("a", "b"):
+        records = read_results(tmp_path / "ab" / f"{side}-count.jsonl").records
+        assert all(r.counted_steps == 3 and r.instructions_per_example > 0 and r.count_functions for r in records)
+        assert all(r.threads_in_effect["intra_op_threads_resolved"] == 1 for r in records)
 
 
-def test_workers_name_their_features_and_an_older_worker_is_not_waited_for(tmp_path):
-    """A worker says it writes `ready` (after importing TensorFlow, before its first cell);
-    ab's first cell of a round waits for it, but not for an older worker that never will
-    (else every round of an A/B against an older version would wait READY_WAIT_S)."""
+def test_a_gated_first_cell_waits_for_its_worker_to_say_it_started(tmp_path):
+    """A worker writes `ready` after importing TensorFlow, before its first cell; an A/B
+    side's first cell of a round waits for it (the other side is not timed while this
+    side's worker still spends a core starting up)."""
     import threading
-    import time
 
-    from sparsebench.execute.ab import worker_protocol
     from sparsebench.execute.orchestrator import Orchestrator
-
-    protocol, features = worker_protocol(sys.executable)
-    assert protocol == "1" and "ready" in features
-    old = tmp_path / "python"
-    old.write_text("#!/bin/sh\necho 1\n")
-    old.chmod(0o755)
-    assert worker_protocol(str(old)) == ("1", set())
 
     seen = []
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
-        for announces in (False, True):
-            folder = tmp_path / f"w{announces}"
-            folder.mkdir()
-            orchestrator = Orchestrator(record=lambda outcome: None, announces_ready=announces,
-                                        on_ready=lambda folder=folder: seen.append((folder / "ready").exists()))
-            orchestrator._process = sleeper
-            writer = threading.Timer(1.0, lambda folder=folder: (folder / "ready").write_text("1"))
-            writer.start()
-            orchestrator._wait_ready(folder)
-            writer.join()
+        orchestrator = Orchestrator(record=lambda outcome: None,
+                                    on_ready=lambda: seen.append((tmp_path / "ready").exists()))
+        orchestrator._process = sleeper
+        writer = threading.Timer(1.0, lambda: (tmp_path / "ready").write_text("1"))
+        writer.start()
+        orchestrator._wait_ready(tmp_path)
+        writer.join()
     finally:
         sleeper.kill()
-    assert seen == [False, True]  # the older worker's first cell went at once; the new one's after `ready`
+    assert seen == [True]
 
 
-def test_a_sides_worker_imports_its_own_sparsebench_not_the_current_directorys(tmp_path, monkeypatch):
+def test_a_sides_server_imports_its_own_sparsebench_not_the_current_directorys(tmp_path, monkeypatch):
     """`python -m` puts the current directory first on sys.path: `ab` run in a checkout ran
     the checkout's code on both sides, and a slowdown planted in side B's venv went unseen.
-    Here the current directory holds a sparsebench whose worker answers WRONG."""
-    from sparsebench.execute.ab import worker_protocol
+    Here the current directory holds a sparsebench whose side server answers WRONG."""
+    from sparsebench.execute.ab import side_protocol
     from sparsebench.modules import module_command
 
-    fake = tmp_path / "sparsebench" / "train"
+    fake = tmp_path / "sparsebench" / "execute"
     fake.mkdir(parents=True)
     for init in (tmp_path / "sparsebench" / "__init__.py", fake / "__init__.py"):
         init.write_text("")
-    (fake / "worker.py").write_text("print('WRONG')\n")
+    (fake / "side.py").write_text("print('WRONG')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    plain = subprocess.run([sys.executable, "-m", "sparsebench.train.worker", "--protocol"], cwd=tmp_path,
+    plain = subprocess.run([sys.executable, "-m", "sparsebench.execute.side", "--protocol"], cwd=tmp_path,
                            capture_output=True, text=True, env=env)
     assert plain.stdout.strip() == "WRONG"  # what `-m` does: the reason for module_command
-    ours = subprocess.run(module_command(sys.executable, "sparsebench.train.worker", "--protocol"), cwd=tmp_path,
+    ours = subprocess.run(module_command(sys.executable, "sparsebench.execute.side", "--protocol"), cwd=tmp_path,
                           capture_output=True, text=True, env=env)
     assert ours.stdout.splitlines()[0] == "1", ours.stdout + ours.stderr
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("PYTHONPATH", raising=False)
-    assert worker_protocol(sys.executable)[0] == "1"
+    assert side_protocol(sys.executable) == "1"

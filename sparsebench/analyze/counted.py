@@ -52,7 +52,7 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
         ra, rb = rounds_a[min(rounds_a)], rounds_b[min(rounds_b)]
         cost_a, cost_b = ra.get(field), rb.get(field)
-        if rb.status in ("failed", "timeout") and ra.ok:
+        if rb.status in ("failed", "timeout", "skipped") and ra.ok:  # a cell B stopped counting fails
             report.cells.append(CellDifference(label, "failed", note=f"B {rb.status} ({rb.reason}) where A was counted"))
             continue
         if not (ra.ok and rb.ok and cost_a and cost_b):

@@ -39,6 +39,7 @@ class CellDifference:
     p_adjusted: float | None = None  # ab: Holm-adjusted over the suite's cells (the verdict uses it)
     detect_slowdown: float | None = None  # ab: the slowdown (negative) detected with 80% power
     detect_speedup: float | None = None  # ab: the speed-up (positive) likewise
+    slow_mode: bool = False  # ab: regressed because B alone split into a slow mode (stats.slow_mode)
 
     def basis(self) -> str:
         if self.unit == "counted":
@@ -96,6 +97,7 @@ class DifferenceReport:
     confidence: float = 0.95  # of the cells' intervals
     counted: bool = False  # ab --count: deterministic counts, no interval and no test
     gated: bool = True  # False: shown, but its verdicts do not set the exit code
+    side_differences: list[str] = field(default_factory=list)  # ab: what differs between the sides' fingerprints
 
     def count(self, status: str) -> int:
         return sum(1 for c in self.cells if c.status == status)
@@ -117,13 +119,32 @@ class DifferenceReport:
             p = "" if math.isnan(self.suite.p_value) else f" (p {self.suite.p_value:.2g})"
             line += f"; suite {_pct(self.suite.ratio)}{p} {self.suite.status}"
         what = {"wall": "", "cpu": "cpu time: "}.get(self.metric, f"counted {self.metric}: ")
-        return what + line
+        unchecked = self.unchecked()
+        return what + line + (f"; NOTHING COMPARED: {unchecked}" if unchecked else "")
+
+    def unchecked(self) -> str | None:
+        """Why nothing could be compared (no cell measured on both sides), or None: a check
+        that could not run is a failure, never a pass."""
+        if self.compared or self.count("failed"):
+            return None
+        if not self.cells:
+            return "no cell to compare"
+        notes = sorted({c.note for c in self.cells if c.note})
+        return (f"none of the {len(self.cells)} cell(s) was measured on both sides"
+                + (f" ({'; '.join(notes[:2])})" if notes else ""))
+
+    def exit_code_for(self, fail_on: str = "any") -> int:
+        """2 when nothing could be compared; 1 on a failed cell, or a regression (`fail_on`
+        "suite": of the suite only); else 0."""
+        if self.unchecked():
+            return 2
+        suite = self.suite is not None and self.suite.status == "regressed"
+        cells = fail_on == "any" and (self.count("regressed") or self.shift_status == "regressed")
+        return 1 if self.gated and (suite or cells) or self.count("failed") else 0
 
     @property
     def exit_code(self) -> int:
-        suite = self.suite is not None and self.suite.status == "regressed"
-        regressed = self.gated and (self.count("regressed") or self.shift_status == "regressed" or suite)
-        return 1 if regressed or self.count("failed") else 0
+        return self.exit_code_for("any")
 
 
 def verdict(ratio: float, p: float, max_regression: float, alpha: float, noise_factor: float | None = None) -> str:
@@ -185,6 +206,7 @@ def _warnings(report: DifferenceReport) -> list[str]:
     lines = []
     for w in report.environment_warnings:
         lines.append(f"WARNING: environment {w}: this comparison measures the machine, not the code")
+    lines += [f"note: the sides differ in {d}" for d in report.side_differences]
     lines += [f"warning: {w}" for w in report.power_warnings]
     lines += [f"note: {n}" for n in report.notes]
     lines += [f"only in {report.names[0]}: {cid}" for cid in report.only_in_baseline]
@@ -217,6 +239,7 @@ def render_json(report: DifferenceReport) -> str:
         "only_in_baseline": report.only_in_baseline,
         "only_in_current": report.only_in_current,
         "environment_warnings": report.environment_warnings,
+        "side_differences": report.side_differences,
         "power_warnings": report.power_warnings,
         "max_regression": report.max_regression,
         "alpha": report.alpha,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -35,7 +36,8 @@ from ..errors import UserError
 from ..load import BUSY_CORES, record_busy
 from ..record import Record, round_cpu_rate, round_rate
 from ..results import Results
-from ..stats import PAIRED_TESTS, holm, moderated_cells, suite_change, variance_components, wilcoxon_min_p
+from ..stats import (PAIRED_TESTS, CellChange, SlowMode, SuiteChange, holm, moderated_cells, slow_mode, suite_change,
+                     variance_components, wilcoxon_min_p)
 from .difference import CellDifference, DifferenceReport, SuiteDifference, verdict
 
 # What a metric reads from one round's record, and how a table names its unit.
@@ -50,25 +52,84 @@ def _rounds(results: Results) -> list[tuple[str, dict[int, Record]]]:
     return list(results.by_round().items())
 
 
+@dataclass(frozen=True)
+class PairedRule:
+    """How an interleaved A/B run is decided (the options of `ab`), in one value: the
+    simulation in tests/test_gate_stats.py decides with exactly what `ab` decides with."""
+
+    max_regression: float = 0.05  # a cell's change must be beyond this ...
+    alpha: float = 0.05  # ... with its Holm-adjusted p below this
+    test: str = "t"
+    suite_alpha: float = 0.01
+    max_suite_regression: float = 0.02
+    mode_floor: float = 0.2  # a round where one side ran slower than its pair by more than this is a collapse
+    mode_share: float = 0.5  # B collapsing in this share of the rounds (at least 2), A never, flags the cell
+
+    def check(self) -> None:
+        """The options, checked before `ab` measures anything (a bad one would otherwise
+        fail after minutes of rounds)."""
+        for name, value in (("--max-regression", self.max_regression),
+                            ("--max-suite-regression", self.max_suite_regression),
+                            ("--mode-floor", self.mode_floor)):
+            if not 0 < value < 1:
+                raise UserError(f"{name}: must be between 0 and 100 percent, got {value * 100:g}")
+        for name, value in (("--alpha", self.alpha), ("--suite-alpha", self.suite_alpha)):
+            if not 0 < value < 1:
+                raise UserError(f"{name}: must be between 0 and 1, got {value:g}")
+        if not 0 < self.mode_share <= 1:
+            raise UserError(f"--mode-share: must be above 0 and at most 1, got {self.mode_share:g}")
+        if self.test not in PAIRED_TESTS:
+            raise UserError(f"--test: must be one of {', '.join(PAIRED_TESTS)}, got {self.test!r}")
+
+
+@dataclass
+class Decision:
+    """Every testable cell's change, verdict and slow-mode check, and the suite's."""
+
+    changes: list[CellChange]
+    statuses: list[str]  # regressed | improved | unchanged, by the mean change (slow modes apart)
+    modes: list[SlowMode]
+    suite: SuiteChange | None
+    suite_status: str | None
+
+    def regressed(self, fail_on: str = "any") -> bool:
+        """Whether this decision fails a gate (`fail_on` "suite": the suite only)."""
+        if self.suite_status == "regressed":
+            return True
+        return fail_on == "any" and any(s == "regressed" or m.flagged for s, m in zip(self.statuses, self.modes))
+
+
+def decide(rounds: list[list[int]], logs: list[np.ndarray], rule: PairedRule) -> Decision:
+    """The decision over every testable cell at once, from each cell's paired rounds and
+    their log ratios B/A: moderated variances, Holm over the cells, the suite over the
+    rounds all cells share, and each cell's slow-mode check."""
+    changes, _, _ = moderated_cells(logs, rule.alpha)
+    if rule.test == "wilcoxon":
+        from scipy import stats as sps
+
+        raw = [1.0 if np.all(x == 0) else float(sps.wilcoxon(x, alternative="two-sided").pvalue) for x in logs]
+        changes = [c.__class__(**{**c.__dict__, "p_value": p, "p_adjusted": q}) for c, p, q in zip(changes, raw, holm(raw))]
+    statuses = [verdict(c.ratio, c.p_adjusted, rule.max_regression, rule.alpha) for c in changes]
+    modes = [slow_mode(x, rule.mode_floor, rule.mode_share, r) for r, x in zip(rounds, logs)]
+    shared = sorted(set.intersection(*(set(r) for r in rounds))) if rounds else []
+    suite = suite_status = None
+    if len(shared) >= 2:
+        suite = suite_change([[x[r.index(k)] for k in shared] for r, x in zip(rounds, logs)], rule.suite_alpha)
+        suite_status = verdict(suite.ratio, suite.p_value, rule.max_suite_regression, rule.suite_alpha)
+    return Decision(changes, statuses, modes, suite, suite_status)
+
+
 def check_options(*, max_regression: float, alpha: float, test: str, suite_alpha: float = 0.01,
-                  max_suite_regression: float = 0.02) -> None:
-    """The decision's options, checked before `ab` measures anything (a bad one would
-    otherwise fail after minutes of rounds)."""
-    for name, value in (("--max-regression", max_regression), ("--max-suite-regression", max_suite_regression)):
-        if not 0 < value < 1:
-            raise UserError(f"{name}: must be between 0 and 100 percent, got {value * 100:g}")
-    for name, value in (("--alpha", alpha), ("--suite-alpha", suite_alpha)):
-        if not 0 < value < 1:
-            raise UserError(f"{name}: must be between 0 and 1, got {value:g}")
-    if test not in PAIRED_TESTS:
-        raise UserError(f"--test: must be one of {', '.join(PAIRED_TESTS)}, got {test!r}")
+                  max_suite_regression: float = 0.02, mode_floor: float = 0.2, mode_share: float = 0.5) -> None:
+    PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_share).check()
 
 
 def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha: float = 0.05, test: str = "t",
                   aa: bool = False, metric: str = "wall", suite_alpha: float = 0.01,
-                  max_suite_regression: float = 0.02) -> DifferenceReport:
-    check_options(max_regression=max_regression, alpha=alpha, test=test, suite_alpha=suite_alpha,
-                  max_suite_regression=max_suite_regression)
+                  max_suite_regression: float = 0.02, mode_floor: float = 0.2,
+                  mode_share: float = 0.5) -> DifferenceReport:
+    rule = PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_share)
+    rule.check()
     rate, unit = METRICS[metric]
     cells_a, cells_b = _rounds(a), _rounds(b)
     if len(cells_a) != len(cells_b):
@@ -79,7 +140,9 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         rule=(f"{metric} time: a cell regressed/improved when B's change is beyond {max_regression:.0%} and a "
               f"{test_name} over the rounds (variance moderated across cells, Holm-adjusted over them) gives "
               f"p < {alpha:g}; the suite when the geometric mean of all cells moved beyond "
-              f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds)"))
+              f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds); a slow mode when B ran slower "
+              f"than its pair by more than {mode_floor:.0%} in at least {mode_share:.0%} of a cell's rounds (at least 2) "
+              f"and A never did"))
     pending: list[tuple[int, list[int], np.ndarray, list[float], list[float], str]] = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
@@ -88,15 +151,14 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         if paired is not None:
             pending.append((len(report.cells) - 1, *paired))
     if pending:
-        _decide(report, pending, max_regression, alpha, test)
-        report.suite = _suite(pending, suite_alpha, max_suite_regression)
+        _apply(report, pending, decide([p[1] for p in pending], [p[2] for p in pending], rule), rule)
     compared = [c for c in report.cells if c.status not in ("not compared", "failed")]
     rounds = max((c.samples[0] for c in compared), default=0)
     if test == "wilcoxon" and wilcoxon_min_p(rounds) * len(compared) > alpha:
         report.power_warnings.append(
             f"with {rounds} rounds and {len(compared)} cells the Holm-adjusted signed-rank test cannot reach "
-            f"p < {alpha:g} (smallest possible p = {wilcoxon_min_p(rounds):.3g} per cell): no cell can be flagged; "
-            f"run more rounds or use --test t")
+            f"p < {alpha:g} (smallest possible p = {wilcoxon_min_p(rounds):.3g} per cell): no cell can be flagged by its "
+            f"mean change (only by a slow mode); run more rounds or use --test t")
     blind = [c.cell_id for c in compared if c.detect_slowdown is not None and -c.detect_slowdown > max_regression]
     if blind:
         report.power_warnings.append(
@@ -153,8 +215,9 @@ def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Reco
 
     common = sorted(r for r in rounds_a if r in rounds_b and usable(rounds_a[r]) and usable(rounds_b[r]))
     missing = sorted((set(rounds_a) | set(rounds_b)) - set(common))
-    # B crashed where A measured: a gate whose head fails a cell must fail, whatever the rest says.
-    crashed = sorted(r for r in rounds_b if rounds_b[r].status in ("failed", "timeout")
+    # B crashed, timed out or skipped where A measured: a gate whose head fails a cell must fail,
+    # whatever the rest says (a cell that stops being measured is no speed-up).
+    crashed = sorted(r for r in rounds_b if rounds_b[r].status in ("failed", "timeout", "skipped")
                      and r in rounds_a and rounds_a[r].ok)
     if crashed:
         first = rounds_b[crashed[0]]
@@ -178,35 +241,25 @@ def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Reco
     return diff, (common, logs, a, b, note)
 
 
-def _decide(report: DifferenceReport, pending: list, max_regression: float, alpha: float, test: str) -> None:
-    """Every testable cell at once: moderated variances, Holm-adjusted p-values."""
-    changes, _, _ = moderated_cells([logs for _, _, logs, *_ in pending], alpha)
-    if test == "wilcoxon":
-        from scipy import stats as sps
-
-        raw = [1.0 if np.all(logs == 0) else float(sps.wilcoxon(logs, alternative="two-sided").pvalue)
-               for _, _, logs, *_ in pending]
-        adjusted = holm(raw)
-        changes = [c.__class__(**{**c.__dict__, "p_value": p, "p_adjusted": q}) for c, p, q in zip(changes, raw, adjusted)]
-    for (index, *_), change in zip(pending, changes):
+def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: PairedRule) -> None:
+    """The decision into the report's cells and suite line."""
+    for (index, *_), change, status, mode in zip(pending, decision.changes, decision.statuses, decision.modes):
         diff = report.cells[index]
         diff.ratio, diff.ratio_low, diff.ratio_high = change.ratio, change.ratio_low, change.ratio_high
         diff.p_value, diff.p_adjusted = change.p_value, change.p_adjusted
         diff.detect_slowdown, diff.detect_speedup = change.detect_slowdown, change.detect_speedup
         diff.detectable = -change.detect_slowdown
-        diff.status = verdict(change.ratio, change.p_adjusted, max_regression, alpha)
-
-
-def _suite(pending: list, alpha: float, max_regression: float) -> SuiteDifference | None:
-    """The suite's change over the rounds every testable cell shares."""
-    shared = sorted(set.intersection(*(set(rounds) for _, rounds, *_ in pending)))
-    if len(shared) < 2:
-        return None
-    table = [[logs[rounds.index(r)] for r in shared] for _, rounds, logs, *_ in pending]
-    change = suite_change(table, alpha)
-    return SuiteDifference(verdict(change.ratio, change.p_value, max_regression, alpha), change.ratio,
-                           change.ratio_low, change.ratio_high, change.p_value, change.rounds, change.cells,
-                           change.detect_slowdown, change.detect_speedup, alpha, max_regression)
+        diff.status = status
+        if mode.flagged:
+            diff.status, diff.slow_mode = "regressed", True
+            said = (f"SLOW MODE: B ran slower than its pair by more than {rule.mode_floor:.0%} in round(s) "
+                    f"{', '.join(map(str, mode.collapses))} of {mode.rounds}, A in none")
+            diff.note = f"{said}; {diff.note}" if diff.note else said
+    suite = decision.suite
+    if suite is not None:
+        report.suite = SuiteDifference(decision.suite_status, suite.ratio, suite.ratio_low, suite.ratio_high,
+                                       suite.p_value, suite.rounds, suite.cells, suite.detect_slowdown,
+                                       suite.detect_speedup, rule.suite_alpha, rule.max_suite_regression)
 
 
 def _floor_note(compared: list[CellDifference], suite: SuiteDifference | None, alpha: float, rounds: int,

@@ -8,46 +8,51 @@ asv's `--interleave-rounds`). The order alternates, A B, B A, A B, ..., so a tre
 favours neither side.
 
 A side is an interpreter (`--a-python`: another virtualenv, with another TensorFlow or
-another sparsebench) and settings (`--a-set AXIS=V`). Each round starts a fresh worker
-process per side (per process group of the suite). Two granularities:
+another sparsebench) and settings (`--a-set AXIS=V`). **Every decision that reaches a
+side's workers is made by that side's own code**: its cells, their environment (the
+worker defaults), its thread plan, its op build. The parent only decides whose turn it is.
+Two granularities:
 
-- `cell` (the default): both sides' workers are alive at once and take turns cell by
-  cell (A runs cell 1, B runs cell 1, B runs cell 2, A runs cell 2, ...), so the two
-  measurements of a pair are seconds apart. On a shared VM whose speed changes for tens
-  of seconds at a time, this is what makes the pairs agree. Both interpreters must speak
-  this sparsebench's worker protocol (`WORKER_PROTOCOL`).
+- `cell` (the default): each side runs a side server in its own interpreter
+  (`execute/side.py`), whose own orchestrator starts the side's workers; the parent
+  lets them take turns cell by cell (A runs cell 1, B runs cell 1, B runs cell 2, A runs
+  cell 2, ...), so the two measurements of a pair are seconds apart, and a cell is let
+  go only while the other side is parked at its gate (never while the other side's next
+  worker is still importing TensorFlow). A side whose sparsebench predates the side
+  server falls back to `suite`.
 - `suite`: each side and round is one `PYTHON -m sparsebench run` of the same suite file,
   so any version of sparsebench on either side works; a pair is a whole suite apart.
 
-Either way each side's records (one per cell and round, the round as the process) go to
-one results file (`a.jsonl`, `b.jsonl`). Deciding which cells changed is
-`sparsebench.analyze.paired`'s job.
+Every side command is started through `modules.module_command` in the A/B folder, so a
+`sparsebench/` in the caller's directory is never imported. Either way each side's
+records (one per cell and round, the round as the process) go to one results file
+(`a.jsonl`, `b.jsonl`). Deciding which cells changed is `sparsebench.analyze.paired`'s job;
+`side_differences` names what differs between the two sides' fingerprints.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import shutil
+import signal
 import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
-from ..modules import module_command
-from .. import WORKER_PROTOCOL
 from ..errors import UserError
 from ..lifetime import die_with_parent
-from ..plan.cell import Cell
+from ..modules import module_command
 from ..plan.suite import load_suite
 from ..results import ResultsWriter, read_results
-from .custom_op import needs_custom_op, prebuild, skip_reason
-from .env import fingerprint
-from .orchestrator import Orchestrator, last_line
-from .runner import run_header
+from .orchestrator import last_line
+from .side import COUNT_OVERRIDES, PROTOCOL as SIDE_PROTOCOL, SideRequest
 
 SIDES = ("A", "B")
 
@@ -71,6 +76,7 @@ class ABRun:
     results: dict[str, Path]  # side name -> its results file (every round)
     seconds: float = 0.0
     order: list[str] = field(default_factory=list)  # the sides in the order they ran
+    headers: dict[str, dict] = field(default_factory=dict)  # side name -> its header, as its side server wrote it
 
 
 def abba_order(rounds: int) -> list[tuple[int, str]]:
@@ -111,9 +117,11 @@ def prepare(suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path
 
 
 def _side_command(side: Side, suite_file: Path, overrides: list[str], output: Path) -> list[str]:
+    """One whole-suite round of a side: its own `sparsebench run`, imported from its own
+    installation (`module_command`), never from the current directory."""
     sets = [arg for assignment in [*overrides, *side.overrides] for arg in ("--set", assignment)]
-    return [side.python, "-m", "sparsebench", "run", "--suite", str(suite_file), *sets, "--quiet", "--output",
-            str(output)]
+    return module_command(side.python, "sparsebench", "run", "--suite", str(suite_file), *sets, "--quiet", "--output",
+                          str(output))
 
 
 def run_ab(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
@@ -121,6 +129,7 @@ def run_ab(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: in
     """Run every (round, side) in ABBA order; return where each side's results are."""
     if rounds < 2:
         raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
+    folder = Path(folder).resolve()
     suite_file = prepare(suite_arg, overrides, a, b, folder)
     sides = {"A": a, "B": b}
     per_round: dict[str, list[Path]] = {"A": [], "B": []}
@@ -132,7 +141,7 @@ def run_ab(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: in
         log = folder / f"{name.lower()}-round{r}.log"
         t0 = time.monotonic()
         with open(log, "w") as fh:
-            done = subprocess.run(_side_command(side, suite_file, overrides, output), stdout=fh,
+            done = subprocess.run(_side_command(side, suite_file, overrides, output), stdout=fh, cwd=folder,
                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         last = last_line(log)
         if done.returncode == 130:
@@ -173,11 +182,13 @@ def python_of(path: str | None) -> str:
     if path is None:
         return sys.executable
     found = shutil.which(path) if os.sep not in path else path
+    if found:
+        found = os.path.abspath(found)  # sides run in the A/B folder; a venv's symlink is kept, not resolved
     if not found or not os.path.isfile(found) or not os.access(found, os.X_OK):
         raise UserError(f"{path}: no such Python interpreter (give the path to a virtualenv's bin/python)")
     try:
-        done = subprocess.run([found, "-m", "sparsebench", "--version"], capture_output=True, text=True, timeout=120,
-                              stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        done = subprocess.run(module_command(found, "sparsebench", "--version"), capture_output=True, text=True,
+                              timeout=120, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError) as exc:
         raise UserError(f"{path}: cannot run it as a Python interpreter: {exc}") from None
     if done.returncode != 0 or not done.stdout.startswith("sparsebench"):
@@ -187,45 +198,6 @@ def python_of(path: str | None) -> str:
     return found
 
 
-# -- cell-by-cell interleaving -----------------------------------------------------------
-class Turnstile:
-    """Lets (cell, side) pairs through one at a time, in a fixed order, across threads."""
-
-    def __init__(self, order: list[tuple[int, str]]):
-        self.order = order
-        self.position = 0
-        self.aborted = False
-        self._cv = threading.Condition()
-
-    def wait(self, index: int, side: str) -> None:
-        with self._cv:
-            self._cv.wait_for(lambda: self.aborted or self.order[self.position] == (index, side))
-            if self.aborted:
-                raise KeyboardInterrupt  # the run is being torn down
-
-    def done(self, index: int, side: str) -> None:
-        with self._cv:
-            if self.position < len(self.order) and self.order[self.position] == (index, side):
-                self.position += 1
-            self._cv.notify_all()
-
-    def abort(self) -> None:
-        with self._cv:
-            self.aborted = True
-            self._cv.notify_all()
-
-
-def _meet(barrier: threading.Barrier, turnstile: "Turnstile", met: set[str], side: str,
-          timeout_s: float = 300.0) -> None:
-    """A side's first worker of a round waits until the other side's has started too (a
-    broken barrier, a timeout or an aborted round: go on)."""
-    if turnstile.aborted or side in met:
-        return
-    met.add(side)
-    try:
-        barrier.wait(timeout=timeout_s)
-    except threading.BrokenBarrierError:
-        pass
 
 
 def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
@@ -238,133 +210,233 @@ def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
     return order
 
 
-def worker_protocol(python: str) -> tuple[str | None, set[str]]:
-    """The worker protocol `python`'s sparsebench speaks and the features it names (None,
-    empty: it does not answer)."""
+# -- the side servers ------------------------------------------------------------------------
+def side_protocol(python: str) -> str | None:
+    """The side protocol `python`'s sparsebench speaks (None: it has no side server, an
+    older version; its side runs its own `sparsebench run` per round instead)."""
     try:
-        done = subprocess.run(module_command(python, "sparsebench.train.worker", "--protocol"), capture_output=True,
-                              text=True, timeout=120, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-                              preexec_fn=die_with_parent)
+        done = subprocess.run(module_command(python, "sparsebench.execute.side", "--protocol"), capture_output=True,
+                              text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError):
-        return None, set()
+        return None
     lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
-    if not lines:
-        return None, set()
-    features = {word for line in lines[1:] if line.startswith("features:") for word in line.split(":", 1)[1].split()}
-    return lines[0].strip(), features
+    return lines[0].strip() if lines else None
 
 
-def speaks_protocol(python: str) -> bool:
-    """Whether `python`'s sparsebench runs workers the way the cell-by-cell mode needs."""
-    return worker_protocol(python)[0] == str(WORKER_PROTOCOL)
+def speaks_side_protocol(python: str) -> bool:
+    return side_protocol(python) == SIDE_PROTOCOL
 
 
-def side_cells(suite_file: Path, overrides: list[str], sides: dict[str, Side], *, ab: dict, isolation: str | None = None,
-               keep: Callable[[Cell], bool] = lambda cell: True) -> tuple[dict[str, list[Cell]], dict[str, dict]]:
-    """Each side's cells (the suite file with the shared and the side's own overrides) and
-    its results header, the fused op prebuilt for the side's interpreter (one line, before
-    anything is measured, if it cannot be)."""
-    cells, metas = {}, {}
-    for name, side in sides.items():
-        suite = load_suite(str(suite_file))
-        for assignment in [*overrides, *side.overrides]:
-            suite.override(assignment)
-        cells[name] = [c for c in suite.cells() if keep(c)]
-        metas[name] = run_header(suite, str(suite_file), [*overrides, *side.overrides], isolation or suite.isolation,
-                                 len(cells[name]), ab={"side": name, "python": side.python,
-                                                       "overrides": side.overrides, **ab})
-        metas[name]["custom_op"] = prebuild(cells[name], side.python)
-        reason = skip_reason(metas[name]["custom_op"])
-        if reason and any(needs_custom_op(c) for c in cells[name]):
-            raise UserError(f"ab: side {name} ({side.describe()}): {reason}; leave fused_custom_op out with "
-                            f"--set variant=...")
-    return cells, metas
+class SideProcess:
+    """A side server (`execute/side.py`) in the side's interpreter: its events go to the
+    shared queue as (side name, event); its stderr to `<side>-side.log` in the folder."""
+
+    def __init__(self, side: Side, request: SideRequest, folder: Path, events: "queue.Queue[tuple[str, dict]]"):
+        self.side = side
+        self.log = folder / f"{side.name.lower()}-side.log"
+        request_path = folder / f"{side.name.lower()}-side.json"
+        request.write(request_path)
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                module_command(side.python, "sparsebench.execute.side", str(request_path)), cwd=folder,
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
+                start_new_session=True,  # Ctrl-C reaches the parent, which tears the sides down
+                preexec_fn=die_with_parent)
+        self._reader = threading.Thread(target=self._read, args=(events,), name=f"side-{side.name}", daemon=True)
+        self._reader.start()
+
+    def _read(self, events) -> None:
+        for line in self.process.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue  # not an event (the side keeps its stdout for events only)
+            if isinstance(message, dict):
+                events.put((self.side.name, message))
+        events.put((self.side.name, {"event": "exit", "code": self.process.wait()}))
+
+    def send(self, *words: Any) -> None:
+        try:
+            self.process.stdin.write(" ".join(map(str, words)) + "\n")
+            self.process.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # it is gone: its exit event says so
+
+    def failure(self, message: dict) -> UserError:
+        """The one line that says why this side stopped."""
+        if message.get("event") == "error":
+            why = message.get("message", "")
+        else:
+            why = f"its side process exited ({message.get('code')}): {last_line(self.log) or 'no output'}"
+        return UserError(f"ab: side {self.side.name} ({self.side.describe()}): {why} (log: {self.log})")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
+
+
+class SidePair:
+    """The side servers of one A/B run (both sides, or the one side of a counted run that
+    has one), their events in one queue."""
+
+    def __init__(self, sides: dict[str, Side], requests: dict[str, SideRequest], folder: Path):
+        self.events: queue.Queue[tuple[str, dict]] = queue.Queue()
+        self.servers: dict[str, SideProcess] = {}
+        self.headers: dict[str, dict] = {}
+        self.finished: set[str] = set()
+        try:
+            for name, request in requests.items():
+                self.servers[name] = SideProcess(sides[name], request, folder, self.events)
+        except BaseException:
+            self.close()
+            raise
+
+    def next_event(self) -> tuple[str, dict]:
+        """The next event of either side; a side that failed, or exited before it said it
+        finished, ends the run."""
+        while True:
+            name, message = self.events.get()
+            event = message.get("event")
+            if event == "finished":
+                self.finished.add(name)
+            if event == "error" or event == "exit" and name not in self.finished:
+                raise self.servers[name].failure(message)
+            if event != "exit":
+                return name, message
+
+    def cells(self, nothing: str = "") -> dict[str, list[dict]]:
+        """Each side's cells, as the side expanded them (both must have as many)."""
+        cells: dict[str, list[dict]] = {}
+        while len(cells) < len(self.servers):
+            name, message = self.next_event()
+            if message.get("event") == "cells":
+                cells[name] = list(message.get("cells") or [])
+                self.headers[name] = message.get("header") or {}
+        sizes = {name: len(found) for name, found in cells.items()}
+        if len(set(sizes.values())) > 1:
+            raise UserError(f"ab: side A expands to {sizes['A']} cells and side B to {sizes['B']}; the sides "
+                            f"must differ in how a cell runs, not in which cells there are")
+        if not any(sizes.values()):
+            raise UserError(f"ab: the suite expands to no cell to measure{nothing}")
+        return cells
+
+    def send_all(self, *words: Any) -> None:
+        for server in self.servers.values():
+            server.send(*words)
+
+    def close(self) -> None:
+        for server in self.servers.values():
+            server.send("abort")
+        for server in self.servers.values():
+            server.kill()
+
+
+def _requests(suite_file: Path, overrides: list[str], sides: dict[str, Side], folder: Path, mode: str, rounds: int,
+              ab: dict[str, Any], **count: Any) -> dict[str, SideRequest]:
+    names = {"time": "{}.jsonl", "count": "{}-count.jsonl"}
+    return {name: SideRequest(side=name, suite_file=str(suite_file), overrides=(*overrides, *side.overrides),
+                              mode=mode, rounds=rounds, results=str(folder / names[mode].format(name.lower())),
+                              ab={"python": side.python, "overrides": side.overrides, **ab}, **count)
+            for name, side in sides.items()}
+
+
+class Lockstep:
+    """Which (cell, side) may go next: the turn order of the round, and a cell goes only
+    while the other side is parked at its gate (or done with the round), so no cell is
+    timed while the other side's worker starts, builds or measures anything."""
+
+    def __init__(self, order: list[tuple[int, str]]):
+        self.order = order
+        self.position = 0
+        self.parked: dict[str, int | None] = {name: None for name in SIDES}
+        self.finished: dict[str, bool] = {name: False for name in SIDES}
+
+    def want(self, side: str, index: int) -> None:
+        self.parked[side] = index
+
+    def done(self, side: str, index: int) -> None:
+        if self.position < len(self.order) and self.order[self.position] == (index, side):
+            self.position += 1
+
+    def finish(self, side: str) -> None:
+        self.finished[side] = True
+        self.parked[side] = None
+
+    def release(self) -> tuple[int, str] | None:
+        """The (cell, side) to let go now, if any (it is then no longer parked)."""
+        if self.position >= len(self.order):
+            return None
+        index, side = self.order[self.position]
+        other = SIDES[1 - SIDES.index(side)]
+        if self.parked[side] == index and (self.parked[other] is not None or self.finished[other]):
+            self.parked[side] = None
+            return index, side
+        return None
 
 
 def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
-    """Every round: a fresh worker per side, taking turns cell by cell (see the module)."""
+    """Every round: a fresh worker per side (started by the side's own server), taking turns
+    cell by cell (see the module)."""
     if rounds < 2:
         raise UserError(f"--rounds: a paired comparison needs at least 2 rounds, got {rounds}")
+    folder = Path(folder).resolve()
     suite_file = prepare(suite_arg, overrides, a, b, folder)
     sides = {"A": a, "B": b}
-    ready = {name: "ready" in worker_protocol(side.python)[1] for name, side in sides.items()}
-    writers: dict[str, ResultsWriter] = {}
-    cells, metas = side_cells(suite_file, overrides, sides, ab={"rounds": rounds, "interleave": "cell"})
-    cells = {name: [replace(c, measure=replace(c.measure, processes=1)) for c in side] for name, side in cells.items()}
-    for name, side in sides.items():
-        writers[name] = ResultsWriter(folder / f"{name.lower()}.jsonl", lambda side=side, meta=metas[name]:
-                                      {"run": meta, "environment": fingerprint(side.python)})
-    run = ABRun(folder, suite_file, rounds, {name: w.path for name, w in writers.items()})
+    requests = _requests(suite_file, overrides, sides, folder, "time", rounds, {"rounds": rounds, "interleave": "cell"})
+    run = ABRun(folder, suite_file, rounds, {name: Path(r.results) for name, r in requests.items()})
     started = time.monotonic()
+    pair = SidePair(sides, requests, folder)
     try:
+        cells = pair.cells()
+        run.headers = pair.headers
+        pair.send_all("start")
         for r in range(1, rounds + 1):
             t0 = time.monotonic()
-            turnstile = Turnstile(cell_order(len(cells["A"]), r))
-            # both sides' workers start together; no cell is timed until both have (a worker
-            # importing TensorFlow takes a core the other side's first cell would miss)
-            both_started = threading.Barrier(len(SIDES))  # (an older worker that says nothing: at its release)
-            met: set[str] = set()  # only each side's first worker of the round waits (a crash starts another)
+            lockstep = Lockstep(cell_order(len(cells["A"]), r))
             counts = {name: Counter() for name in SIDES}
-            orchestrators, threads, errors = {}, [], []
-            for name in SIDES:
-                index_of = {id(c): i for i, c in enumerate(cells[name])}
-
-                def record(outcome, name=name, index_of=index_of):
-                    writers[name].append(outcome.record)
-                    counts[name][outcome.record.status] += 1
-                    turnstile.done(index_of[id(outcome.cell)], name)
-
-                def gate(cell, name=name, index_of=index_of):
-                    turnstile.wait(index_of[id(cell)], name)
-                    run.order.append(name)
-
-                orchestrators[name] = Orchestrator(record=record, isolation=load_suite(str(suite_file)).isolation,
-                                                   python=sides[name].python, gate=gate, announces_ready=ready[name],
-                                                   on_ready=lambda name=name: _meet(both_started, turnstile, met, name))
-
-                def work(name=name):
-                    try:
-                        orchestrators[name].run(cells[name], round=r)
-                    except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                        errors.append(exc)
-                        turnstile.abort()
-
-                threads.append(threading.Thread(target=work, name=f"ab-{name}", daemon=True))
-            for thread in threads:
-                thread.start()
-            try:
-                while any(thread.is_alive() for thread in threads):
-                    for thread in threads:
-                        thread.join(timeout=0.2)
-            except KeyboardInterrupt:
-                turnstile.abort()
-                for orchestrator in orchestrators.values():
-                    orchestrator.kill()
-                raise
-            if errors and not isinstance(errors[0], KeyboardInterrupt):
-                raise errors[0]
+            pair.send_all("round", r)
+            while not all(lockstep.finished.values()):
+                name, message = pair.next_event()
+                event = message.get("event")
+                if event == "want" and message.get("round") == r:
+                    lockstep.want(name, int(message["index"]))
+                elif event == "done" and message.get("round") == r:
+                    counts[name][message.get("status", "?")] += 1
+                    lockstep.done(name, int(message["index"]))
+                elif event == "round-done" and message.get("round") == r:
+                    lockstep.finish(name)
+                going = lockstep.release()
+                while going is not None:
+                    index, side = going
+                    run.order.append(side)
+                    pair.servers[side].send("go", r, index)
+                    going = lockstep.release()
             summary = "; ".join(f"{name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts[name].items()))
                                 for name in SIDES)
             say(f"round {r}/{rounds}: {summary} ({time.monotonic() - t0:.0f} s)")
+        _wait_finished(pair)
     finally:
-        for writer in writers.values():
-            writer.close()
+        pair.close()
     run.seconds = time.monotonic() - started
     return run
 
 
+def _wait_finished(pair: SidePair) -> None:
+    while len(pair.finished) < len(pair.servers):
+        pair.next_event()
+
+
 # -- counted work (ab --count) ---------------------------------------------------------------
-# Counted cells run on one thread each (the counts then repeat to a few hundredths of a
-# percent), every cell of a side in one worker under valgrind, both sides at once.
-COUNT_OVERRIDES = ["intra_op_threads=1", "inter_op_threads=1", "processes=1"]
-COUNT_MARCH = ("SPARSEBENCH_OPS_MARCH", "x86-64-v3")  # train.custom_ops.build reads it
-
-
 def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path, steps: int,
                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
-    """Count every cell of both sides under callgrind, the two sides concurrently."""
-    from ..plan.job import CountRequest
+    """Count every cell of both sides under callgrind, the two sides concurrently, each by
+    its own code: a side server in count mode, or, for a side whose sparsebench predates
+    it, that side's own `ab --count` (an A/A of itself, whose side A is kept)."""
     from .counting import unavailable
 
     if steps < 1:
@@ -372,56 +444,76 @@ def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folde
     problem = unavailable()
     if problem:
         raise UserError(f"ab --count: counting needs valgrind's callgrind, but {problem}")
+    folder = Path(folder).resolve()
     suite_file = prepare(suite_arg, [*overrides, *COUNT_OVERRIDES], a, b, folder)
-    # valgrind cannot execute AVX-512: the fused op is built for AVX2 here and in the workers
-    os.environ[COUNT_MARCH[0]] = COUNT_MARCH[1]
     sides = {"A": a, "B": b}
-    writers = {}
-    cells, metas = side_cells(suite_file, [*overrides, *COUNT_OVERRIDES], sides, ab={"count_steps": steps},
-                              isolation="env", keep=lambda c: c.workers == 1 and c.distribution.is_local)
-    if len(cells["A"]) != len(cells["B"]) or not cells["A"]:
-        raise UserError(f"ab --count: {len(cells['A'])} and {len(cells['B'])} cells to count (Hogwild and "
-                        f"parameter-server cells are timed only)")
-    for name, side in sides.items():
-        writers[name] = ResultsWriter(folder / f"{name.lower()}-count.jsonl", lambda side=side, meta=metas[name]:
-                                      {"run": meta, "environment": fingerprint(side.python)})
-    run = ABRun(folder, suite_file, 1, {name: w.path for name, w in writers.items()})
+    run = ABRun(folder, suite_file, 1, {})
     started = time.monotonic()
-    errors: list[BaseException] = []
-    orchestrators = {}
-
-    def work(name: str) -> None:
+    modern = {name: speaks_side_protocol(side.python) for name, side in sides.items()}
+    older = {name: _OwnCount(side, suite_file, overrides, folder, steps) for name, side in sides.items()
+             if not modern[name]}
+    for name, own in older.items():
+        say(f"counted side {name}: its sparsebench predates the side server; counting with its own `ab --count`")
+    requests = _requests(suite_file, overrides, {n: s for n, s in sides.items() if modern[n]}, folder, "count", 1,
+                         {"count_steps": steps}, count_steps=steps, count_folder="")
+    for name, request in requests.items():
         dumps = folder / f"callgrind-{name.lower()}"
         dumps.mkdir(exist_ok=True)
-
-        def record(outcome, name=name):
-            writers[name].append(outcome.record)
-            say(f"counted side {name}: {outcome.cell.label}: {outcome.record.status}"
-                + (f" ({outcome.record.reason})" if outcome.record.reason else ""))
-
-        orchestrators[name] = Orchestrator(record=record, isolation="env", python=sides[name].python,
-                                           count=CountRequest(steps, str(dumps.resolve())))
-        try:
-            orchestrators[name].run(cells[name], round=1)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(name,), name=f"count-{name}", daemon=True) for name in SIDES]
+        requests[name] = SideRequest(**{**request.__dict__, "count_folder": str(dumps)})
+    pair = SidePair(sides, requests, folder) if requests else None
     try:
-        for thread in threads:
-            thread.start()
-        while any(thread.is_alive() for thread in threads):
-            for thread in threads:
-                thread.join(timeout=0.2)
-    except KeyboardInterrupt:
-        for orchestrator in orchestrators.values():
-            orchestrator.kill()
-        raise
+        if pair is not None:
+            pair.cells(" (Hogwild and parameter-server cells are timed only)")
+            run.headers = pair.headers
+            pair.send_all("start")
+            while len(pair.finished) < len(pair.servers):
+                name, message = pair.next_event()
+                if message.get("event") == "done":
+                    reason = f" ({message['reason']})" if message.get("reason") else ""
+                    say(f"counted side {name}: {message.get('label')}: {message.get('status')}{reason}")
+        for name, own in older.items():
+            run.results[name] = own.wait()
     finally:
-        for writer in writers.values():
-            writer.close()
-    if errors:
-        raise errors[0]
+        if pair is not None:
+            pair.close()
+        for own in older.values():
+            own.kill()
+    for name, request in requests.items():
+        run.results[name] = Path(request.results)
     run.order = list(SIDES)
     run.seconds = time.monotonic() - started
     return run
+
+
+class _OwnCount:
+    """An older side's counted cells, by its own code: `PYTHON -m sparsebench ab --count`
+    with that interpreter on both sides, started in the A/B folder."""
+
+    def __init__(self, side: Side, suite_file: Path, overrides: list[str], folder: Path, steps: int):
+        self.side = side
+        self.out = folder / f"own-count-{side.name.lower()}"
+        self.log = folder / f"own-count-{side.name.lower()}.log"
+        sets = [arg for assignment in [*overrides, *side.overrides] for arg in ("--set", assignment)]
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen(
+                module_command(side.python, "sparsebench", "ab", "--count", "--suite", str(suite_file), *sets,
+                               "--a-python", side.python, "--b-python", side.python, "--count-steps", str(steps),
+                               "--format", "json", "--output", str(self.out)),
+                cwd=folder, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                start_new_session=True, preexec_fn=die_with_parent)
+
+    def wait(self) -> Path:
+        code = self.process.wait()
+        result = self.out / "a-count.jsonl"
+        if code not in (0, 1) or not result.exists():
+            raise UserError(f"ab: side {self.side.name} ({self.side.describe()}): its own `ab --count` failed "
+                            f"(exit {code}): {last_line(self.log) or 'no output'} (log: {self.log})")
+        return result
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait()

@@ -155,7 +155,6 @@ class Orchestrator:
         gate: Callable[[Cell], None] | None = None,
         count: CountRequest | None = None,
         on_ready: Callable[[], None] | None = None,
-        announces_ready: bool = True,
         bound: BoundRequest | None = None,
     ):
         """`cluster`: a real cluster the parameter-server cells run against; `profile`:
@@ -176,7 +175,6 @@ class Orchestrator:
         self.count = count  # count instructions under callgrind instead of timing (ab --count)
         self.bound = bound  # measure the memory bound only (sparsebench bound)
         self.on_ready = on_ready  # with a gate: called once the worker has started, before its first cell
-        self.announces_ready = announces_ready  # False: an older worker that writes no `ready` (not waited for)
         self._process: subprocess.Popen | None = None
         self._round = 1
         # A parameter-server cell's worker starts its cluster: in a private network
@@ -235,13 +233,11 @@ class Orchestrator:
         self.on_start(cell)
 
     def _wait_ready(self, folder: Path) -> None:
-        """Until the worker says it started, it exits, or READY_WAIT_S pass; then `on_ready`.
-        An older sparsebench on an `ab` side writes no `ready` (`announces_ready` False):
-        not waited for."""
-        deadline = time.monotonic() + (READY_WAIT_S if self.announces_ready else 0.0)
+        """Until the worker says it started, it exits, or READY_WAIT_S pass; then `on_ready`."""
+        deadline = time.monotonic() + READY_WAIT_S
         while not (folder / "ready").exists() and time.monotonic() < deadline:
             if self._process is None or self._process.poll() is not None:
-                return
+                break
             time.sleep(POLL_S)
         if self.on_ready is not None:
             self.on_ready()
