@@ -361,13 +361,17 @@ def gate_options(alpha: float, regression_help: str, max_regression: float = 10.
     return wrap
 
 
-def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: str = "any") -> int:
+def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: str = "any",
+          json_file: Path | None = None) -> int:
     """Print the reports (wall time, then CPU time where measured); exit 1 if any fails
-    (`fail_on` "suite": only a suite-level regression or a failed cell counts)."""
+    (`fail_on` "suite": only a suite-level regression or a failed cell counts), 2 if one
+    compared nothing. `json_file`: the JSON rendering also goes there."""
     from .analyze.difference import github_benchmark as benchmark_json
     from .analyze.difference import render_all
 
     click.echo(render_all(reports, fmt))
+    if json_file is not None:
+        _write_text(json_file, render_all(reports, "json"), "the comparison's JSON")
     if github_benchmark is not None:
         try:
             github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
@@ -435,10 +439,19 @@ def history(paths, fmt, cells, since, repo, alpha, min_step, skip_busy, output, 
     (ordered by commit time); several files of one commit are its processes. A step is a
     level change proposed by PELT and confirmed by testing the commits on its two sides
     against step-free series of their length; it needs two commits on each side. Reading a
-    few dozen files takes seconds."""
+    few dozen files takes seconds.
+
+    PATHS may instead be the self-gate's ledger (results/gate/, one *.json per landing):
+    then each landing's measured change against its reference is chained from the newest
+    back, and the cumulative change of every tier is checked against its bound (exit 1 on
+    drift, 2 when an entry is missing in between)."""
+    from .analyze.drift import entries_in
     from .analyze.history import load_history
     from .analyze.history_view import render, write_plot
 
+    ledger = entries_in(list(paths))
+    if ledger:
+        return _history_of_ledger(ledger, repo, fmt, output)
     patterns = [p for c in cells for p in c.split(",") if p]
     found = load_history(list(paths), cells=patterns, since=since, repo=repo, alpha=alpha, min_step=min_step / 100,
                          skip_busy=skip_busy)
@@ -457,6 +470,43 @@ def history(paths, fmt, cells, since, repo, alpha, min_step, skip_busy, output, 
         for path in written:
             click.echo(f"wrote {path}", err=True)
     return 0
+
+
+def _history_of_ledger(paths: list[Path], repo: Path, fmt: str, output: Path | None) -> int:
+    """`history` over the gate's ledger (results/gate/*.json): the landings chained from the
+    newest back, and the cumulative change of every tier; exit 1 on drift beyond its bound,
+    2 when the chain cannot reach the newest entry's reference."""
+    from .analyze.drift import drift, read_entry
+    from .execute.commits import changed_paths, first_parents
+
+    entries = [read_entry(p) for p in paths]
+    order = {commit: i for i, commit in enumerate(first_parents(repo))}
+    newest = min(entries, key=lambda e: (order.get(e.commit, len(order)), -_stamp(e.recorded_at)))
+    found = drift(newest, entries, lambda a, b: changed_paths(repo, a, b))
+    if fmt == "json":
+        text = json.dumps({"chain": [e.commit for e in found.chain], "problems": found.problems, "notes": found.notes,
+                           "trends": [{"tier": t.tier, "metric": t.metric, "cell": t.cell, "change": t.total,
+                                       "landings": len(t.landings), "bound": t.bound, "p": t.p_adjusted,
+                                       "drifted": t.drifted, "restarted_after": t.restarted_after}
+                                      for t in found.trends]}, indent=2)
+    elif fmt in ("text", "markdown"):
+        text = "\n".join(found.lines())
+    else:
+        raise UserError(f"history --format {fmt}: the gate's ledger is shown as text, markdown or json")
+    if output is not None:
+        _write_text(output, text, "history")
+    else:
+        click.echo(text)
+    return found.exit_code
+
+
+def _stamp(text: str) -> float:
+    from datetime import datetime
+
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S%z").timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _write_text(output: Path, text: str, what: str) -> None:
@@ -510,9 +560,11 @@ def _write_text(output: Path, text: str, what: str) -> None:
                    "estimated cycles by up to 3.9% (its instructions by 0.0%); the cycles table is printed either way.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
+@click.option("--json", "json_file", type=click.Path(path_type=Path),
+              help="Also write the comparison as JSON (the --format json document) to this file.")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
        alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, mode_floor, mode_share, fail_on, counted,
-       count_steps, count_threshold, cycles_threshold, output):
+       count_steps, count_threshold, cycles_threshold, output, json_file):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
     (a cell, or the suite as a whole; in wall time or in CPU time)."""
     from .analyze.paired import METRICS, check_options, paired_report
@@ -531,7 +583,7 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
         return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps,
                            {"instructions": count_threshold / 100.0,
                             "cycles": cycles_threshold / 100.0 if cycles_threshold is not None else None}, fmt,
-                           github_benchmark, fail_on)
+                           github_benchmark, fail_on, json_file)
     notes = []
     if interleave == "cell" and not all(ab_runner.speaks_side_protocol(side.python) for side in (a, b)):
         interleave = "suite"
@@ -551,10 +603,11 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     reports[0].notes += notes + [f"{rounds} rounds in {run.seconds / 60:.1f} min, interleaved by {interleave}, order "
                                  f"{order}; A: {a.describe()}; B: {b.describe()}; results: {run.results['A']} and "
                                  f"{run.results['B']}"]
-    return _emit(reports, fmt, github_benchmark, side_b, fail_on)
+    return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
 
 
-def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, github_benchmark, fail_on) -> int:
+def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, github_benchmark, fail_on,
+                json_file) -> int:
     from .analyze.counted import COUNTED_METRICS, counted_report
     from .execute import ab as ab_runner
     from .machine import side_differences
@@ -577,7 +630,7 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
     reports[0].notes.append(f"counted {steps} steps per cell on one thread under callgrind, both sides at once, in "
                             f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "
                             f"{run.results['A']} and {run.results['B']}")
-    return _emit(reports, fmt, github_benchmark, side_b, fail_on)
+    return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
 
 
 @cli.command()

@@ -326,6 +326,7 @@ class CellChange:
     df: float
     detect_slowdown: float  # the slowdown (negative fraction) detected with 80% power at the adjusted level
     detect_speedup: float  # the speed-up (positive fraction) likewise
+    log_se: float = 0.0  # standard error of the mean log ratio (moderated)
 
 
 def _t_bounds(mean: float, se: float, df: float, alpha: float) -> tuple[float, float]:
@@ -376,7 +377,7 @@ def moderated_cells(log_ratios: Sequence[Sequence[float]], alpha: float = 0.05) 
     for (x, df, se, mean, p), p_adj in zip(raw, adjusted):
         low, high = _t_bounds(mean, se, df, alpha) if se > 0 else (math.exp(mean), math.exp(mean))
         slow, fast = _detectable(se, df, alpha / m) if se > 0 else (0.0, 0.0)
-        cells.append(CellChange(len(x), math.exp(mean), low, high, p, p_adj, df, slow, fast))
+        cells.append(CellChange(len(x), math.exp(mean), low, high, p, p_adj, df, slow, fast, se))
     return cells, d0, s0
 
 

@@ -2,7 +2,6 @@
 exactly the steps between them (where valgrind is installed), and the CI self-gate reads
 `perf-accepted:`."""
 
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -92,33 +91,17 @@ def test_a_function_below_one_sides_cut_is_not_called_new():
     assert "other" not in text  # 4 on B, below A's cut of 6: A may well have had it
 
 
-def _self_gate():
-    spec = importlib.util.spec_from_file_location("self_gate", ROOT / ".ci" / "self_gate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_the_self_gate_names_a_reference_that_keeps_its_rules():
+    """.ci/perf-baseline names one full commit id (not a moving branch name) that is a
+    first-parent ancestor of HEAD within the last 50 commits (the rules CI applies)."""
+    from sparsebench.execute.commits import check_reference
 
-
-def test_the_self_gate_reads_perf_accepted_from_the_commit_messages():
-    gate = _self_gate()
-    messages = "Speed up the lookup\n\nSlower step: a copy we need\nperf-accepted: the copy fixes a race (#42)\n"
-    assert gate.accepted_reason(messages) == "the copy fixes a race (#42)"
-    assert gate.accepted_reason("perf-accepted:\nno reason given\n") is None
-    assert gate.accepted_reason("a perf-accepted: inside a line does not count") is None
-    assert gate.verdict(0, None) == (0, "no regression")
-    assert gate.verdict(1, None)[0] == 1 and "REGRESSION" in gate.verdict(1, None)[1]
-    code, words = gate.verdict(1, "the copy fixes a race (#42)")
-    assert code == 0 and "ACCEPTED" in words and "the copy fixes a race" in words
-    assert gate.verdict(2, "anything")[0] == 2  # a broken gate is never accepted
-
-
-def test_the_self_gate_names_a_baseline_that_exists():
-    gate = _self_gate()
-    named = [line for line in gate.BASELINE_FILE.read_text().splitlines() if line.strip() and not line.startswith("#")]
-    assert len(named) == 1 and len(named[0].strip()) == 40  # a full commit id, not a moving branch name
+    named = [line for line in (ROOT / ".ci" / "perf-baseline").read_text().splitlines()
+             if line.strip() and not line.startswith("#")]
+    assert len(named) == 1 and len(named[0].strip()) == 40
     if not (ROOT / ".git").exists():
-        pytest.skip("this checkout has no git history: the self-gate says so and skips")
-    assert gate.baseline_commit() == named[0].strip()
+        pytest.skip("this checkout has no git history")
+    assert check_reference(ROOT, named[0].strip(), ".ci/perf-baseline") == named[0].strip()
 
 
 @pytest.mark.skipif(shutil.which("valgrind") is None or not Path("/usr/include/valgrind/callgrind.h").exists(),

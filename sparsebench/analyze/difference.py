@@ -40,6 +40,7 @@ class CellDifference:
     detect_slowdown: float | None = None  # ab: the slowdown (negative) detected with 80% power
     detect_speedup: float | None = None  # ab: the speed-up (positive) likewise
     slow_mode: bool = False  # ab: regressed because B alone split into a slow mode (stats.slow_mode)
+    log_se: float | None = None  # ab: standard error of the mean log ratio (the gate's ledger chains them)
 
     def basis(self) -> str:
         if self.unit == "counted":
@@ -66,6 +67,7 @@ class SuiteDifference:
     detect_speedup: float
     alpha: float
     max_regression: float
+    log_se: float | None = None  # standard error of the mean log ratio over the rounds
 
     def line(self) -> str:
         if math.isnan(self.p_value):  # counted: no test, a threshold
@@ -247,6 +249,8 @@ def render_json(report: DifferenceReport) -> str:
         "shift_status": report.shift_status,
         "metric": report.metric,
         "unit": report.unit,
+        "gated": report.gated,
+        "counted": report.counted,
         "suite": asdict(report.suite) if report.suite is not None else None,
         "summary": report.summary(),
         **{status: report.count(status) for status in ("regressed", "improved", "unchanged", "failed")},

@@ -249,6 +249,7 @@ def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: Pa
         diff.p_value, diff.p_adjusted = change.p_value, change.p_adjusted
         diff.detect_slowdown, diff.detect_speedup = change.detect_slowdown, change.detect_speedup
         diff.detectable = -change.detect_slowdown
+        diff.log_se = change.log_se
         diff.status = status
         if mode.flagged:
             diff.status, diff.slow_mode = "regressed", True
@@ -259,7 +260,8 @@ def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: Pa
     if suite is not None:
         report.suite = SuiteDifference(decision.suite_status, suite.ratio, suite.ratio_low, suite.ratio_high,
                                        suite.p_value, suite.rounds, suite.cells, suite.detect_slowdown,
-                                       suite.detect_speedup, rule.suite_alpha, rule.max_suite_regression)
+                                       suite.detect_speedup, rule.suite_alpha, rule.max_suite_regression,
+                                       suite.round_sd / math.sqrt(suite.rounds) if suite.rounds else None)
 
 
 def _floor_note(compared: list[CellDifference], suite: SuiteDifference | None, alpha: float, rounds: int,
