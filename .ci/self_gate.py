@@ -41,14 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BASELINE_FILE = ROOT / ".ci" / "perf-baseline"
 REFERENCE_VARIABLE = "SPARSEBENCH_GATE_REFERENCE"
-TIME_ROUNDS = int(os.environ.get("SPARSEBENCH_GATE_ROUNDS", "8"))
-HEADLINE_ROUNDS = int(os.environ.get("SPARSEBENCH_GATE_HEADLINE_ROUNDS", "6"))
-# The decision rules (README: "How the gate decides"; their A/A false-fail rate is simulated
-# in tests/test_gate_stats.py and measured live in the README).
-TIME_RULE = ["--max-regression", "10", "--alpha", "0.01", "--suite-alpha", "0.002", "--max-suite-regression", "2",
-             "--fail-on", "any"]
-HEADLINE_RULE = ["--max-regression", "3", "--alpha", "0.002", "--suite-alpha", "0.002", "--max-suite-regression", "3",
-                 "--fail-on", "any"]
+# The timed tiers' suites, rounds and rules: sparsebench.analyze.gate.TIMED_TIERS (their A/A
+# false-fail rate is simulated in tests/test_gate_stats.py and measured live, README).
 COUNT_RULE = ["--count-threshold", "1"]
 HEADLINE_COUNT = ["--suite", "headline", "--set", "variant=fused_custom_op", "--set", "optimizer=sgd",
                   "--count-threshold", "1", "--cycles-threshold", "2"]
@@ -118,7 +112,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
 
     from sparsebench.analyze.drift import entry_from_reports
-    from sparsebench.analyze.gate import GateVerdict, accept, parse_acceptances, tier_findings
+    from sparsebench.analyze.gate import TIMED_TIERS, GateVerdict, accept, parse_acceptances, tier_findings
     from sparsebench.errors import UserError
     from sparsebench.execute.commits import check_reference, install_commit, installed_versions, messages, pins
 
@@ -145,8 +139,7 @@ def main(argv: list[str]) -> int:
     plan = {
         "counted": [("counted", ["--count", "--suite", "gate", *COUNT_RULE]),
                     ("counted-headline", ["--count", *HEADLINE_COUNT])],
-        "time": [("time", ["--suite", "gate", "--rounds", str(TIME_ROUNDS), *TIME_RULE])],
-        "headline": [("headline", ["--suite", "headline", "--rounds", str(HEADLINE_ROUNDS), *HEADLINE_RULE])],
+        **{tier: [(tier, timed.ab_options())] for tier, timed in TIMED_TIERS.items()},
     }
     reports: dict[str, dict] = {}
     for tier in tiers:

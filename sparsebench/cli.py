@@ -540,10 +540,10 @@ def _write_text(output: Path, text: str, what: str) -> None:
 @click.option("--suite-alpha", default=0.01, show_default=True,
               help="Significance level of the suite-level test.")
 @click.option("--mode-floor", default=20.0, show_default=True, metavar="PCT",
-              help="A round in which one side ran slower than its pair by more than this is a collapse of that side.")
-@click.option("--mode-share", default=0.5, show_default=True, metavar="FRACTION",
-              help="A cell whose B collapsed in this share of the rounds (at least 2) while A never did regressed: a "
-                   "slow mode B alone has.")
+              help="A process that ran slower than side A's median by more than this is slow.")
+@click.option("--mode-alpha", default=0.005, show_default=True,
+              help="A cell where B had more slow processes than A (at least 2; Fisher's exact test at this level) "
+                   "regressed: a slow mode B alone has.")
 @click.option("--fail-on", type=click.Choice(["any", "suite"]), default="any", show_default=True,
               help="any: exit 1 on a regressed cell (its mean change or a slow mode) or suite; suite: only on the "
                    "suite-level test (and on a cell B failed).")
@@ -562,9 +562,11 @@ def _write_text(output: Path, text: str, what: str) -> None:
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path),
               help="Also write the comparison as JSON (the --format json document) to this file.")
+@click.option("--cells", "cell_patterns", multiple=True, metavar="PATTERN",
+              help="Only cells whose id or label matches (shell pattern, e.g. 'fused-*'). Repeatable.")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
-       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, mode_floor, mode_share, fail_on, counted,
-       count_steps, count_threshold, cycles_threshold, output, json_file):
+       alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, mode_floor, mode_alpha, fail_on, counted,
+       count_steps, count_threshold, cycles_threshold, output, json_file, cell_patterns):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
     (a cell, or the suite as a whole; in wall time or in CPU time)."""
     from .analyze.paired import METRICS, check_options, paired_report
@@ -574,13 +576,14 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
 
     decision = dict(max_regression=max_regression / 100.0, alpha=alpha, test=test, suite_alpha=suite_alpha,
                     max_suite_regression=max_suite_regression / 100.0, mode_floor=mode_floor / 100.0,
-                    mode_share=mode_share)
+                    mode_alpha=mode_alpha)
     check_options(**decision)
     a = ab_runner.Side("A", ab_runner.python_of(a_python), list(a_overrides))
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
+    patterns = tuple(p for c in cell_patterns for p in c.split(",") if p)
     if counted:
-        return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps,
+        return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps, patterns,
                            {"instructions": count_threshold / 100.0,
                             "cycles": cycles_threshold / 100.0 if cycles_threshold is not None else None}, fmt,
                            github_benchmark, fail_on, json_file)
@@ -589,9 +592,16 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
         interleave = "suite"
         notes.append("a side's sparsebench has no side server (an older version): each side ran its own "
                      "`sparsebench run` of the whole suite per round, so the two halves of a pair are a suite apart")
-    runner = ab_runner.run_interleaved if interleave == "cell" else ab_runner.run_ab
+    if patterns and interleave != "cell":
+        raise UserError("ab --cells: picking cells needs both sides' side servers (--interleave cell, a sparsebench "
+                        "with the side protocol on both sides)")
     try:
-        run = runner(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds, folder=folder)
+        if interleave == "cell":
+            run = ab_runner.run_interleaved(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds,
+                                            folder=folder, cells=patterns)
+        else:
+            run = ab_runner.run_ab(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds,
+                                   folder=folder)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the finished rounds' files are in {folder}", err=True)
         return 130
@@ -606,7 +616,7 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
 
 
-def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, github_benchmark, fail_on,
+def _ab_counted(suite_arg, overrides, a, b, folder, steps, patterns, thresholds, fmt, github_benchmark, fail_on,
                 json_file) -> int:
     from .analyze.counted import COUNTED_METRICS, counted_report
     from .execute import ab as ab_runner
@@ -617,7 +627,8 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
         if thresholds[metric] is not None and not 0 < thresholds[metric] < 1:
             raise UserError(f"{option}: must be between 0 and 100 percent, got {thresholds[metric] * 100:g}")
     try:
-        run = ab_runner.run_counted(suite_arg=suite_arg, overrides=overrides, a=a, b=b, folder=folder, steps=steps)
+        run = ab_runner.run_counted(suite_arg=suite_arg, overrides=overrides, a=a, b=b, folder=folder, steps=steps,
+                                    cells=patterns)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the counted cells' files are in {folder}", err=True)
         return 130
@@ -631,6 +642,43 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, thresholds, fmt, gith
                             f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "
                             f"{run.results['A']} and {run.results['B']}")
     return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
+
+
+@cli.command()
+@click.argument("good")
+@click.argument("bad")
+@click.option("--suite", "suite_arg", default="gate", show_default=True, metavar="NAME|PATH",
+              help="The suite each comparison runs (a shipped name or a TOML file).")
+@click.option("--cells", "cell_patterns", multiple=True, metavar="PATTERN",
+              help="Only cells whose id or label matches (shell pattern). Repeatable.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=V", help="Override for every comparison.")
+@click.option("--rounds", default=6, show_default=True, type=click.IntRange(min=2),
+              help="Rounds of each timed comparison (when the counted tier sees no change).")
+@click.option("--count-steps", default=3, show_default=True, type=click.IntRange(min=1),
+              help="Steps counted per cell in each counted comparison.")
+@click.option("--no-count", is_flag=True, help="Bisect with the time tier only (no valgrind).")
+@click.option("--repo", type=click.Path(path_type=Path, file_okay=False), default=".", show_default=True,
+              help="The sparsebench checkout whose commits are bisected.")
+@click.option("--output", "-o", type=click.Path(path_type=Path),
+              help="Folder for every comparison's results and logs (default results/bisect-<time>).")
+def bisect(good, bad, suite_arg, cell_patterns, overrides, rounds, count_steps, no_count, repo, output):
+    """The first commit between GOOD and BAD that made the suite's cells slower.
+
+    Installs the commits it needs in venvs of their own (cached under
+    ~/.cache/sparsebench/commits, with this interpreter's package versions), chooses the
+    counted tier when instructions moved between GOOD and BAD and the time tier otherwise,
+    and bisects the first-parent commits in at most ceil(log2 N) + 2 comparisons, printing
+    each; for a counted culprit, the functions whose cost changed against its parent."""
+    from .analyze.gate import slower
+    from .execute.bisect import bisect as run_bisect
+    from .execute.bisect import render
+
+    folder = (output or Path("results") / f"bisect-{__import__('time').strftime('%Y%m%d-%H%M%S')}").resolve()
+    patterns = tuple(p for c in cell_patterns for p in c.split(",") if p)
+    found = run_bisect(repo.resolve(), good, bad, suite=suite_arg, judge=slower, cells=patterns, overrides=list(overrides),
+                       rounds=rounds, count_steps=count_steps, work=folder, use_counted=not no_count)
+    click.echo(render(found, repo.resolve()))
+    return 0
 
 
 @cli.command()

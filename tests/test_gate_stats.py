@@ -89,3 +89,147 @@ def test_detectable_bounds_are_asymmetric_on_the_ratio_scale():
 def test_holm_adjustment():
     assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
     assert holm([0.5]) == [0.5]
+
+
+# -- the whole CI gate, simulated ---------------------------------------------------------------
+# What a live A/A run of the gate meets on this kind of machine, beyond iid normal noise: heavy
+# tails, cells whose processes fall into a slow mode on both sides, slow episodes of the
+# machine that hit whichever measurements run during them, drift between rounds, and CPU time
+# that moves with wall time but less. The defaults are the gate suite's measured variance
+# components (README, A/A runs of `ab --suite gate --rounds 8`); HEADLINE the headline suite's.
+from dataclasses import dataclass, replace  # noqa: E402
+
+from sparsebench.analyze.drift import Change, LedgerEntry, drift  # noqa: E402
+from sparsebench.analyze.gate import TIMED_TIERS  # noqa: E402
+from sparsebench.analyze.paired import decide  # noqa: E402
+from sparsebench.execute.ab import cell_order  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Noise:
+    cells: int = 12
+    process_sd: float = 0.0275  # a process's own luck, sd of its log rate (wall, median cell)
+    cell_spread: float = 0.3  # cells differ in noise (log-normal sd of their sds)
+    tail_df: float = 4.0  # Student t tails
+    cpu_scale: float = 0.85  # CPU time's process noise relative to wall time's
+    cpu_corr: float = 0.7
+    round_sd: float = 0.028  # drift of a round, shared by both sides (pairing cancels it)
+    bimodal: tuple = ((0, 0.3, 0.35), (5, 0.1, 0.5))  # (cell, share of processes slow, slowdown), both sides
+    episode_rate: float = 0.01  # per measurement, the chance a slow episode of the machine starts
+    episode_length: float = 10.0  # mean measurements an episode lasts
+    episode_slowdown: float = 0.4  # wall time slower by this during an episode
+    episode_cpu: float = 0.3  # the share of an episode's slowdown CPU time sees
+
+
+HEADLINE = Noise(cells=4, bimodal=((1, 0.3, 0.35),))
+
+
+def simulate(rng, noise: Noise, rounds: int, slow_b=None):
+    """Per metric (wall, CPU) each side's log rates, [cell][round]. `slow_b(cell, wall, cpu,
+    rng)` may slow side B (arrays of its log rates over the rounds, changed in place)."""
+    cells = noise.cells
+    sds = noise.process_sd * np.exp(rng.normal(0.0, noise.cell_spread, cells))
+    scale = math.sqrt(noise.tail_df / (noise.tail_df - 2.0))
+    own = rng.standard_t(noise.tail_df, (2, cells, rounds)) / scale * sds[None, :, None]
+    other = rng.standard_t(noise.tail_df, (2, cells, rounds)) / scale * sds[None, :, None]
+    wall = own + rng.normal(0.0, noise.round_sd, rounds)[None, None, :]
+    cpu = noise.cpu_scale * (noise.cpu_corr * own + math.sqrt(1 - noise.cpu_corr ** 2) * other)
+    for cell, share, slowdown in noise.bimodal:
+        slow = (rng.random((2, rounds)) < share) * math.log1p(-slowdown)
+        wall[:, cell, :] += slow
+        cpu[:, cell, :] += slow
+    hit = math.log1p(-noise.episode_slowdown)
+    for r in range(rounds):
+        left = 0
+        for cell, side in cell_order(cells, r + 1):
+            if left == 0 and rng.random() < noise.episode_rate:
+                left = 1 + rng.geometric(1.0 / noise.episode_length)
+            if left:
+                left -= 1
+                s = "AB".index(side)
+                wall[s, cell, r] += hit
+                cpu[s, cell, r] += noise.episode_cpu * hit
+    if slow_b is not None:
+        for cell in range(cells):
+            slow_b(cell, wall[1, cell], cpu[1, cell], rng)
+    return (wall[0], wall[1]), (cpu[0], cpu[1])
+
+
+def tier_regressed(rng, tier: str, noise: Noise, slow_b=None) -> bool:
+    timed = TIMED_TIERS[tier]
+    rounds = [list(range(1, timed.rounds + 1))] * noise.cells
+    return any(decide(rounds, list(a), list(b), timed.rule).regressed("any")
+               for a, b in simulate(rng, noise, timed.rounds, slow_b))
+
+
+def landing(rng, commit: str, reference: str) -> LedgerEntry:
+    """One A/A landing's ledger entry: both timed tiers' suite and cells, wall and CPU."""
+    changes = {}
+    for tier, noise in (("time", Noise()), ("headline", HEADLINE)):
+        timed = TIMED_TIERS[tier]
+        for metric, (a, b) in zip(("wall", "cpu"), simulate(rng, noise, timed.rounds)):
+            d = decide([list(range(1, timed.rounds + 1))] * noise.cells, list(a), list(b), timed.rule)
+            cells = {f"c{i}": Change(math.log(c.ratio), c.log_se) for i, c in enumerate(d.changes)}
+            cells["suite"] = Change(math.log(d.suite.ratio), d.suite.round_sd / math.sqrt(d.suite.rounds))
+            changes.setdefault(tier, {})[metric] = cells
+    return LedgerEntry(reference, commit, "", "sim", changes)
+
+
+def test_the_whole_ci_gate_fails_an_a_a_change_at_most_1_percent_of_the_time():
+    """Both timed tiers, wall and CPU time, every cell, suite and slow-mode check, with heavy
+    tails, bimodal processes and slow episodes: an unchanged commit fails CI at most 1% of
+    the time (the counted tier repeats to 0.03%, far below its 1% threshold, and is left out)."""
+    rng = np.random.default_rng(2026)
+    runs = 2000
+    failed = sum(tier_regressed(rng, "time", Noise()) or tier_regressed(rng, "headline", HEADLINE)
+                 for _ in range(runs))
+    assert failed / runs <= 0.01, f"{failed} of {runs} A/A gates failed"
+
+
+def test_the_drift_check_over_twenty_a_a_landings_fails_at_most_half_a_percent_of_the_time():
+    rng = np.random.default_rng(7)
+    runs, failed = 200, 0
+    for _ in range(runs):
+        entries = [landing(rng, f"c{i + 1}", f"c{i}") for i in range(20)]
+        failed += drift(entries[-1], entries, lambda a, b: [] if a == b else ["code"]).exit_code != 0
+    assert failed / runs <= 0.005 + 0.01, f"{failed} of {runs}"  # 0.5% with the simulation's error (SE 0.5%)
+
+
+def _slower(cells, wall_by, cpu_by=None):
+    def slow_b(cell, wall, cpu, rng):
+        if cell in cells:
+            wall += math.log1p(-wall_by)
+            cpu += math.log1p(-(wall_by if cpu_by is None else cpu_by))
+    return slow_b
+
+
+def test_a_5_percent_slowdown_of_one_headline_cell_is_caught_80_percent_of_the_time():
+    rng = np.random.default_rng(11)
+    runs = 400
+    caught = sum(tier_regressed(rng, "headline", replace(HEADLINE, bimodal=()), _slower({0}, 0.05)) for _ in range(runs))
+    assert caught / runs >= 0.8, f"{caught} of {runs}"
+
+
+def test_a_15_percent_wall_time_slowdown_of_two_cells_that_cpu_time_does_not_show_is_caught():
+    """As one intra-op thread for the fused variant would: the step waits, the CPU does not work more."""
+    rng = np.random.default_rng(12)
+    runs = 300
+    caught = sum(tier_regressed(rng, "headline", replace(HEADLINE, bimodal=()), _slower({0, 1}, 0.15, 0.0))
+                 for _ in range(runs))
+    assert caught / runs >= 0.95, f"{caught} of {runs}"
+
+
+def test_a_slow_mode_b_alone_has_is_caught_and_one_both_sides_have_is_not():
+    """Cell 3 of the gate suite slow by 50% in half of B's processes (the mean moves 29%, but
+    its spread weakens the t-test): the slow-mode check catches it."""
+    rng = np.random.default_rng(13)
+
+    def half_slow(cell, wall, cpu, rng):
+        if cell == 3:
+            slow = (rng.random(len(wall)) < 0.5) * math.log1p(-0.5)
+            wall += slow
+            cpu += slow
+
+    runs = 300
+    caught = sum(tier_regressed(rng, "time", Noise(), half_slow) for _ in range(runs))
+    assert caught / runs >= 0.8, f"{caught} of {runs}"

@@ -25,7 +25,38 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import UserError
+from .paired import PairedRule
+
 TIERS = ("counted", "time", "headline")
+
+
+@dataclass(frozen=True)
+class TimedTier:
+    """A timed tier of the self-gate: its suite, its rounds and how `ab` decides it. The
+    simulation in tests/test_gate_stats.py decides with these very values."""
+
+    suite: str
+    rounds: int
+    rule: PairedRule
+
+    def ab_options(self) -> list[str]:
+        r = self.rule
+        return ["--suite", self.suite, "--rounds", str(self.rounds), "--max-regression", f"{r.max_regression * 100:g}",
+                "--alpha", f"{r.alpha:g}", "--suite-alpha", f"{r.suite_alpha:g}",
+                "--max-suite-regression", f"{r.max_suite_regression * 100:g}", "--mode-floor", f"{r.mode_floor * 100:g}",
+                "--mode-alpha", f"{r.mode_alpha:g}", "--test", r.test, "--fail-on", "any"]
+
+
+# The gate suite (12 cells, in cache, one process per side and round): a cell fails beyond
+# 10% at Holm p < 0.01, the suite's geometric mean beyond 2%; the headline suite (4 cells
+# at the shapes users run, one process per cell): a cell beyond 3%. README: "The self-gate".
+TIMED_TIERS = {
+    "time": TimedTier("gate", 8, PairedRule(max_regression=0.10, alpha=0.01, suite_alpha=0.002,
+                                            max_suite_regression=0.02)),
+    "headline": TimedTier("headline", 6, PairedRule(max_regression=0.03, alpha=0.002, suite_alpha=0.002,
+                                                    max_suite_regression=0.03)),
+}
 ACCEPT_LINE = re.compile(r"^[ \t]*perf-accepted:(.*)$", re.MULTILINE)
 ACCEPT_FIELDS = re.compile(r"(cells|max|tier|reason)=(.*?)(?=\s+(?:cells|max|tier|reason)=|\s*$)")
 ACCEPT_FORM = "perf-accepted: cells=GLOB max=PCT% tier=counted|time|headline|any reason=TEXT"
@@ -182,3 +213,16 @@ class GateVerdict:
         if not out:
             out.append("pass: no regression in any tier, every cell compared")
         return out
+
+
+def slower(tier: str, payload: dict[str, Any]) -> tuple[bool, list[str], list[str]]:
+    """`sparsebench bisect`'s verdict on one comparison: whether B is slower (a regressed
+    or failed cell, a slow mode or a regressed suite, in any metric), what was found, and
+    for counted work the functions each flagged cell names."""
+    found = tier_findings(tier, payload)
+    nothing = [f for f in found if f.kind == "nothing compared"]
+    if nothing:  # a comparison that could not run says nothing about the commit
+        raise UserError(f"{tier} tier, {nothing[0].metric}: {nothing[0].text}")
+    where = [f"{c['cell_id']}: {c['note']}" for report in metric_reports(payload) if report.get("gated", True)
+             for c in report.get("cells") or [] if c.get("status") == "regressed" and c.get("note")]
+    return bool(found), [f.text for f in found], where if tier == "counted" else []

@@ -62,8 +62,8 @@ class PairedRule:
     test: str = "t"
     suite_alpha: float = 0.01
     max_suite_regression: float = 0.02
-    mode_floor: float = 0.2  # a round where one side ran slower than its pair by more than this is a collapse
-    mode_share: float = 0.5  # B collapsing in this share of the rounds (at least 2), A never, flags the cell
+    mode_floor: float = 0.2  # a process slower than A's median by more than this is slow
+    mode_alpha: float = 0.005  # B having more slow processes than A at this p (Fisher) flags the cell
 
     def check(self) -> None:
         """The options, checked before `ab` measures anything (a bad one would otherwise
@@ -73,11 +73,10 @@ class PairedRule:
                             ("--mode-floor", self.mode_floor)):
             if not 0 < value < 1:
                 raise UserError(f"{name}: must be between 0 and 100 percent, got {value * 100:g}")
-        for name, value in (("--alpha", self.alpha), ("--suite-alpha", self.suite_alpha)):
+        for name, value in (("--alpha", self.alpha), ("--suite-alpha", self.suite_alpha),
+                            ("--mode-alpha", self.mode_alpha)):
             if not 0 < value < 1:
                 raise UserError(f"{name}: must be between 0 and 1, got {value:g}")
-        if not 0 < self.mode_share <= 1:
-            raise UserError(f"--mode-share: must be above 0 and at most 1, got {self.mode_share:g}")
         if self.test not in PAIRED_TESTS:
             raise UserError(f"--test: must be one of {', '.join(PAIRED_TESTS)}, got {self.test!r}")
 
@@ -99,10 +98,11 @@ class Decision:
         return fail_on == "any" and any(s == "regressed" or m.flagged for s, m in zip(self.statuses, self.modes))
 
 
-def decide(rounds: list[list[int]], logs: list[np.ndarray], rule: PairedRule) -> Decision:
+def decide(rounds: list[list[int]], a_logs: list[np.ndarray], b_logs: list[np.ndarray], rule: PairedRule) -> Decision:
     """The decision over every testable cell at once, from each cell's paired rounds and
-    their log ratios B/A: moderated variances, Holm over the cells, the suite over the
-    rounds all cells share, and each cell's slow-mode check."""
+    each side's log rates in them: moderated variances of the log ratios B/A, Holm over
+    the cells, the suite over the rounds all cells share, and each cell's slow-mode check."""
+    logs = [np.asarray(b) - np.asarray(a) for a, b in zip(a_logs, b_logs)]
     changes, _, _ = moderated_cells(logs, rule.alpha)
     if rule.test == "wilcoxon":
         from scipy import stats as sps
@@ -110,7 +110,7 @@ def decide(rounds: list[list[int]], logs: list[np.ndarray], rule: PairedRule) ->
         raw = [1.0 if np.all(x == 0) else float(sps.wilcoxon(x, alternative="two-sided").pvalue) for x in logs]
         changes = [c.__class__(**{**c.__dict__, "p_value": p, "p_adjusted": q}) for c, p, q in zip(changes, raw, holm(raw))]
     statuses = [verdict(c.ratio, c.p_adjusted, rule.max_regression, rule.alpha) for c in changes]
-    modes = [slow_mode(x, rule.mode_floor, rule.mode_share, r) for r, x in zip(rounds, logs)]
+    modes = [slow_mode(a, b, rule.mode_floor, rule.mode_alpha, r) for r, a, b in zip(rounds, a_logs, b_logs)]
     shared = sorted(set.intersection(*(set(r) for r in rounds))) if rounds else []
     suite = suite_status = None
     if len(shared) >= 2:
@@ -120,15 +120,15 @@ def decide(rounds: list[list[int]], logs: list[np.ndarray], rule: PairedRule) ->
 
 
 def check_options(*, max_regression: float, alpha: float, test: str, suite_alpha: float = 0.01,
-                  max_suite_regression: float = 0.02, mode_floor: float = 0.2, mode_share: float = 0.5) -> None:
-    PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_share).check()
+                  max_suite_regression: float = 0.02, mode_floor: float = 0.2, mode_alpha: float = 0.005) -> None:
+    PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_alpha).check()
 
 
 def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha: float = 0.05, test: str = "t",
                   aa: bool = False, metric: str = "wall", suite_alpha: float = 0.01,
                   max_suite_regression: float = 0.02, mode_floor: float = 0.2,
-                  mode_share: float = 0.5) -> DifferenceReport:
-    rule = PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_share)
+                  mode_alpha: float = 0.005) -> DifferenceReport:
+    rule = PairedRule(max_regression, alpha, test, suite_alpha, max_suite_regression, mode_floor, mode_alpha)
     rule.check()
     rate, unit = METRICS[metric]
     cells_a, cells_b = _rounds(a), _rounds(b)
@@ -140,9 +140,9 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         rule=(f"{metric} time: a cell regressed/improved when B's change is beyond {max_regression:.0%} and a "
               f"{test_name} over the rounds (variance moderated across cells, Holm-adjusted over them) gives "
               f"p < {alpha:g}; the suite when the geometric mean of all cells moved beyond "
-              f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds); a slow mode when B ran slower "
-              f"than its pair by more than {mode_floor:.0%} in at least {mode_share:.0%} of a cell's rounds (at least 2) "
-              f"and A never did"))
+              f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds); a slow mode when more of B's "
+              f"processes than A's ran slower than A's median by over {mode_floor:.0%} (at least 2; Fisher's exact "
+              f"test, p < {mode_alpha:g})"))
     pending: list[tuple[int, list[int], np.ndarray, list[float], list[float], str]] = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
@@ -151,7 +151,8 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         if paired is not None:
             pending.append((len(report.cells) - 1, *paired))
     if pending:
-        _apply(report, pending, decide([p[1] for p in pending], [p[2] for p in pending], rule), rule)
+        _apply(report, pending, decide([p[1] for p in pending], [np.log(p[3]) for p in pending],
+                                       [np.log(p[4]) for p in pending], rule), rule)
     compared = [c for c in report.cells if c.status not in ("not compared", "failed")]
     rounds = max((c.samples[0] for c in compared), default=0)
     if test == "wilcoxon" and wilcoxon_min_p(rounds) * len(compared) > alpha:
@@ -253,8 +254,9 @@ def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: Pa
         diff.status = status
         if mode.flagged:
             diff.status, diff.slow_mode = "regressed", True
-            said = (f"SLOW MODE: B ran slower than its pair by more than {rule.mode_floor:.0%} in round(s) "
-                    f"{', '.join(map(str, mode.collapses))} of {mode.rounds}, A in none")
+            said = (f"SLOW MODE: B slower than A's median by over {rule.mode_floor:.0%} in round(s) "
+                    f"{', '.join(map(str, mode.slow_b))} of {mode.rounds}, A in "
+                    f"{', '.join(map(str, mode.slow_a)) or 'none'} (Fisher p {mode.p_value:.2g})")
             diff.note = f"{said}; {diff.note}" if diff.note else said
     suite = decision.suite
     if suite is not None:

@@ -336,11 +336,11 @@ class SidePair:
 
 
 def _requests(suite_file: Path, overrides: list[str], sides: dict[str, Side], folder: Path, mode: str, rounds: int,
-              ab: dict[str, Any], **count: Any) -> dict[str, SideRequest]:
+              ab: dict[str, Any], cells: tuple[str, ...] = (), **count: Any) -> dict[str, SideRequest]:
     names = {"time": "{}.jsonl", "count": "{}-count.jsonl"}
     return {name: SideRequest(side=name, suite_file=str(suite_file), overrides=(*overrides, *side.overrides),
                               mode=mode, rounds=rounds, results=str(folder / names[mode].format(name.lower())),
-                              ab={"python": side.python, "overrides": side.overrides, **ab}, **count)
+                              ab={"python": side.python, "overrides": side.overrides, **ab}, cells=cells, **count)
             for name, side in sides.items()}
 
 
@@ -379,6 +379,7 @@ class Lockstep:
 
 
 def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
+                    cells: tuple[str, ...] = (),
                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Every round: a fresh worker per side (started by the side's own server), taking turns
     cell by cell (see the module)."""
@@ -387,17 +388,18 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
     folder = Path(folder).resolve()
     suite_file = prepare(suite_arg, overrides, a, b, folder)
     sides = {"A": a, "B": b}
-    requests = _requests(suite_file, overrides, sides, folder, "time", rounds, {"rounds": rounds, "interleave": "cell"})
+    requests = _requests(suite_file, overrides, sides, folder, "time", rounds, {"rounds": rounds, "interleave": "cell"},
+                         cells)
     run = ABRun(folder, suite_file, rounds, {name: Path(r.results) for name, r in requests.items()})
     started = time.monotonic()
     pair = SidePair(sides, requests, folder)
     try:
-        cells = pair.cells()
+        expanded = pair.cells(f" matching {', '.join(cells)}" if cells else "")
         run.headers = pair.headers
         pair.send_all("start")
         for r in range(1, rounds + 1):
             t0 = time.monotonic()
-            lockstep = Lockstep(cell_order(len(cells["A"]), r))
+            lockstep = Lockstep(cell_order(len(expanded["A"]), r))
             counts = {name: Counter() for name in SIDES}
             pair.send_all("round", r)
             while not all(lockstep.finished.values()):
@@ -433,6 +435,7 @@ def _wait_finished(pair: SidePair) -> None:
 
 # -- counted work (ab --count) ---------------------------------------------------------------
 def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path, steps: int,
+                cells: tuple[str, ...] = (),
                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Count every cell of both sides under callgrind, the two sides concurrently, each by
     its own code: a side server in count mode, or, for a side whose sparsebench predates
@@ -450,12 +453,15 @@ def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folde
     run = ABRun(folder, suite_file, 1, {})
     started = time.monotonic()
     modern = {name: speaks_side_protocol(side.python) for name, side in sides.items()}
+    if cells and not all(modern.values()):
+        raise UserError(f"ab --cells: side {next(n for n, m in modern.items() if not m)}'s sparsebench predates the "
+                        f"side server and cannot pick cells; give a suite of just those cells instead")
     older = {name: _OwnCount(side, suite_file, overrides, folder, steps) for name, side in sides.items()
              if not modern[name]}
     for name, own in older.items():
         say(f"counted side {name}: its sparsebench predates the side server; counting with its own `ab --count`")
     requests = _requests(suite_file, overrides, {n: s for n, s in sides.items() if modern[n]}, folder, "count", 1,
-                         {"count_steps": steps}, count_steps=steps, count_folder="")
+                         {"count_steps": steps}, cells, count_steps=steps, count_folder="")
     for name, request in requests.items():
         dumps = folder / f"callgrind-{name.lower()}"
         dumps.mkdir(exist_ok=True)
@@ -463,7 +469,8 @@ def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folde
     pair = SidePair(sides, requests, folder) if requests else None
     try:
         if pair is not None:
-            pair.cells(" (Hogwild and parameter-server cells are timed only)")
+            pair.cells(f"{f' matching {chr(44).join(cells)}' if cells else ''} (Hogwild and parameter-server cells "
+                       f"are timed only)")
             run.headers = pair.headers
             pair.send_all("start")
             while len(pair.finished) < len(pair.servers):

@@ -30,6 +30,7 @@ with no gate (counts do not move with the other side's load).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import sys
@@ -60,6 +61,7 @@ class SideRequest:
     ab: dict[str, Any] = field(default_factory=dict)  # what the A/B run was, for the header
     count_steps: int = 0
     count_folder: str = ""
+    cells: tuple[str, ...] = ()  # shell patterns on a cell's id or label: only these cells (none: every cell)
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=1))
@@ -75,7 +77,7 @@ class SideRequest:
             raise UserError(f"{path}: this sparsebench's side does not know {', '.join(sorted(unknown))}")
         if data.get("mode") not in MODES:
             raise UserError(f"{path}: mode must be one of {', '.join(MODES)}, got {data.get('mode')!r}")
-        return cls(**{**data, "overrides": tuple(data.get("overrides", ()))})
+        return cls(**{**data, "overrides": tuple(data.get("overrides", ())), "cells": tuple(data.get("cells", ()))})
 
 
 class Aborted(Exception):
@@ -115,7 +117,9 @@ def _cells_and_header(request: SideRequest):
     overrides = [*request.overrides, *(COUNT_OVERRIDES if request.mode == "count" else ())]
     for assignment in overrides:
         suite.override(assignment)
-    cells = suite.cells()
+    cells = [c for c in suite.cells()
+             if not request.cells or any(fnmatch.fnmatchcase(name, pattern) for pattern in request.cells
+                                         for name in (c.cell_id, c.label))]
     if request.mode == "count":
         os.environ[COUNT_MARCH[0]] = COUNT_MARCH[1]  # before the op is built: workers inherit it
         cells = [c for c in cells if c.workers == 1 and c.distribution.is_local]
