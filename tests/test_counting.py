@@ -81,6 +81,25 @@ def test_the_counted_report_flags_a_1_percent_change_and_names_the_function(tmp_
     assert two.note == ""  # only a flagged cell says where
 
 
+def test_a_cell_b_stopped_counting_fails_and_a_tier_that_counted_nothing_exits_2(tmp_path):
+    """B skipped where A counted (a wrapper interpreter that valgrind did not follow was
+    such a case): failed; no cell counted on both sides: the tier could not run (exit 2)."""
+    from fixtures.make_fixtures import write_to
+
+    from sparsebench.results import read_results
+
+    a = [_counted("c1", 1000.0, {}), _counted("c2", 1000.0, {})]
+    skipped = [_counted("c1", 1000.0, {}), _counted("c2", 1000.0, {}, status="skipped")]
+    write_to(tmp_path / "a.jsonl", a, "s")
+    write_to(tmp_path / "b.jsonl", skipped, "s")
+    report = counted_report(read_results(tmp_path / "a.jsonl"), read_results(tmp_path / "b.jsonl"))
+    assert [c.status for c in report.cells] == ["unchanged", "failed"] and report.exit_code == 1
+    write_to(tmp_path / "a2.jsonl", [_counted("c1", 1000.0, {}, status="skipped")], "s")
+    write_to(tmp_path / "b2.jsonl", [_counted("c1", 1000.0, {}, status="skipped")], "s")
+    nothing = counted_report(read_results(tmp_path / "a2.jsonl"), read_results(tmp_path / "b2.jsonl"))
+    assert nothing.exit_code == 2 and "NOTHING COMPARED" in nothing.summary()
+
+
 def test_a_function_below_one_sides_cut_is_not_called_new():
     """Each side lists its costliest functions only: one missing on a side is unknown there
     unless the other side's cost is above that side's cut (then it would have been listed)."""

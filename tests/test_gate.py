@@ -181,6 +181,8 @@ def test_small_slowdowns_that_each_passed_add_up_to_a_drift_naming_the_landings(
                                         for line in found.lines())
     three = drift(entries[2], entries[:3], lambda a, b: [] if a == b else ["code"])
     assert three.exit_code == 0  # -4.4%: within the 5% bound
+    noisy = [_entry(f"c{i}", f"c{i + 1}", 0.985, se=0.05) for i in range(5)]
+    assert drift(noisy[-1], noisy, lambda a, b: [] if a == b else ["code"]).exit_code == 0  # -7.3% in noise of 11%
 
 
 def test_an_accepted_slowdown_starts_its_cells_chain_afresh():
@@ -205,8 +207,16 @@ def test_an_entry_and_a_later_commit_with_the_same_code_chain():
     """The landing's entry names the commit that was gated; the landed main adds the entry
     itself (results/gate/): the next reference differs from it only there."""
     entries = [_entry("c0", "c1", 0.99), _entry("c1-plus-ledger", "c2", 0.99)]
-    found = drift(entries[1], entries, lambda a, b: [] if {a, b} == {"c1", "c1-plus-ledger"} or a == b else ["x.py"])
+
+    def changed(a, b):
+        if a == b:
+            return []
+        return ["results/gate/c1.json", "README.md"] if {a, b} == {"c1", "c1-plus-ledger"} else ["sparsebench/x.py"]
+
+    found = drift(entries[1], entries, changed)
     assert len(found.chain) == 2 and found.problems == []
+    code = [_entry("c0", "c1", 0.99), _entry("c1-plus-code", "c2", 0.99)]
+    assert drift(code[1], code, changed).exit_code == 2  # a code change in between breaks the chain
 
 
 def test_a_ledger_entry_round_trips_and_is_built_from_tier_reports(tmp_path):

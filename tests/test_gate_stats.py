@@ -233,3 +233,41 @@ def test_a_slow_mode_b_alone_has_is_caught_and_one_both_sides_have_is_not():
     runs = 300
     caught = sum(tier_regressed(rng, "time", Noise(), half_slow) for _ in range(runs))
     assert caught / runs >= 0.8, f"{caught} of {runs}"
+
+
+# -- the slow-mode check and the per-cell floor, on seeded series ---------------------------------
+def test_the_slow_mode_check_counts_each_sides_slow_processes_with_fishers_exact_test():
+    from sparsebench.stats import fisher_greater, slow_mode
+
+    rng = np.random.default_rng(21)
+    a = rng.normal(0.0, 0.03, 8)
+    b = rng.normal(0.0, 0.03, 8)
+    b_split = b.copy()
+    b_split[[0, 2, 3, 5, 6, 7]] += math.log(0.6)  # 6 of 8 of B's processes 40% slower
+    mode = slow_mode(a, b_split, floor=0.2, alpha=0.005)
+    assert mode.slow_b == [1, 3, 4, 6, 7, 8] and mode.slow_a == [] and mode.flagged
+    assert mode.p_value == pytest.approx(math.comb(8, 6) / math.comb(16, 6))  # 28 / 8008
+    both = a.copy(), b.copy()
+    for side in both:
+        side[[1, 4]] += math.log(0.6)  # a slow mode both sides have
+    assert not slow_mode(*both).flagged
+    one = b.copy()
+    one[2] += math.log(0.5)
+    assert not slow_mode(a, one, alpha=0.9).flagged  # one slow process is never a mode
+    assert fisher_greater(4, 8, 0, 8) == pytest.approx(70 / 1820)  # B 4 of 8, A none: p 0.038
+
+
+def test_a_cell_regresses_only_beyond_its_floor():
+    from sparsebench.analyze.paired import PairedRule
+
+    rng = np.random.default_rng(22)
+    rule = PairedRule(max_regression=0.10, alpha=0.01, suite_alpha=0.002, max_suite_regression=0.02)
+    rounds = [list(range(1, 9))] * 12
+    a = [rng.normal(0.0, 0.01, 8) for _ in range(12)]
+    b = [x + rng.normal(0.0, 0.01, 8) for x in a]
+    b[4] = b[4] + math.log(0.92)  # 8% slower, plainly significant: under the 10% floor
+    b[7] = b[7] + math.log(0.87)  # 13% slower: beyond it
+    decision = decide(rounds, a, b, rule)
+    assert decision.changes[4].p_adjusted < 0.01 and decision.statuses[4] == "unchanged"
+    assert decision.statuses[7] == "regressed"
+    assert [i for i, s in enumerate(decision.statuses) if s == "regressed"] == [7]
