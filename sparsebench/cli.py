@@ -564,9 +564,14 @@ def _write_text(output: Path, text: str, what: str) -> None:
               help="Also write the comparison as JSON (the --format json document) to this file.")
 @click.option("--cells", "cell_patterns", multiple=True, metavar="PATTERN",
               help="Only cells whose id or label matches (shell pattern, e.g. 'fused-*'). Repeatable.")
+@click.option("--count-also", "count_also", multiple=True, metavar="SUITE@PATTERN",
+              help="--count: also count this suite's cells that match PATTERN, in the same workers (one valgrind "
+                   "start-up for all). Repeatable.")
+@click.option("--cycles-cells", "cycles_cells", multiple=True, metavar="PATTERN",
+              help="--count --cycles-threshold: gate estimated cycles only for these cells (the others shown).")
 def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, rounds, test, interleave, max_regression,
        alpha, fmt, github_benchmark, max_suite_regression, suite_alpha, mode_floor, mode_alpha, fail_on, counted,
-       count_steps, count_threshold, cycles_threshold, output, json_file, cell_patterns):
+       count_steps, count_threshold, cycles_threshold, output, json_file, cell_patterns, count_also, cycles_cells):
     """Interleaved A/B comparison on this machine: exit 1 if side B regressed against side A
     (a cell, or the suite as a whole; in wall time or in CPU time)."""
     from .analyze.paired import METRICS, check_options, paired_report
@@ -582,23 +587,30 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     b = ab_runner.Side("B", ab_runner.python_of(b_python), list(b_overrides))
     folder = output or ab_runner.default_folder(suite_arg)
     patterns = tuple(p for c in cell_patterns for p in c.split(",") if p)
+    if (count_also or cycles_cells) and not counted:
+        raise UserError("--count-also and --cycles-cells belong to the counted tier: add --count")
     if counted:
-        return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps, patterns,
+        return _ab_counted(suite_arg, list(overrides), a, b, folder, count_steps, patterns, tuple(count_also),
+                           tuple(cycles_cells),
                            {"instructions": count_threshold / 100.0,
                             "cycles": cycles_threshold / 100.0 if cycles_threshold is not None else None}, fmt,
                            github_benchmark, fail_on, json_file)
     notes = []
-    if interleave == "cell" and not all(ab_runner.speaks_side_protocol(side.python) for side in (a, b)):
+    launchers = {side.name: ab_runner.side_launcher(side.python) for side in (a, b)} if interleave == "cell" else {}
+    if interleave == "cell" and not all(launchers.values()):
         interleave = "suite"
-        notes.append("a side's sparsebench has no side server (an older version): each side ran its own "
+        notes.append("a side's sparsebench cannot host a side server (an older version): each side ran its own "
                      "`sparsebench run` of the whole suite per round, so the two halves of a pair are a suite apart")
+    notes += [f"side {name}'s sparsebench predates the side server: it ran this sparsebench's side server against its "
+              f"own installation (its own orchestrator, worker defaults and cells)"
+              for name, launcher in launchers.items() if launcher is not None and launcher.shipped]
     if patterns and interleave != "cell":
         raise UserError("ab --cells: picking cells needs both sides' side servers (--interleave cell, a sparsebench "
                         "with the side protocol on both sides)")
     try:
         if interleave == "cell":
             run = ab_runner.run_interleaved(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds,
-                                            folder=folder, cells=patterns)
+                                            folder=folder, launchers=launchers, cells=patterns)
         else:
             run = ab_runner.run_ab(suite_arg=suite_arg, overrides=list(overrides), a=a, b=b, rounds=rounds,
                                    folder=folder)
@@ -616,8 +628,8 @@ def ab(suite_arg, overrides, a_overrides, b_overrides, a_python, b_python, round
     return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
 
 
-def _ab_counted(suite_arg, overrides, a, b, folder, steps, patterns, thresholds, fmt, github_benchmark, fail_on,
-                json_file) -> int:
+def _ab_counted(suite_arg, overrides, a, b, folder, steps, patterns, also, cycles_cells, thresholds, fmt,
+                github_benchmark, fail_on, json_file) -> int:
     from .analyze.counted import COUNTED_METRICS, counted_report
     from .execute import ab as ab_runner
     from .machine import side_differences
@@ -628,16 +640,19 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, patterns, thresholds,
             raise UserError(f"{option}: must be between 0 and 100 percent, got {thresholds[metric] * 100:g}")
     try:
         run = ab_runner.run_counted(suite_arg=suite_arg, overrides=overrides, a=a, b=b, folder=folder, steps=steps,
-                                    cells=patterns)
+                                    cells=patterns, also=also)
     except KeyboardInterrupt:
         click.echo(f"\ninterrupted: the counted cells' files are in {folder}", err=True)
         return 130
     side_a, side_b = read_results(run.results["A"]), read_results(run.results["B"])
     differences = side_differences(side_a.header, side_b.header)
-    reports = [counted_report(side_a, side_b, metric=m, threshold=thresholds[m] or 0.01, gated=thresholds[m] is not None)
+    reports = [counted_report(side_a, side_b, metric=m, threshold=thresholds[m] or 0.01, gated=thresholds[m] is not None,
+                              gated_cells=cycles_cells if m == "cycles" else ())
                for m in ("instructions", "cycles")]
     assert set(COUNTED_METRICS) == {r.metric for r in reports}
     reports[0].side_differences = differences
+    reports[0].notes += [f"side {name}'s sparsebench predates the side server: it ran this sparsebench's side server "
+                         f"against its own installation" for name in run.shipped]
     reports[0].notes.append(f"counted {steps} steps per cell on one thread under callgrind, both sides at once, in "
                             f"{run.seconds / 60:.1f} min; A: {a.describe()}; B: {b.describe()}; results: "
                             f"{run.results['A']} and {run.results['B']}")

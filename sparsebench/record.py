@@ -166,6 +166,9 @@ class Record:
     auc: float = _field("", Merge.MEDIAN, "ROC AUC on the held-out set after the quality phase")
     # -- resources and the model's shape ----------------------------------------------
     peak_rss_mb: float = _field("MiB", Merge.MAX, "the worker process's peak resident memory")
+    huge_pages_mb: float = _field("MiB", Merge.MEDIAN, "the worker's anonymous memory backed by transparent huge "
+                                                       "pages after its timed windows (AnonHugePages): where the "
+                                                       "kernel placed the tables")
     grad_type: str = _field("", Merge.SAME, "the sparse table's gradient type: dense or IndexedSlices")
     rows_touched: float = _field("rows", Merge.MEDIAN, "table rows the optimizer writes per step (mean of the "
                                                        "diagnostic steps)")

@@ -57,6 +57,78 @@ def test_abba_order():
     assert [r for r, _ in abba_order(2)] == [1, 1, 2, 2]
 
 
+@pytest.mark.parametrize("turns", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("isolation", ["cell", "env"])
+def test_lockstep_times_one_side_at_a_time_in_turn_order_and_never_stalls(turns, isolation):
+    """Both sides as the side servers behave, with random durations and some cells failing
+    while they prepare: while a side is timed (warm-up, windows, bound; an older side's
+    whole cell), the other is parked at a gate or done; the timed turns follow cell_order;
+    every cell ends."""
+    import random
+
+    from sparsebench.execute.ab import ANSWERS, Lockstep, cell_order
+
+    rng = random.Random(hash((turns, isolation)) & 0xFFFF)
+    cells = 4
+    for r in (1, 2, 3):
+        sides = dict(zip("AB", turns))
+        lockstep = Lockstep(cell_order(cells, r), sides)
+        # each side's script: (ask or None, activity) per step; an activity runs until its time is up
+        scripts, failed = {}, set()
+        for name, takes in sides.items():
+            steps = []
+            for i in range(cells):
+                if takes and (isolation == "cell" or i == 0):
+                    steps.append(("want-spawn", "starting", i))
+                steps.append(("want", "preparing" if takes else "timed", i))
+                if takes and rng.random() < 0.2:
+                    failed.add((i, name))  # fails while preparing: never asks to be timed
+                elif takes:
+                    steps.append(("want-time", "timed", i))
+                steps.append((None, "done", i))
+            scripts[name] = steps
+        state = {name: {"step": 0, "busy": None, "until": 0.0} for name in sides}
+        clock, timed_order = 0.0, []
+        for _ in range(10000):
+            moved = True
+            while moved:  # each idle side asks at its next gate, ends its cell, or finishes
+                moved = False
+                for name, st in state.items():
+                    if st["busy"] is None and st["step"] < len(scripts[name]):
+                        ask, _, i = scripts[name][st["step"]]
+                        if ask is None:
+                            lockstep.done(name, i)
+                            st["step"] += 1
+                            moved = True
+                        elif st.get("asked") != st["step"]:
+                            lockstep.ask(name, ANSWERS[ask], i)
+                            st["asked"] = st["step"]
+                    elif st["step"] >= len(scripts[name]) and not lockstep.finished[name]:
+                        lockstep.finish(name)
+            granted = lockstep.release()
+            while granted is not None:
+                name, kind, i = granted
+                _, activity, _ = scripts[name][state[name]["step"]]
+                state[name].update(busy=activity, until=clock + rng.uniform(0.5, 3.0))
+                state[name]["step"] += 1
+                if activity == "timed":
+                    timed_order.append((i, name))
+                granted = lockstep.release()
+            for name, st in state.items():  # never anything else while the other side is timed
+                other = "B" if name == "A" else "A"
+                if st["busy"] == "timed":
+                    assert state[other]["busy"] is None, (name, other, state)
+            if all(lockstep.finished.values()):
+                break
+            busy = [st for st in state.values() if st["busy"] is not None]
+            assert busy, f"stalled: {state}, waiting {lockstep.waiting}"
+            first = min(busy, key=lambda st: st["until"])
+            clock = first["until"]
+            first["busy"] = None
+        assert all(lockstep.finished.values())
+        assert timed_order == [turn for turn in cell_order(cells, r) if turn not in failed]
+
+
 def test_rounds_measure_every_cell_before_the_next_round():
     suite = load_suite(str(TINY))
     suite.override("processes=3")
@@ -93,16 +165,29 @@ def wrapper(tmp_path: Path, name: str, exports: str) -> Path:
 
 
 def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path):
-    """Side B is a wrapper that turns huge pages off for its workers: its own side server
-    passes that on to its workers, and the report names the difference."""
+    """Side B is a wrapper that turns huge pages off for its workers, and its sparsebench
+    is a copy without a side server (as one from before it): the side server shipped with
+    this sparsebench runs against that copy, whose own orchestrator passes the variable on
+    to its workers; the report names the difference and how B's side ran."""
+    import shutil
+
     folder = tmp_path / "ab"
-    b_python = wrapper(tmp_path, "python-no-huge-pages", "export GLIBC_TUNABLES=glibc.malloc.hugetlb=0")
+    older = tmp_path / "older"
+    shutil.copytree(ROOT / "sparsebench", older / "sparsebench", ignore=shutil.ignore_patterns("__pycache__"))
+    (older / "sparsebench" / "execute" / "side.py").unlink()
+    init = older / "sparsebench" / "__init__.py"
+    init.write_text(init.read_text().replace("__version__ = ", "__version__ = '0.0.0+older'  # "))
+    b_python = wrapper(tmp_path, "python-no-huge-pages",
+                       f"export GLIBC_TUNABLES=glibc.malloc.hugetlb=0 PYTHONPATH={older}")
     done = cli("ab", "--suite", str(TINY), "--rounds", "2", "--b-set", "intra_op_threads=1", "--format", "json",
                "--b-python", str(b_python), "--output", str(folder))
     assert done.returncode in (0, 1), done.stderr  # a verdict either way; the order and pairing are what is tested
     payload = json.loads(done.stdout)
     assert any(d.startswith("worker variables: GLIBC_TUNABLES: A 'glibc.malloc.hugetlb=1', B 'glibc.malloc.hugetlb=0'")
                for d in payload["side_differences"]), payload["side_differences"]
+    assert any("side B's sparsebench predates the side server" in n for n in payload["notes"])
+    b_header = read_results(folder / "b.jsonl").header
+    assert b_header["run"]["sparsebench_version"] == "0.0.0+older"  # B's header: written by B's own code
     assert payload["names"] == ["A", "B"] and len(payload["cells"]) == 2
     for c in payload["cells"]:
         assert c["unit"] == "rounds" and c["samples"] == [2, 2]
@@ -131,8 +216,8 @@ def older_sparsebench(tmp_path: Path) -> Path:
     side-protocol probe fails; everything else runs the real interpreter."""
     old = tmp_path / "old-python"
     old.write_text("#!/bin/sh\n"
-                   'case "$*" in *sparsebench.execute.side*) echo "No module named sparsebench.execute.side" >&2; '
-                   "exit 1;; esac\n"
+                   'case "$*" in *sparsebench.execute.side*|*sparsebench/execute/side.py*) '
+                   'echo "No module named sparsebench.execute.side" >&2; exit 1;; esac\n'
                    f'exec {sys.executable} "$@"\n')
     old.chmod(0o755)
     return old
@@ -163,6 +248,7 @@ def test_ab_fails_when_side_b_fails_every_cell(tmp_path):
     (["--b-set", "batch_size=32,64"], "side A expands to 2 cells and side B to 4"),
     (["--a-python", "/nonexistent/python"], "/nonexistent/python: no such Python interpreter"),
     (["--rounds", "1"], "Invalid value for '--rounds'"),
+    (["--count-also", "headline@fused-*"], "--count-also and --cycles-cells belong to the counted tier: add --count"),
 ])
 def test_ab_bad_input_is_one_line(tmp_path, args, message):
     done = cli("ab", "--suite", str(TINY), "--output", str(tmp_path / "ab"), *args, check=2)

@@ -121,7 +121,11 @@ class Noise:
     episode_cpu: float = 0.3  # the share of an episode's slowdown CPU time sees
 
 
-HEADLINE = Noise(cells=4, bimodal=((1, 0.3, 0.35),))
+# The headline suite's (A/A runs of `ab --suite headline --rounds 6` on the 2-core VM): a
+# process varies by ~6% in wall time and ~4% in CPU time from the next (its memory placement);
+# rounds drift by 7-12%; the fused Lazy Adam cell runs 20% slower in about 2 processes of 5.
+HEADLINE = Noise(cells=4, process_sd=0.05, cell_spread=0.15, cpu_scale=0.7, round_sd=0.10,
+                 bimodal=((1, 0.4, 0.2),))
 
 
 def simulate(rng, noise: Noise, rounds: int, slow_b=None):
@@ -203,11 +207,17 @@ def _slower(cells, wall_by, cpu_by=None):
     return slow_b
 
 
-def test_a_5_percent_slowdown_of_one_headline_cell_is_caught_80_percent_of_the_time():
+def test_a_10_percent_slowdown_of_one_headline_cell_is_caught_80_percent_of_the_time():
+    """At the headline cells' measured noise (a process varies by ~5%): 10% in one cell is
+    caught in 8 rounds; 5% in one cell is not (about 50 rounds would take it to 80%:
+    README), though more often than an unchanged cell."""
     rng = np.random.default_rng(11)
     runs = 400
-    caught = sum(tier_regressed(rng, "headline", replace(HEADLINE, bimodal=()), _slower({0}, 0.05)) for _ in range(runs))
+    clean = replace(HEADLINE, bimodal=())
+    caught = sum(tier_regressed(rng, "headline", clean, _slower({0}, 0.10)) for _ in range(runs))
     assert caught / runs >= 0.8, f"{caught} of {runs}"
+    five = sum(tier_regressed(rng, "headline", clean, _slower({0}, 0.05)) for _ in range(runs))
+    assert 0.05 < five / runs < 0.5, f"{five} of {runs}"
 
 
 def test_a_15_percent_wall_time_slowdown_of_two_cells_that_cpu_time_does_not_show_is_caught():
@@ -219,20 +229,28 @@ def test_a_15_percent_wall_time_slowdown_of_two_cells_that_cpu_time_does_not_sho
     assert caught / runs >= 0.95, f"{caught} of {runs}"
 
 
-def test_a_slow_mode_b_alone_has_is_caught_and_one_both_sides_have_is_not():
-    """Cell 3 of the gate suite slow by 50% in half of B's processes (the mean moves 29%, but
-    its spread weakens the t-test): the slow-mode check catches it."""
-    rng = np.random.default_rng(13)
-
-    def half_slow(cell, wall, cpu, rng):
+def test_a_slow_mode_b_alone_has_in_most_processes_is_caught():
+    """Cell 3 of the gate suite 50% slower in 3 of 4 of B's processes: its spread weakens the
+    t-test, which alone catches it in under half the runs; with the slow-mode check the tier
+    catches it in over 80%. (A mode in half of B's processes is caught far less often: 8
+    rounds cannot tell it from one both sides have in a quarter of theirs.)"""
+    def mostly_slow(cell, wall, cpu, rng):
         if cell == 3:
-            slow = (rng.random(len(wall)) < 0.5) * math.log1p(-0.5)
+            slow = (rng.random(len(wall)) < 0.75) * math.log1p(-0.5)
             wall += slow
             cpu += slow
 
     runs = 300
-    caught = sum(tier_regressed(rng, "time", Noise(), half_slow) for _ in range(runs))
+    rng = np.random.default_rng(13)
+    caught = sum(tier_regressed(rng, "time", Noise(), mostly_slow) for _ in range(runs))
     assert caught / runs >= 0.8, f"{caught} of {runs}"
+    without = replace(TIMED_TIERS["time"].rule, mode_alpha=1e-12)  # the slow-mode check never fires
+    rng = np.random.default_rng(13)
+    timed = TIMED_TIERS["time"]
+    rounds = [list(range(1, timed.rounds + 1))] * 12
+    alone = sum(any(decide(rounds, list(a), list(b), without).regressed("any")
+                    for a, b in simulate(rng, Noise(), timed.rounds, mostly_slow)) for _ in range(runs))
+    assert alone / runs < caught / runs - 0.2, (alone, caught)
 
 
 # -- the slow-mode check and the per-cell floor, on seeded series ---------------------------------

@@ -33,9 +33,10 @@ FUNCTIONS_NAMED = 3
 
 
 def counted_report(a: Results, b: Results, *, metric: str = "instructions", threshold: float = 0.01,
-                   gated: bool = True) -> DifferenceReport:
+                   gated: bool = True, gated_cells: tuple[str, ...] = ()) -> DifferenceReport:
     """`gated` False: the verdicts are shown but do not fail the run (estimated cycles by
-    default: see `ab --cycles-threshold`)."""
+    default: see `ab --cycles-threshold`); `gated_cells`: only the cells whose id or label
+    matches one of these patterns are gated, the others shown."""
     if not 0 < threshold < 1:
         raise UserError(f"--count-threshold: must be between 0 and 100 percent, got {threshold * 100:g}")
     field, unit, event = COUNTED_METRICS[metric]
@@ -46,7 +47,8 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
         names=("A", "B"), max_regression=threshold, alpha=1.0, metric=metric, unit=unit, counted=True, gated=gated,
         rule=(f"counted {metric} (callgrind, one thread, deterministic): a cell regressed/improved when its "
               f"{metric} per example (its median step against the other side's same step, idle spinning left out) changed by more than {threshold:.1%}; the suite when the geometric mean did"
-              + ("" if gated else " (shown only, not gated: see ab --cycles-threshold)")))
+              + ("" if gated else " (shown only, not gated: see ab --cycles-threshold)")
+              + (f"; gated only for cells matching {', '.join(gated_cells)}" if gated and gated_cells else "")))
     logs = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
@@ -63,7 +65,8 @@ def counted_report(a: Results, b: Results, *, metric: str = "instructions", thre
         status = "regressed" if ratio < 1 - threshold else "improved" if ratio > 1 + threshold else "unchanged"
         where = function_changes(ra, rb, event) if status != "unchanged" else ""  # a flagged cell says where
         report.cells.append(CellDifference(label, status, 1e9 / cost_a, 1e9 / cost_b, ratio, samples=(1, 1),
-                                           unit="counted", note=where))
+                                           unit="counted", note=where,
+                                           gated=not gated_cells or _matches(gated_cells, id_b, rb)))
     if logs:
         ratio = math.exp(sum(logs) / len(logs))
         status = "regressed" if ratio < 1 - threshold else "improved" if ratio > 1 + threshold else "unchanged"
@@ -123,3 +126,10 @@ def _status(record: Record) -> str:
     if record.ok:
         return "ok but not counted"
     return f"{record.status} ({record.reason})" if record.reason else str(record.status)
+
+
+def _matches(patterns: tuple[str, ...], cell_id: str, record: Record) -> bool:
+    import fnmatch
+
+    label = cell_id.rsplit("-", 1)[0]
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns for name in (cell_id, label))

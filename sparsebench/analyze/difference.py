@@ -41,6 +41,9 @@ class CellDifference:
     detect_speedup: float | None = None  # ab: the speed-up (positive) likewise
     slow_mode: bool = False  # ab: regressed because B alone split into a slow mode (stats.slow_mode)
     log_se: float | None = None  # ab: standard error of the mean log ratio (the gate's ledger chains them)
+    huge_pages_mb: tuple[float, float] | None = None  # ab: A's and B's median worker memory in huge pages
+    placement: bool = False  # ab: regressed because B's worker lost the huge pages A's had
+    gated: bool = True  # False: its verdict is shown but does not fail the run (ab --cycles-cells)
 
     def basis(self) -> str:
         if self.unit == "counted":
@@ -141,7 +144,8 @@ class DifferenceReport:
         if self.unchecked():
             return 2
         suite = self.suite is not None and self.suite.status == "regressed"
-        cells = fail_on == "any" and (self.count("regressed") or self.shift_status == "regressed")
+        regressed = sum(1 for c in self.cells if c.status == "regressed" and c.gated)
+        cells = fail_on == "any" and (regressed or self.shift_status == "regressed")
         return 1 if self.gated and (suite or cells) or self.count("failed") else 0
 
     @property

@@ -54,7 +54,7 @@ class TimedTier:
 TIMED_TIERS = {
     "time": TimedTier("gate", 8, PairedRule(max_regression=0.10, alpha=0.01, suite_alpha=0.002,
                                             max_suite_regression=0.02)),
-    "headline": TimedTier("headline", 6, PairedRule(max_regression=0.03, alpha=0.002, suite_alpha=0.002,
+    "headline": TimedTier("headline", 8, PairedRule(max_regression=0.03, alpha=0.002, suite_alpha=0.002,
                                                     max_suite_regression=0.03)),
 }
 ACCEPT_LINE = re.compile(r"^[ \t]*perf-accepted:(.*)$", re.MULTILINE)
@@ -121,14 +121,14 @@ class Finding:
     metric: str
     cell: str  # the cell's id, or "suite"
     label: str
-    kind: str  # regressed | slow mode | failed | nothing compared | skipped tier
+    kind: str  # regressed | slow mode | placement | failed | nothing compared
     slowdown: float | None  # as a positive fraction (None: not a slowdown, e.g. a failed cell)
     text: str
     accepted_by: Acceptance | None = None
 
     @property
     def acceptable(self) -> bool:
-        return self.kind in ("regressed", "slow mode") and self.slowdown is not None
+        return self.kind in ("regressed", "slow mode", "placement") and self.slowdown is not None
 
     def line(self) -> str:
         said = f"{self.tier} tier, {self.metric}: {self.text}"
@@ -166,9 +166,10 @@ def tier_findings(tier: str, payload: dict[str, Any]) -> list[Finding]:
             if status == "failed":
                 findings.append(Finding(tier, metric, cell_id, _label(cell_id), "failed", None,
                                         f"{cell_id} FAILED: {c.get('note', '')}"))
-            elif status == "regressed" and gated:
-                kind = "slow mode" if c.get("slow_mode") else "regressed"
-                findings.append(Finding(tier, metric, cell_id, _label(cell_id), kind, slowdown,
+            elif status == "regressed" and gated and c.get("gated", True):
+                kind = "placement" if c.get("placement") else "slow mode" if c.get("slow_mode") else "regressed"
+                findings.append(Finding(tier, metric, cell_id, _label(cell_id), kind,
+                                        max(0.0, slowdown) if kind == "placement" and slowdown is not None else slowdown,
                                         f"{cell_id} {kind.upper()} {(ratio - 1) * 100:+.1f}%"
                                         + (f" ({c['note']})" if c.get("note") else "")))
         suite = report.get("suite")

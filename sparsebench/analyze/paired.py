@@ -142,7 +142,8 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
               f"p < {alpha:g}; the suite when the geometric mean of all cells moved beyond "
               f"{max_suite_regression:.0%} with p < {suite_alpha:g} (paired t over rounds); a slow mode when more of B's "
               f"processes than A's ran slower than A's median by over {mode_floor:.0%} (at least 2; Fisher's exact "
-              f"test, p < {mode_alpha:g})"))
+              f"test, p < {mode_alpha:g}); a placement change when B's worker kept less than half of the "
+              f"memory A's had in huge pages (A at least {HUGE_PAGES_MIN_MB:.0f} MiB)"))
     pending: list[tuple[int, list[int], np.ndarray, list[float], list[float], str]] = []
     for (id_a, rounds_a), (id_b, rounds_b) in zip(cells_a, cells_b):
         label = id_a if id_a == id_b else f"{id_a} vs {id_b}"
@@ -159,7 +160,7 @@ def paired_report(a: Results, b: Results, *, max_regression: float = 0.05, alpha
         report.power_warnings.append(
             f"with {rounds} rounds and {len(compared)} cells the Holm-adjusted signed-rank test cannot reach "
             f"p < {alpha:g} (smallest possible p = {wilcoxon_min_p(rounds):.3g} per cell): no cell can be flagged by its "
-            f"mean change (only by a slow mode); run more rounds or use --test t")
+            f"mean change; run more rounds or use --test t")
     blind = [c.cell_id for c in compared if c.detect_slowdown is not None and -c.detect_slowdown > max_regression]
     if blind:
         report.power_warnings.append(
@@ -238,8 +239,27 @@ def _pair_cell(label: str, rounds_a: dict[int, Record], rounds_b: dict[int, Reco
     logs = np.log(np.asarray(b) / np.asarray(a))
     note = f"rounds {', '.join(map(str, missing))} not paired" if missing else ""
     diff = CellDifference(label, "unchanged", float(statistics.median(a)), float(statistics.median(b)),
-                          samples=(len(common), len(common)), unit="rounds", note=note)
+                          samples=(len(common), len(common)), unit="rounds", note=note,
+                          huge_pages_mb=_huge_pages(rounds_a, rounds_b, common))
     return diff, (common, logs, a, b, note)
+
+
+# A cell whose worker had at least this much memory in transparent huge pages on side A and
+# less than half of it on side B lost them: its tables went back to 4 KB pages (README: the
+# headline tier). A placement, measured, not timed: it does not move with the machine's load.
+HUGE_PAGES_MIN_MB = 64.0
+HUGE_PAGES_LOST = 0.5
+
+
+def _huge_pages(rounds_a: dict[int, Record], rounds_b: dict[int, Record], common: list[int]) -> tuple | None:
+    """(A's, B's) median huge-page-backed MiB over the paired rounds, where both recorded it."""
+    a = [rounds_a[r].huge_pages_mb for r in common if rounds_a[r].huge_pages_mb is not None]
+    b = [rounds_b[r].huge_pages_mb for r in common if rounds_b[r].huge_pages_mb is not None]
+    return (float(statistics.median(a)), float(statistics.median(b))) if a and b else None
+
+
+def lost_huge_pages(pair: tuple | None) -> bool:
+    return pair is not None and pair[0] >= HUGE_PAGES_MIN_MB and pair[1] < HUGE_PAGES_LOST * pair[0]
 
 
 def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: PairedRule) -> None:
@@ -257,6 +277,11 @@ def _apply(report: DifferenceReport, pending: list, decision: Decision, rule: Pa
             said = (f"SLOW MODE: B slower than A's median by over {rule.mode_floor:.0%} in round(s) "
                     f"{', '.join(map(str, mode.slow_b))} of {mode.rounds}, A in "
                     f"{', '.join(map(str, mode.slow_a)) or 'none'} (Fisher p {mode.p_value:.2g})")
+            diff.note = f"{said}; {diff.note}" if diff.note else said
+        if lost_huge_pages(diff.huge_pages_mb):
+            diff.status, diff.placement = "regressed", True
+            said = (f"HUGE PAGES LOST: {diff.huge_pages_mb[0]:.0f} MiB of A's worker memory in huge pages, "
+                    f"{diff.huge_pages_mb[1]:.0f} MiB of B's (median over rounds)")
             diff.note = f"{said}; {diff.note}" if diff.note else said
     suite = decision.suite
     if suite is not None:

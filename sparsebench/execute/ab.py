@@ -15,11 +15,12 @@ Two granularities:
 
 - `cell` (the default): each side runs a side server in its own interpreter
   (`execute/side.py`), whose own orchestrator starts the side's workers; the parent
-  lets them take turns cell by cell (A runs cell 1, B runs cell 1, B runs cell 2, A runs
-  cell 2, ...), so the two measurements of a pair are seconds apart, and a cell is let
-  go only while the other side is parked at its gate (never while the other side's next
-  worker is still importing TensorFlow). A side whose sparsebench predates the side
-  server falls back to `suite`.
+  lets them take turns cell by cell (A times cell 1, B times cell 1, B times cell 2, A
+  times cell 2, ...), so the two measurements of a pair are seconds apart (`Lockstep`).
+  Both sides start workers and prepare cells side by side; a cell is timed only while the
+  other side is parked at a gate, never while its worker starts, prepares or exits. A side
+  whose sparsebench predates the side server runs this installation's copy of it against
+  its own installation (`SHIPPED`); one too old for that falls back to `suite`.
 - `suite`: each side and round is one `PYTHON -m sparsebench run` of the same suite file,
   so any version of sparsebench on either side works; a pair is a whole suite apart.
 
@@ -77,6 +78,7 @@ class ABRun:
     seconds: float = 0.0
     order: list[str] = field(default_factory=list)  # the sides in the order they ran
     headers: dict[str, dict] = field(default_factory=dict)  # side name -> its header, as its side server wrote it
+    shipped: list[str] = field(default_factory=list)  # sides whose server was this installation's copy (SHIPPED)
 
 
 def abba_order(rounds: int) -> list[tuple[int, str]]:
@@ -211,34 +213,67 @@ def cell_order(cells: int, round_number: int) -> list[tuple[int, str]]:
 
 
 # -- the side servers ------------------------------------------------------------------------
+# A side whose sparsebench predates the side server runs this installation's copy of
+# execute/side.py, executed as if it were that side's own `sparsebench.execute.side`: its
+# relative imports resolve to the side's installation, so the side's own orchestrator,
+# worker defaults, cell expansion, op build and fingerprint make every decision; the file
+# only relays the turns. (Its `--protocol` checks that the side offers what it calls.)
+SHIPPED = ("import sys; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; path = sys.argv[1]; "
+           "del sys.argv[0]; import sparsebench.execute; "
+           "exec(compile(open(path).read(), path, 'exec'), {'__name__': '__main__', "
+           "'__package__': 'sparsebench.execute', '__file__': path})")
+
+
 def side_protocol(python: str) -> str | None:
-    """The side protocol `python`'s sparsebench speaks (None: it has no side server, an
-    older version; its side runs its own `sparsebench run` per round instead)."""
+    """The side protocol `python`'s own sparsebench speaks (None: it has no side server)."""
+    return _protocol(module_command(python, "sparsebench.execute.side", "--protocol"))
+
+
+def _protocol(command: list[str]) -> str | None:
     try:
-        done = subprocess.run(module_command(python, "sparsebench.execute.side", "--protocol"), capture_output=True,
-                              text=True, timeout=120, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+        done = subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL,
+                              preexec_fn=die_with_parent)
     except (OSError, subprocess.SubprocessError):
         return None
     lines = done.stdout.strip().splitlines() if done.returncode == 0 else []
     return lines[0].strip() if lines else None
 
 
-def speaks_side_protocol(python: str) -> bool:
-    return side_protocol(python) == SIDE_PROTOCOL
+@dataclass(frozen=True)
+class Launcher:
+    """How a side's server starts: its own module, or this installation's copy of it run
+    against the side's own installation (`shipped`)."""
+
+    command: tuple[str, ...]
+    shipped: bool
+
+
+def side_launcher(python: str) -> Launcher | None:
+    """How `python`'s side server starts, or None when its sparsebench can host neither
+    (then its side runs whole suites with its own `run`)."""
+    if side_protocol(python) == SIDE_PROTOCOL:
+        return Launcher(tuple(module_command(python, "sparsebench.execute.side")), False)
+    from . import side
+
+    shipped = (python, "-c", SHIPPED, str(Path(side.__file__).resolve()))
+    if _protocol([*shipped, "--protocol"]) == SIDE_PROTOCOL:
+        return Launcher(shipped, True)
+    return None
 
 
 class SideProcess:
     """A side server (`execute/side.py`) in the side's interpreter: its events go to the
     shared queue as (side name, event); its stderr to `<side>-side.log` in the folder."""
 
-    def __init__(self, side: Side, request: SideRequest, folder: Path, events: "queue.Queue[tuple[str, dict]]"):
+    def __init__(self, side: Side, launcher: Launcher, request: SideRequest, folder: Path,
+                 events: "queue.Queue[tuple[str, dict]]"):
         self.side = side
         self.log = folder / f"{side.name.lower()}-side.log"
         request_path = folder / f"{side.name.lower()}-side.json"
         request.write(request_path)
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
-                module_command(side.python, "sparsebench.execute.side", str(request_path)), cwd=folder,
+                [*launcher.command, str(request_path)], cwd=folder,
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1,
                 start_new_session=True,  # Ctrl-C reaches the parent, which tears the sides down
                 preexec_fn=die_with_parent)
@@ -283,14 +318,16 @@ class SidePair:
     """The side servers of one A/B run (both sides, or the one side of a counted run that
     has one), their events in one queue."""
 
-    def __init__(self, sides: dict[str, Side], requests: dict[str, SideRequest], folder: Path):
+    def __init__(self, sides: dict[str, Side], launchers: dict[str, Launcher], requests: dict[str, SideRequest],
+                 folder: Path):
         self.events: queue.Queue[tuple[str, dict]] = queue.Queue()
         self.servers: dict[str, SideProcess] = {}
         self.headers: dict[str, dict] = {}
+        self.turns: dict[str, bool] = {}  # side -> whether its workers take turns (Lockstep)
         self.finished: set[str] = set()
         try:
             for name, request in requests.items():
-                self.servers[name] = SideProcess(sides[name], request, folder, self.events)
+                self.servers[name] = SideProcess(sides[name], launchers[name], request, folder, self.events)
         except BaseException:
             self.close()
             raise
@@ -316,6 +353,7 @@ class SidePair:
             if message.get("event") == "cells":
                 cells[name] = list(message.get("cells") or [])
                 self.headers[name] = message.get("header") or {}
+                self.turns[name] = bool(message.get("turns"))
         sizes = {name: len(found) for name, found in cells.items()}
         if len(set(sizes.values())) > 1:
             raise UserError(f"ab: side A expands to {sizes['A']} cells and side B to {sizes['B']}; the sides "
@@ -345,41 +383,76 @@ def _requests(suite_file: Path, overrides: list[str], sides: dict[str, Side], fo
 
 
 class Lockstep:
-    """Which (cell, side) may go next: the turn order of the round, and a cell goes only
-    while the other side is parked at its gate (or done with the round), so no cell is
-    timed while the other side's worker starts, builds or measures anything."""
+    """Which side may do what next, so that a cell is timed only while the other side is
+    parked at a gate (or done with the round), in the round's turn order (`cell_order`).
 
-    def __init__(self, order: list[tuple[int, str]]):
+    A side whose workers take turns (`turns`) asks three times per cell: to start a worker
+    (`spawn`), to prepare the cell (`go`: data, model, the first trace) and to be timed
+    (`time`: warm-up, windows, memory bound). Starting and preparing never overlap the
+    other side's timing, and wait while the other side, parked with the turn, is about to
+    be timed; otherwise both sides start and prepare together. An older side's cell is one
+    turn, from `go` to `done`, and its workers start when they will."""
+
+    EXCLUSIVE = {True: ("time",), False: ("go",)}  # by `turns`: the asks that start a timed turn
+
+    def __init__(self, order: list[tuple[int, str]], turns: dict[str, bool]):
         self.order = order
+        self.turns = turns
         self.position = 0
-        self.parked: dict[str, int | None] = {name: None for name in SIDES}
+        self.completed: set[tuple[int, str]] = set()
+        self.waiting: dict[str, tuple[str, int] | None] = {name: None for name in SIDES}
+        self.timing: dict[str, int | None] = {name: None for name in SIDES}
         self.finished: dict[str, bool] = {name: False for name in SIDES}
 
-    def want(self, side: str, index: int) -> None:
-        self.parked[side] = index
+    def ask(self, side: str, kind: str, index: int) -> None:
+        self.waiting[side] = (kind, index)
 
     def done(self, side: str, index: int) -> None:
-        if self.position < len(self.order) and self.order[self.position] == (index, side):
+        self.completed.add((index, side))
+        self.waiting[side] = None
+        if self.timing[side] == index:
+            self.timing[side] = None
+        while self.position < len(self.order) and self.order[self.position] in self.completed:
             self.position += 1
 
     def finish(self, side: str) -> None:
         self.finished[side] = True
-        self.parked[side] = None
+        self.waiting[side] = None
 
-    def release(self) -> tuple[int, str] | None:
-        """The (cell, side) to let go now, if any (it is then no longer parked)."""
-        if self.position >= len(self.order):
-            return None
-        index, side = self.order[self.position]
-        other = SIDES[1 - SIDES.index(side)]
-        if self.parked[side] == index and (self.parked[other] is not None or self.finished[other]):
-            self.parked[side] = None
-            return index, side
+    def _exclusive(self, side: str, kind: str) -> bool:
+        return kind in self.EXCLUSIVE[self.turns[side]]
+
+    def _parked(self, side: str) -> bool:
+        return self.waiting[side] is not None or self.finished[side]
+
+    def release(self) -> tuple[str, str, int] | None:
+        """(side, ask, cell index) to grant now, if any (the side is then no longer parked)."""
+        turn = self.order[self.position] if self.position < len(self.order) else None
+        for side in SIDES:
+            if self.waiting[side] is None:
+                continue
+            kind, index = self.waiting[side]
+            other = SIDES[1 - SIDES.index(side)]
+            if self._exclusive(side, kind):
+                ok = turn == (index, side) and self._parked(other)
+            else:
+                other_kind = self.waiting[other][0] if self.waiting[other] else None
+                other_next = (turn is not None and turn[1] == other and other_kind is not None
+                              and self._exclusive(other, other_kind))
+                ok = self.timing[other] is None and not other_next
+            if ok:
+                self.waiting[side] = None
+                if self._exclusive(side, kind):
+                    self.timing[side] = index
+                return side, kind, index
         return None
 
 
+ANSWERS = {"want-spawn": "spawn", "want": "go", "want-time": "time"}
+
+
 def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, rounds: int, folder: Path,
-                    cells: tuple[str, ...] = (),
+                    launchers: dict[str, Launcher], cells: tuple[str, ...] = (),
                     say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Every round: a fresh worker per side (started by the side's own server), taking turns
     cell by cell (see the module)."""
@@ -392,32 +465,35 @@ def run_interleaved(*, suite_arg: str, overrides: list[str], a: Side, b: Side, r
                          cells)
     run = ABRun(folder, suite_file, rounds, {name: Path(r.results) for name, r in requests.items()})
     started = time.monotonic()
-    pair = SidePair(sides, requests, folder)
+    pair = SidePair(sides, launchers, requests, folder)
     try:
         expanded = pair.cells(f" matching {', '.join(cells)}" if cells else "")
         run.headers = pair.headers
         pair.send_all("start")
         for r in range(1, rounds + 1):
             t0 = time.monotonic()
-            lockstep = Lockstep(cell_order(len(expanded["A"]), r))
+            lockstep = Lockstep(cell_order(len(expanded["A"]), r), pair.turns)
             counts = {name: Counter() for name in SIDES}
             pair.send_all("round", r)
             while not all(lockstep.finished.values()):
                 name, message = pair.next_event()
                 event = message.get("event")
-                if event == "want" and message.get("round") == r:
-                    lockstep.want(name, int(message["index"]))
-                elif event == "done" and message.get("round") == r:
+                if message.get("round") != r:
+                    continue
+                if event in ANSWERS:
+                    lockstep.ask(name, ANSWERS[event], int(message["index"]))
+                elif event == "done":
                     counts[name][message.get("status", "?")] += 1
                     lockstep.done(name, int(message["index"]))
-                elif event == "round-done" and message.get("round") == r:
+                elif event == "round-done":
                     lockstep.finish(name)
-                going = lockstep.release()
-                while going is not None:
-                    index, side = going
-                    run.order.append(side)
-                    pair.servers[side].send("go", r, index)
-                    going = lockstep.release()
+                granted = lockstep.release()
+                while granted is not None:
+                    side, kind, index = granted
+                    if lockstep.timing[side] == index:
+                        run.order.append(side)
+                    pair.servers[side].send(kind, r, index)
+                    granted = lockstep.release()
             summary = "; ".join(f"{name}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts[name].items()))
                                 for name in SIDES)
             say(f"round {r}/{rounds}: {summary} ({time.monotonic() - t0:.0f} s)")
@@ -434,8 +510,23 @@ def _wait_finished(pair: SidePair) -> None:
 
 
 # -- counted work (ab --count) ---------------------------------------------------------------
+def also_suites(specs: tuple[str, ...], folder: Path) -> tuple[tuple[str, str], ...]:
+    """`--count-also SUITE@PATTERN`: each suite checked and written into the A/B folder, with
+    the pattern its cells must match."""
+    out = []
+    for spec in specs:
+        name, _, pattern = spec.rpartition("@")
+        if not name or not pattern:
+            raise UserError(f"--count-also {spec!r}: write SUITE@PATTERN (a suite name or file, and a cell pattern)")
+        suite = load_suite(name)
+        path = folder / f"{suite.name}-also.toml"
+        path.write_text(suite.text)
+        out.append((str(path), pattern))
+    return tuple(out)
+
+
 def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folder: Path, steps: int,
-                cells: tuple[str, ...] = (),
+                cells: tuple[str, ...] = (), also: tuple[str, ...] = (),
                 say: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)) -> ABRun:
     """Count every cell of both sides under callgrind, the two sides concurrently, each by
     its own code: a side server in count mode, or, for a side whose sparsebench predates
@@ -452,21 +543,24 @@ def run_counted(*, suite_arg: str, overrides: list[str], a: Side, b: Side, folde
     sides = {"A": a, "B": b}
     run = ABRun(folder, suite_file, 1, {})
     started = time.monotonic()
-    modern = {name: speaks_side_protocol(side.python) for name, side in sides.items()}
-    if cells and not all(modern.values()):
-        raise UserError(f"ab --cells: side {next(n for n, m in modern.items() if not m)}'s sparsebench predates the "
-                        f"side server and cannot pick cells; give a suite of just those cells instead")
+    launchers = {name: side_launcher(side.python) for name, side in sides.items()}
+    if (cells or also) and not all(launchers.values()):
+        raise UserError(f"ab --cells/--count-also: side {next(n for n, m in launchers.items() if not m)}'s "
+                        f"sparsebench cannot host a side server and cannot pick cells; give a suite of just those "
+                        f"cells instead")
+    extra = also_suites(also, folder)
     older = {name: _OwnCount(side, suite_file, overrides, folder, steps) for name, side in sides.items()
-             if not modern[name]}
+             if launchers[name] is None}
     for name, own in older.items():
-        say(f"counted side {name}: its sparsebench predates the side server; counting with its own `ab --count`")
-    requests = _requests(suite_file, overrides, {n: s for n, s in sides.items() if modern[n]}, folder, "count", 1,
-                         {"count_steps": steps}, cells, count_steps=steps, count_folder="")
+        say(f"counted side {name}: its sparsebench cannot host a side server; counting with its own `ab --count`")
+    run.shipped = [name for name, launcher in launchers.items() if launcher is not None and launcher.shipped]
+    requests = _requests(suite_file, overrides, {n: s for n, s in sides.items() if launchers[n]}, folder, "count", 1,
+                         {"count_steps": steps}, cells, count_steps=steps, count_folder="", also=extra)
     for name, request in requests.items():
         dumps = folder / f"callgrind-{name.lower()}"
         dumps.mkdir(exist_ok=True)
         requests[name] = SideRequest(**{**request.__dict__, "count_folder": str(dumps)})
-    pair = SidePair(sides, requests, folder) if requests else None
+    pair = SidePair(sides, launchers, requests, folder) if requests else None
     try:
         if pair is not None:
             pair.cells(f"{f' matching {chr(44).join(cells)}' if cells else ''} (Hogwild and parameter-server cells "

@@ -156,13 +156,22 @@ class Orchestrator:
         count: CountRequest | None = None,
         on_ready: Callable[[], None] | None = None,
         bound: BoundRequest | None = None,
+        before_spawn: Callable[[list[Cell]], None] | None = None,
+        turn: Callable[[Cell], None] | None = None,
+        after_worker: Callable[[], None] | None = None,
     ):
         """`cluster`: a real cluster the parameter-server cells run against; `profile`:
         profile the cells instead of timing them (`sparsebench profile`).
 
         `gate(cell)`, where given, blocks until the cell may start: the worker (already
         started, TensorFlow imported) waits for it, and the cell's clock starts when the
-        gate opens (`sparsebench ab` uses it to alternate two sides cell by cell)."""
+        gate opens (`sparsebench ab` uses it to alternate two sides cell by cell).
+
+        `before_spawn(cells)`, where given, blocks until a worker for `cells` may start;
+        `turn(cell)` until a cell that has prepared (its worker wrote `<i>.prepared`) may be
+        timed: `ab` lets the sides prepare side by side and times one at a time. The wait
+        for a turn does not count against the cell's timeout. `after_worker()` is called
+        once a worker has exited (and been reaped)."""
         self.record = record
         self.isolation = isolation
         self.python = python
@@ -175,6 +184,9 @@ class Orchestrator:
         self.count = count  # count instructions under callgrind instead of timing (ab --count)
         self.bound = bound  # measure the memory bound only (sparsebench bound)
         self.on_ready = on_ready  # with a gate: called once the worker has started, before its first cell
+        self.before_spawn = before_spawn
+        self.turn = turn
+        self.after_worker = after_worker
         self._process: subprocess.Popen | None = None
         self._round = 1
         # A parameter-server cell's worker starts its cluster: in a private network
@@ -202,6 +214,8 @@ class Orchestrator:
             stderr_path = tmp_path / "worker.log"
             prefix = UNSHARE if private else []
             env = worker_environment(cells[0])
+            if self.before_spawn is not None:
+                self.before_spawn(cells)
             if self.count is not None:
                 prefix = [*prefix, *valgrind_prefix(Path(self.count.folder))]
                 env["PYTHONHASHSEED"] = "0"  # the same dict orders, the same instructions, every run
@@ -219,6 +233,8 @@ class Orchestrator:
                     return self._watch(cells, tmp_path, stderr_path)
                 finally:
                     self.kill()
+                    if self.after_worker is not None:
+                        self.after_worker()
 
     def _release(self, cell: Cell, folder: Path, index: int) -> None:
         """Let cell `index` start: after its turn comes (with a gate), say so to the worker.
@@ -271,10 +287,17 @@ class Orchestrator:
         self._release(cells[0], folder, index)
         clock_start = time.monotonic()  # without a gate, the first cell's clock includes process start-up
         log_offset = 0
+        timed: set[int] = set()  # cells whose turn to be timed was given
         while True:
             log_offset = self._stream_log(log, log_offset)
             if self.on_phase is not None:  # no reads of the phase file in the poll loop unless someone shows it
                 self.on_phase(cells[index], self._phase(folder))
+            if self.turn is not None and index not in timed and (folder / f"{index}.prepared").exists():
+                waited = time.monotonic()
+                self.turn(cells[index])
+                (folder / f"{index}.time").write_text("")
+                timed.add(index)
+                clock_start += time.monotonic() - waited
             result_file = folder / f"{index}.json"
             if result_file.exists():
                 payload = json.loads(result_file.read_text())

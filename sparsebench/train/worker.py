@@ -32,9 +32,11 @@ from typing import Any
 
 from .. import WORKER_PROTOCOL
 
-# What this worker does beyond protocol 1, for a parent that drives another version's worker:
-# `ready`: it writes {out}/ready once TensorFlow is imported, before its first cell.
-WORKER_FEATURES = ("ready",)
+# What this worker does beyond protocol 1, for a side server that drives it:
+# `ready`: it writes {out}/ready once TensorFlow is imported, before its first cell;
+# `turns`: in lockstep, a local cell writes {out}/<i>.prepared after its preparation and
+# waits for {out}/<i>.time before it is timed (measure.phase.wait_turn).
+WORKER_FEATURES = ("ready", "turns")
 from ..errors import CellSkipped, UserError
 from ..plan.cell import Cell, Threads
 from ..plan.job import Job
@@ -125,6 +127,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
         while job.lockstep and not (out_dir / f"{index}.go").exists():
             time.sleep(0.002)
         (out_dir / f"{index}.started").write_text(str(time.time()))
+        phase.begin_cell(out_dir, index, job.lockstep)
         phase.announce("preparing data and model")
         started = time.perf_counter()
 
