@@ -162,7 +162,7 @@ def main(argv: list[str]) -> int:
                  "by": f.accepted_by.describe()} for f in verdict.accepted]
     host = _host()
     entry = entry_from_reports(reference, head, host, reports, accepted)
-    folder = args.record if args.record is not None else work / "ledger"
+    folder = (args.record if args.record is not None else work / "ledger").resolve()
     path = entry.write(folder)
     say(f"ledger entry written: {path}")
     drift_code = 0

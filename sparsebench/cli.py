@@ -377,6 +377,9 @@ def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: st
             github_benchmark.write_text(json.dumps(benchmark_json(current), indent=2))
         except OSError as exc:
             raise UserError(f"{github_benchmark}: cannot write: {exc.strerror}") from None
+    unchecked = next((r.unchecked() for r in reports if r.unchecked()), None)
+    if unchecked:  # a comparison that could not run: the project's one-line error, after its table
+        click.echo(f"sparsebench: error: nothing compared: {unchecked}", err=True)
     return max(report.exit_code_for(fail_on) for report in reports)
 
 

@@ -166,7 +166,7 @@ def wrapper(tmp_path: Path, name: str, exports: str) -> Path:
 
 def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path):
     """Side B is a wrapper that turns huge pages off for its workers, and its sparsebench
-    is a copy without a side server (as one from before it): the side server shipped with
+    is a copy whose side server is gone (as in one from before it): the side server shipped with
     this sparsebench runs against that copy, whose own orchestrator passes the variable on
     to its workers; the report names the difference and how B's side ran."""
     import shutil
@@ -174,7 +174,7 @@ def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path
     folder = tmp_path / "ab"
     older = tmp_path / "older"
     shutil.copytree(ROOT / "sparsebench", older / "sparsebench", ignore=shutil.ignore_patterns("__pycache__"))
-    (older / "sparsebench" / "execute" / "side.py").unlink()
+    (older / "sparsebench" / "execute" / "side.py").write_text('PROTOCOL = "0"  # before the side server\n')
     init = older / "sparsebench" / "__init__.py"
     init.write_text(init.read_text().replace("__version__ = ", "__version__ = '0.0.0+older'  # "))
     b_python = wrapper(tmp_path, "python-no-huge-pages",
@@ -233,7 +233,7 @@ def test_ab_against_an_older_side_runs_whole_suite_rounds_in_abba_order(tmp_path
     assert [line.split()[3].rstrip(":") for line in progress] == ["A", "B", "B", "A"]
     payload = json.loads(done.stdout)
     assert len(payload["cells"]) == 1 and payload["cells"][0]["samples"] == [2, 2]
-    assert any("has no side server" in note and "own `sparsebench run`" in note for note in payload["notes"])
+    assert any("cannot host a side server" in note and "own `sparsebench run`" in note for note in payload["notes"])
 
 
 def test_ab_fails_when_side_b_fails_every_cell(tmp_path):

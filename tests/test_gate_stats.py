@@ -231,9 +231,11 @@ def test_a_15_percent_wall_time_slowdown_of_two_cells_that_cpu_time_does_not_sho
 
 def test_a_slow_mode_b_alone_has_in_most_processes_is_caught():
     """Cell 3 of the gate suite 50% slower in 3 of 4 of B's processes: its spread weakens the
-    t-test, which alone catches it in under half the runs; with the slow-mode check the tier
-    catches it in over 80%. (A mode in half of B's processes is caught far less often: 8
-    rounds cannot tell it from one both sides have in a quarter of theirs.)"""
+    t-test, which alone catches it in about a third of the runs (37% in this simulation);
+    with the slow-mode check the tier catches it in about two thirds (64%: Fisher's test
+    needs 6 slow processes of 8 on B against none on A, which a 3-in-4 mode gives 68% of
+    the time). A mode in half of B's processes is caught far less often: 8 rounds cannot
+    tell it from one both sides have in a quarter of theirs."""
     def mostly_slow(cell, wall, cpu, rng):
         if cell == 3:
             slow = (rng.random(len(wall)) < 0.75) * math.log1p(-0.5)
@@ -243,7 +245,7 @@ def test_a_slow_mode_b_alone_has_in_most_processes_is_caught():
     runs = 300
     rng = np.random.default_rng(13)
     caught = sum(tier_regressed(rng, "time", Noise(), mostly_slow) for _ in range(runs))
-    assert caught / runs >= 0.8, f"{caught} of {runs}"
+    assert caught / runs >= 0.55, f"{caught} of {runs}"
     without = replace(TIMED_TIERS["time"].rule, mode_alpha=1e-12)  # the slow-mode check never fires
     rng = np.random.default_rng(13)
     timed = TIMED_TIERS["time"]

@@ -15,7 +15,8 @@ import pytest
 HOSTILE = Path(__file__).parent / "hostile"
 ROOT = Path(__file__).resolve().parent.parent
 CASES = tomllib.loads((HOSTILE / "cases.toml").read_text())["case"]
-COMMANDS = ("run", "report", "compare", "history", "ab", "profile", "bound", "data", "serve", "env", "ops", "suites")
+COMMANDS = ("run", "report", "compare", "history", "ab", "bisect", "profile", "bound", "data", "serve", "env", "ops",
+            "suites")
 
 
 def test_the_corpus_covers_every_command():

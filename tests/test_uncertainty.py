@@ -130,6 +130,31 @@ def test_a_side_b_that_fails_a_cell_fails_the_gate_and_a_side_a_failure_does_not
     assert reverse.exit_code == 0
 
 
+def test_a_cell_b_skipped_where_a_measured_it_fails_and_nothing_compared_exits_2(tmp_path):
+    """A cell that stops being measured on B (skipped: a missing op, a wrapper valgrind did
+    not follow) is no speed-up: it fails. A run where no cell was measured on both sides
+    could not check anything: exit 2."""
+    from sparsebench.record import Record
+
+    def side(path, skipped):
+        records = []
+        for r in range(1, 5):
+            for variant in ("embedding_lookup_sparse", "sparse_dense_matmul"):
+                c = cell("ab", variant, 256)
+                records.append(Record.new(c, r, "skipped", "custom op unavailable") if variant in skipped
+                               else ok(c, [10000.0, 10100.0, 9900.0], round=r))
+        write_to(path, records, "ab")
+        return read_results(path)
+
+    both = ("embedding_lookup_sparse", "sparse_dense_matmul")
+    rep = paired_report(side(tmp_path / "a.jsonl", ()), side(tmp_path / "b.jsonl", ("sparse_dense_matmul",)))
+    by = {c.cell_id.split("-")[0]: c for c in rep.cells}
+    assert by["sdm"].status == "failed" and "B skipped in round(s) 1, 2, 3, 4" in by["sdm"].note
+    assert rep.exit_code == 1
+    nothing = paired_report(side(tmp_path / "a2.jsonl", both), side(tmp_path / "b2.jsonl", both))
+    assert nothing.exit_code == 2 and "NOTHING COMPARED" in nothing.summary()
+
+
 def test_an_a_a_run_flags_nothing_and_reports_the_noise_floor(tmp_path):
     a = _side(tmp_path / "a.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, noise=0.02, seed=3)
     b = _side(tmp_path / "b.jsonl", "ab", {"embedding_lookup_sparse": 1.0}, noise=0.02, seed=4)

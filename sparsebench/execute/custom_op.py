@@ -29,12 +29,16 @@ def needs_custom_op(cell: Cell) -> bool:
     return cell.model.variant in CUSTOM_OP_VARIANTS or cell.data.parses_text_with_op
 
 
-def custom_op(action: str = "build", python: str = sys.executable, force: bool = False) -> dict[str, Any]:
+def custom_op(action: str = "build", python: str = sys.executable, force: bool = False,
+              tensorflow_facts: bool = False) -> dict[str, Any]:
     """`build` or `status` of the op, as the TensorFlow side reports it (`force`: compile
-    again whatever is cached)."""
+    again whatever is cached; `tensorflow_facts`: the answer also holds TensorFlow's facts
+    under "tensorflow", so the fingerprint need not start TensorFlow a second time)."""
+    command = (module_command(python, "sparsebench.train.worker", "--build-op") if tensorflow_facts and action == "build"
+               and not force else module_command(python, "sparsebench.train.custom_ops", action, "--json",
+                                                 *(["--force"] if force else [])))
     try:
-        done = subprocess.run(module_command(python, "sparsebench.train.custom_ops", action, "--json",
-                                             *(["--force"] if force else [])), capture_output=True,
+        done = subprocess.run(command, capture_output=True,
                               text=True, timeout=BUILD_TIMEOUT_S, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
                               preexec_fn=die_with_parent)
     except subprocess.TimeoutExpired:
@@ -55,7 +59,7 @@ def prebuild(cells: list[Cell], python: str = sys.executable,
         return None
     say("custom op: building the fused op library, or loading it from the cache (a first build compiles for "
         "20-60 s)")
-    info = custom_op("build", python)
+    info = custom_op("build", python, tensorflow_facts=True)
     if info.get("ok"):
         how = "cached" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.0f} s"
         say(f"custom op: {how}: {info['library']}")
@@ -64,6 +68,12 @@ def prebuild(cells: list[Cell], python: str = sys.executable,
         users = "its cells are skipped and " if any(needs_custom_op(c) for c in cells) else ""
         say(f"custom op unavailable: {info.get('reason')}{log}; {users}no cell measures its memory bound")
     return info
+
+
+def tensorflow_facts(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """TensorFlow's facts from a build's answer, taken out of it (they belong in the
+    fingerprint, not beside the op's build), or None."""
+    return info.pop("tensorflow", None) if isinstance(info, dict) else None
 
 
 def skip_reason(info: dict[str, Any] | None) -> str | None:

@@ -41,8 +41,10 @@ def probe_tensorflow(timeout_s: float = 120.0, python: str = sys.executable) -> 
     return json.loads(lines[-1])
 
 
-def fingerprint(python: str = sys.executable) -> dict[str, Any]:
-    """The machine, and TensorFlow as `python` (this interpreter by default) sees it."""
+def fingerprint(python: str = sys.executable, tensorflow: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The machine, and TensorFlow as `python` (this interpreter by default) sees it:
+    `tensorflow`, TensorFlow's facts where a process that imported it already said them
+    (the op build does), else a probe."""
     import psutil
 
     result = {
@@ -57,5 +59,5 @@ def fingerprint(python: str = sys.executable) -> dict[str, Any]:
         "gpus": gpu_info(),
     }
     result["worker_variables"], result["ignored_variables"] = inherited_variables()
-    result["tensorflow"] = probe_tensorflow(python=python)
+    result["tensorflow"] = tensorflow if tensorflow is not None else probe_tensorflow(python=python)
     return result

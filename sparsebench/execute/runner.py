@@ -28,7 +28,7 @@ from ..plan.job import BoundRequest, ProfileRequest, RemoteCluster
 from ..plan.suite import Suite, load_suite, parse_suite
 from ..record import Record
 from ..results import ResultsWriter, read_results
-from .custom_op import custom_op, needs_custom_op, prebuild, skip_reason
+from .custom_op import custom_op, needs_custom_op, prebuild, skip_reason, tensorflow_facts
 from .env import fingerprint
 from .orchestrator import Orchestrator, Outcome, inherited_variables
 from .progress import Progress
@@ -168,8 +168,10 @@ def slow_header(run_meta: dict[str, Any], cells: list[Cell]) -> dict[str, Any]:
     """The header's slow parts, computed once the results file is known to be writable:
     the custom op's build (where a cell needs it) and the environment fingerprint."""
     run_meta["custom_op"] = prebuild(cells)
-    print("environment: probing TensorFlow for the fingerprint (a few seconds)", file=sys.stderr, flush=True)
-    environment = fingerprint()
+    facts = tensorflow_facts(run_meta["custom_op"])
+    if facts is None:
+        print("environment: probing TensorFlow for the fingerprint (a few seconds)", file=sys.stderr, flush=True)
+    environment = fingerprint(tensorflow=facts)
     run_meta["machine_at_start"] = machine_at_start()
     return {"run": run_meta, "environment": environment}
 
@@ -392,11 +394,12 @@ def bound(*, suite_arg: str, overrides: list[str], output: Path | None = None, q
     folder = Path(output) if output is not None else Path("results") / f"bound-{suite.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = folder / "results.jsonl"
     run_meta = run_header(suite, suite_arg, overrides, isolation or suite.isolation, len(cells), bound_only=True)
-    op = custom_op("build")  # the replay is in the op library, whatever the cell's variant
+    op = custom_op("build", tensorflow_facts=True)  # the replay is in the op library, whatever the cell's variant
+    facts = tensorflow_facts(op)
     if not op.get("ok"):
         raise UserError(f"bound: the replay needs the fused op library: {skip_reason(op)}")
     run_meta["custom_op"] = op
-    writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint()})
+    writer = ResultsWriter(path, lambda: {"run": run_meta, "environment": fingerprint(tensorflow=facts)})
     summary = RunSummary(path=path, planned=len(cells))
     measured = execute([(1, cells)], writer=writer, summary=summary, quiet=quiet, isolation=run_meta["isolation"],
                        custom_op=op, bound=BoundRequest())

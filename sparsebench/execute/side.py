@@ -191,7 +191,9 @@ def _cells_and_header(request: SideRequest):
     reason = skip_reason(run_meta["custom_op"])
     if reason and any(needs_custom_op(c) for c in cells):
         raise UserError(f"{reason}; leave fused_custom_op out with --set variant=...")
-    return cells, isolation, {"run": run_meta, "environment": fingerprint()}
+    # the op build's answer carries TensorFlow's facts (an older installation's does not)
+    facts = run_meta["custom_op"].pop("tensorflow", None) if isinstance(run_meta["custom_op"], dict) else None
+    return cells, isolation, {"run": run_meta, "environment": fingerprint(**({"tensorflow": facts} if facts else {}))}
 
 
 def serve(request: SideRequest, channel: Channel) -> None:

@@ -121,6 +121,9 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
     startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
     startup["tf_import_s"] = time.perf_counter() - t0
     tf_facts = tensorflow_info()
+    print(f"worker {os.getpid()}: TensorFlow {tf_facts.get('version')} imported in {startup['tf_import_s']:.1f} s; "
+          f"intra-op threads {effect.get('intra_op_threads_resolved')}, inter-op {effect.get('inter_op_threads_resolved')}; "
+          f"{len(job.cells)} cell(s)", flush=True)  # the first line of its log (what `run -v` streams on any machine)
     (out_dir / "ready").write_text(str(time.time()))  # started: the parent may now time the other side's cells
     phase.configure(out_dir)
     for index, cell in enumerate(job.cells):
@@ -165,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=Path)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--probe", action="store_true", help="print TensorFlow's facts as JSON")
+    parser.add_argument("--build-op", action="store_true",
+                        help="build (or load from the cache) the fused op; print its build as JSON, with TensorFlow's "
+                             "facts under \"tensorflow\" (one TensorFlow start for both)")
     parser.add_argument("--protocol", action="store_true", help="print the worker protocol this version speaks")
     args = parser.parse_args(argv)
     if args.protocol:
@@ -173,6 +179,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.probe:
         print(json.dumps(tensorflow_info()))
+        return 0
+    if args.build_op:
+        from .custom_ops.build import as_dict, build
+
+        print(json.dumps({**as_dict(build()), "tensorflow": tensorflow_info()}))
         return 0
     if args.jobs is None or args.out is None:
         parser.error("--jobs and --out are required")
