@@ -25,7 +25,16 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
-from scipy import stats as sps
+
+
+def _sps():
+    """scipy.stats, imported on first use: it costs 1.2-1.7 s, paid otherwise by every
+    command and worker that imports this module (`sparsebench --version` took 2 s) and
+    needed only by those that test."""
+    from scipy import stats
+
+    return stats
+
 
 RESAMPLES = 2000
 NOISY_CV = 0.05  # a throughput whose windows vary more than this is flagged as noisy
@@ -42,7 +51,10 @@ def auc(labels, scores) -> float:
     n_neg = len(labels) - n_pos
     if n_pos == 0 or n_neg == 0:
         return float("nan")
-    ranks = sps.rankdata(scores)
+    # Mid-ranks with NumPy alone (scipy.stats.rankdata's numbers): the worker computes this
+    # and would otherwise import scipy.stats for it.
+    _, position, ties = np.unique(scores, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(ties) - (ties - 1) / 2.0)[position.reshape(-1)]
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
@@ -176,7 +188,7 @@ def mann_whitney_p(a, b) -> float:
         return float("nan")
     if np.all(np.concatenate([a, b]) == a[0]):
         return 1.0  # every value tied: no evidence of a difference
-    return float(sps.mannwhitneyu(a, b, alternative="two-sided").pvalue)
+    return float(_sps().mannwhitneyu(a, b, alternative="two-sided").pvalue)
 
 
 def mann_whitney_min_p(n: int, m: int) -> float:
@@ -196,7 +208,7 @@ def welch_log_p(a, b) -> float:
         return float("nan")
     if np.ptp(la) == 0 and np.ptp(lb) == 0:
         return 0.0 if la[0] != lb[0] else 1.0
-    return float(sps.ttest_ind(lb, la, equal_var=False).pvalue)
+    return float(_sps().ttest_ind(lb, la, equal_var=False).pvalue)
 
 
 PAIRED_TESTS = ("t", "wilcoxon")
@@ -236,13 +248,13 @@ def paired_test(a: Sequence[float], b: Sequence[float], alpha: float = 0.05, tes
     sd = float(np.std(logs, ddof=1)) if r > 1 else float("nan")
     if r < 2:
         return PairedResult(r, math.exp(mean), float("nan"), float("nan"), float("nan"), float("nan"), sd)
-    t_crit = float(sps.t.ppf(1.0 - alpha / 2.0, r - 1))
-    t95 = float(sps.t.ppf(0.975, r - 1))
+    t_crit = float(_sps().t.ppf(1.0 - alpha / 2.0, r - 1))
+    t95 = float(_sps().t.ppf(0.975, r - 1))
     half = t95 * sd / math.sqrt(r)
     if test == "t":
-        p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else float(sps.ttest_1samp(logs, 0.0).pvalue))
+        p = 1.0 if sd == 0 and mean == 0 else (0.0 if sd == 0 else float(_sps().ttest_1samp(logs, 0.0).pvalue))
     else:
-        p = 1.0 if np.all(logs == 0) else float(sps.wilcoxon(logs, alternative="two-sided").pvalue)
+        p = 1.0 if np.all(logs == 0) else float(_sps().wilcoxon(logs, alternative="two-sided").pvalue)
     detectable = math.expm1(t_crit * sd / math.sqrt(r))
     return PairedResult(r, math.exp(mean), math.exp(mean - half), math.exp(mean + half), p, detectable, sd)
 
@@ -334,13 +346,13 @@ def _t_quantile(q: float, df: float) -> float:
     without its per-call overhead, which dominated `ab`'s decision and its simulation)."""
     from scipy.special import stdtrit
 
-    return float(stdtrit(df, q)) if math.isfinite(df) else float(sps.norm.ppf(q))
+    return float(stdtrit(df, q)) if math.isfinite(df) else float(_sps().norm.ppf(q))
 
 
 def _t_two_sided_p(t: float, df: float) -> float:
     from scipy.special import stdtr
 
-    return float(2.0 * stdtr(df, -abs(t))) if math.isfinite(df) else float(2.0 * sps.norm.sf(abs(t)))
+    return float(2.0 * stdtr(df, -abs(t))) if math.isfinite(df) else float(2.0 * _sps().norm.sf(abs(t)))
 
 
 def _t_bounds(mean: float, se: float, df: float, alpha: float) -> tuple[float, float]:

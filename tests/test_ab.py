@@ -174,6 +174,7 @@ def test_ab_takes_turns_cell_by_cell_in_abba_order_and_pairs_each_round(tmp_path
     folder = tmp_path / "ab"
     older = tmp_path / "older"
     shutil.copytree(ROOT / "sparsebench", older / "sparsebench", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "suites", older / "suites")  # a source checkout's layout (an editable install hides its absence)
     (older / "sparsebench" / "execute" / "side.py").write_text('PROTOCOL = "0"  # before the side server\n')
     init = older / "sparsebench" / "__init__.py"
     init.write_text(init.read_text().replace("__version__ = ", "__version__ = '0.0.0+older'  # "))

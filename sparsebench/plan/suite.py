@@ -273,6 +273,8 @@ def shipped_suites() -> dict[str, Any]:
         folder = resources.files("sparsebench.suites")
     except ModuleNotFoundError:
         folder = Path(__file__).resolve().parent.parent.parent / "suites"
+    if not folder.is_dir():  # a package copied without its suites: no shipped suite, paths still load
+        return {}
     return {entry.name[:-5]: entry for entry in folder.iterdir() if entry.name.endswith(".toml")}
 
 
