@@ -107,12 +107,12 @@ def read_entry(path: Path) -> LedgerEntry:
 
 def is_entry(path: Path) -> bool:
     """Whether `path` is a ledger entry (by its schema), without failing on anything else."""
-    try:
+    try:  # read whole: its keys are sorted, so "schema" comes after the changes (not in a prefix)
         with open(path) as fh:
-            head = fh.read(200)
-    except OSError:
+            data = json.load(fh)
+    except (OSError, ValueError):
         return False
-    return SCHEMA in head
+    return isinstance(data, dict) and data.get("schema") == SCHEMA
 
 
 def entries_in(paths: list[Path]) -> list[Path]:
