@@ -248,3 +248,17 @@ def test_side_differences_name_every_fact_that_reaches_a_worker():
     assert lines == ["TensorFlow version: A '2.21.0', B '2.20.0'",
                      "worker variables: GLIBC_TUNABLES: A 'glibc.malloc.hugetlb=1', B '(unset)'",
                      "fused op build flags: A ['-O3', '-march=native'], B ['-O2']"]
+
+
+def test_a_full_size_ledger_entry_is_found_whatever_its_key_order(tmp_path):
+    """A real entry's keys are sorted: its many changes come before "schema" (a 200-character
+    prefix check missed every real entry, and CI's drift stage found no ledger)."""
+    from sparsebench.analyze.drift import SCHEMA, entries_in
+
+    changes = {"time": {"wall": {f"cell-{i:02d}": {"log_ratio": 0.001 * i, "log_se": 0.02} for i in range(40)}}}
+    entry = {"accepted": [], "changes": changes, "commit": "a" * 40, "reference": "b" * 40, "schema": SCHEMA,
+             "version": 1}
+    (tmp_path / "aaaaaaaaaaaa.json").write_text(json.dumps(entry, sort_keys=True, indent=1))
+    (tmp_path / "other.json").write_text(json.dumps({"schema": "something else"}))
+    (tmp_path / "broken.json").write_text("{not json")
+    assert entries_in([tmp_path]) == [tmp_path / "aaaaaaaaaaaa.json"]
