@@ -107,18 +107,24 @@ def test_an_unpaired_look_at_the_same_drifting_data_could_not_decide(tmp_path):
     assert stats.welch_log_p(per_round_a, per_round_b) > 0.05  # unpaired: not significant
 
 
-def test_a_side_b_that_fails_a_cell_fails_the_gate_and_a_side_a_failure_does_not(tmp_path):
+def four_rounds_with(path, status: str, why: str, variants=()):
+    """An ab side of four rounds of two cells: `variants` end with `status` (why) every
+    round, the others measure 10,000 samples/s."""
     from sparsebench.record import Record
 
+    records = []
+    for r in range(1, 5):
+        for variant in ("embedding_lookup_sparse", "sparse_dense_matmul"):
+            c = cell("ab", variant, 256)
+            records.append(Record.new(c, r, status, why) if variant in variants
+                           else ok(c, [10000.0, 10100.0, 9900.0], round=r))
+    write_to(path, records, "ab")
+    return read_results(path)
+
+
+def test_a_side_b_that_fails_a_cell_fails_the_gate_and_a_side_a_failure_does_not(tmp_path):
     def side(path, fail):
-        records = []
-        for r in range(1, 5):
-            for variant in ("embedding_lookup_sparse", "sparse_dense_matmul"):
-                c = cell("ab", variant, 256)
-                records.append(Record.new(c, r, "failed", "ValueError: batch too large") if variant in fail
-                               else ok(c, [10000.0, 10100.0, 9900.0], round=r))
-        write_to(path, records, "ab")
-        return read_results(path)
+        return four_rounds_with(path, "failed", "ValueError: batch too large", fail)
 
     a, b = side(tmp_path / "a.jsonl", ()), side(tmp_path / "b.jsonl", ("sparse_dense_matmul",))
     rep = paired_report(a, b)
@@ -134,17 +140,9 @@ def test_a_cell_b_skipped_where_a_measured_it_fails_and_nothing_compared_exits_2
     """A cell that stops being measured on B (skipped: a missing op, a wrapper valgrind did
     not follow) is no speed-up: it fails. A run where no cell was measured on both sides
     could not check anything: exit 2."""
-    from sparsebench.record import Record
 
     def side(path, skipped):
-        records = []
-        for r in range(1, 5):
-            for variant in ("embedding_lookup_sparse", "sparse_dense_matmul"):
-                c = cell("ab", variant, 256)
-                records.append(Record.new(c, r, "skipped", "custom op unavailable") if variant in skipped
-                               else ok(c, [10000.0, 10100.0, 9900.0], round=r))
-        write_to(path, records, "ab")
-        return read_results(path)
+        return four_rounds_with(path, "skipped", "custom op unavailable", skipped)
 
     both = ("embedding_lookup_sparse", "sparse_dense_matmul")
     rep = paired_report(side(tmp_path / "a.jsonl", ()), side(tmp_path / "b.jsonl", ("sparse_dense_matmul",)))
