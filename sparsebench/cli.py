@@ -111,9 +111,11 @@ def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
         spec = read_cluster(cluster)
     job, index = parse_task(task, spec)
     check_ports_free(spec, job, index)
-    command = [sys.executable, "-m", "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec), "--task", task,
-               "--intra-op-threads", str(intra_op_threads), "--inter-op-threads", str(inter_op_threads),
-               "--custom-op", custom_op]
+    from .modules import module_command
+
+    command = module_command(sys.executable, "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec),
+                             "--task", task, "--intra-op-threads", str(intra_op_threads),
+                             "--inter-op-threads", str(inter_op_threads), "--custom-op", custom_op)
     click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
                err=True)
     os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code
@@ -139,8 +141,10 @@ def _data_tool(action: str, path: str, options: dict, *more_paths: str) -> None:
             argv.append(flag)
         elif value is not None and value is not False:
             argv += [flag, str(value)]
+    from .modules import module_command
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    os.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.inputs.datatool", *argv])
+    os.execv(sys.executable, module_command(sys.executable, "sparsebench.train.inputs.datatool", *argv))
 
 
 @data.command("write")

@@ -88,6 +88,22 @@ def test_a_file_without_a_commit_is_placed_by_its_start_and_said_so(tmp_path):
     assert any("no commit in its header" in w for w in found.warnings)
 
 
+def test_a_header_commit_that_is_an_option_is_refused_and_git_writes_nothing(tmp_path):
+    """A results header is data: its commit reached `git show` as is, and "--output=FILE"
+    made git create FILE. Now only hex object names pass, each file's error names it."""
+    lines = sorted(HISTORY.glob("*.jsonl"))[0].read_text().splitlines()
+    header = json.loads(lines[0])
+    planted = tmp_path / "written-by-git"
+    header["run"]["git"] = {"commit": f"--output={planted}", "committed_at": None}
+    folder = tmp_path / "history"
+    folder.mkdir()
+    (folder / "r.jsonl").write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    done = cli("history", folder, "--repo", ROOT)
+    assert done.returncode == 2 and not planted.exists()
+    [line] = done.stderr.strip().splitlines()
+    assert "r.jsonl" in line and "is not a commit id" in line and "Traceback" not in done.stderr
+
+
 def test_cells_and_since_filters():
     found = history.load_history([HISTORY], cells=["fused*"], since=make_fixtures.history_commit(4)[:7])
     assert [t.label for t in found.trends] == ["fused-b512-sgd-cpu"]

@@ -281,3 +281,45 @@ def architecture() -> str:
 
 if __name__ == "__main__":
     print(architecture())
+
+
+def module_starts_by_dash_m(path: Path) -> list[int]:
+    """Lines of `path` that start a sparsebench module as `[python, "-m", "sparsebench..."]`
+    (a list or tuple literal), which imports a `sparsebench/` found in the current directory."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.List, ast.Tuple)):
+            words = [e.value if isinstance(e, ast.Constant) else None for e in node.elts]
+            for i, word in enumerate(words[:-1]):
+                if word == "-m" and isinstance(words[i + 1], str) and words[i + 1].startswith("sparsebench"):
+                    lines.append(node.lineno)
+    return lines
+
+
+def test_every_module_start_goes_through_module_command(tmp_path):
+    """`python -m sparsebench...` run in a checkout (or any folder holding a `sparsebench/`)
+    imports that folder's code: `data` and `serve` did (issue 36). Every start goes through
+    `modules.module_command`; the check is shown to catch the old form."""
+    found = {str(p.relative_to(ROOT)): module_starts_by_dash_m(p) for p in all_modules()}
+    assert not {name: lines for name, lines in found.items() if lines}
+    planted = tmp_path / "planted.py"
+    planted.write_text('import os, sys\nos.execv(sys.executable, [sys.executable, "-m", "sparsebench.train.x"])\n')
+    assert module_starts_by_dash_m(planted) == [2]
+
+
+def test_data_from_a_folder_holding_another_sparsebench_runs_the_installed_one(tmp_path):
+    """The console script run where a `sparsebench/` package lies (a checkout of another
+    commit): `data inspect`'s tool is the installed one, never that folder's."""
+    fake = tmp_path / "sparsebench" / "train" / "inputs"
+    fake.mkdir(parents=True)
+    for folder in (tmp_path / "sparsebench", tmp_path / "sparsebench" / "train", fake):
+        (folder / "__init__.py").write_text("")
+    (fake / "datatool.py").write_text("print('WRONG')\n")
+    script = Path(sys.executable).parent / "sparsebench"
+    if not script.exists():
+        pytest.skip("no sparsebench console script beside this interpreter")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([str(script), "data", "inspect", str(tmp_path / "absent.tfrecord"), "--format", "tfrecord"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
+    assert "WRONG" not in done.stdout
+    assert done.returncode == 2 and "absent.tfrecord" in done.stderr, done.stdout + done.stderr

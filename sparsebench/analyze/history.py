@@ -29,6 +29,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import re
 import subprocess
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -159,14 +160,18 @@ def _parse_time(text: Any) -> datetime | None:
     return None
 
 
+COMMIT_ID = re.compile(r"[0-9a-fA-F]{4,64}")  # an abbreviated or full object name, as `run` records it
+
+
 def _commit_time(commit: str, repo: Path | None) -> datetime | None:
     """A commit's time from a git checkout (results written by a sparsebench that did not
-    record it)."""
+    record it). `commit` is a checked object name (`place`), and git is told that no
+    option follows: a header's "--output=FILE" made git write FILE."""
     if repo is None:
         return None
     try:
-        done = subprocess.run(["git", "show", "-s", "--format=%cI", commit], cwd=repo, capture_output=True,
-                              text=True, timeout=10)
+        done = subprocess.run(["git", "show", "-s", "--format=%cI", "--end-of-options", commit], cwd=repo,
+                              capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
     return _parse_time(done.stdout.strip()) if done.returncode == 0 else None
@@ -176,6 +181,9 @@ def place(results: Results, repo: Path | None) -> Placement:
     run = results.header.get("run") or {}
     git = run.get("git") if isinstance(run.get("git"), dict) else {}
     commit = git.get("commit") if isinstance(git.get("commit"), str) and git.get("commit") else None
+    if commit is not None and not COMMIT_ID.fullmatch(commit):
+        raise ResultsError(f"{results.path}: the header's run.git.commit {commit[:60]!r} is not a commit id "
+                           f"(4 to 64 hex digits)")
     started = _parse_time(run.get("started_at"))
     when = _parse_time(git.get("committed_at"))
     if when is None and commit is not None:

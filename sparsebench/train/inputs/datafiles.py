@@ -333,11 +333,17 @@ def read(pattern: str, fmt: str, feature_bits: int, limit: int | None = None, sk
          names: TFRecordNames = TFRecordNames(), keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
     """Examples `skip`..`skip + limit` of the source's files; `keep=False` counts them only,
     `sink` (a `blocks.BlockSink`) takes them instead of memory."""
+    return read_files(source_files(pattern), fmt, feature_bits, limit, skip, names, keep, sink)
+
+
+def read_files(paths: list[Path], fmt: str, feature_bits: int, limit: int | None = None, skip: int = 0,
+               names: TFRecordNames = TFRecordNames(), keep: bool = True, sink=None) -> tuple[SparseBatch, ReadReport]:
+    """`read` of files already listed (a glob expanded once: `convert_to_blocks` must not
+    see the temporary file it writes beside its destination)."""
     from .blocks import BlocksError
 
     if fmt not in FORMATS:
         raise DataFileError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    paths = source_files(pattern)
     if fmt == "tfrecord":
         return read_tfrecord(paths, feature_bits, names, limit, skip, keep, sink)
     if fmt == "blocks":
@@ -410,12 +416,17 @@ def convert_to_blocks(source: str, fmt: str, path: Path, feature_bits: int, name
     a blocks file; its malformed lines counted and named in the header."""
     from .blocks import BlockSink, write_file
 
-    paths = source_files(source)
+    paths = source_files(source)  # once: the glob must not later match the file being written
+    destination = Path(path)
+    for source_path in paths:
+        if destination.exists() and destination.samefile(source_path):
+            raise DataFileError(f"{destination}: is the source {source_path} (matched by {source}); converting a "
+                                f"file onto itself would replace the data with its conversion: choose another DST")
     report_box = {}
 
     def fill(writer):
         sink = BlockSink(writer, feature_bits, block_examples)
-        _, report_box["report"] = read(source, fmt, feature_bits, names=names, sink=sink)
+        _, report_box["report"] = read_files(paths, fmt, feature_bits, names=names, sink=sink)
         sink.flush()
         return sink
 
