@@ -45,6 +45,7 @@ from .inputs.datafiles import DataFileError
 from .measure.tf_facts import tensorflow_info, threads_in_effect
 from .measure.windows import EmptyWindow
 from .measure import phase
+from .tf_import import import_tensorflow
 
 # A cell that fails for one of these failed on its settings or its data: the record's reason
 # is the message alone (one line the user can act on), the traceback is kept beside it.
@@ -115,7 +116,7 @@ def run_jobs(jobs_path: Path, out_dir: Path) -> int:
         return 0
     startup: dict[str, Any] = {}
     t0 = time.perf_counter()
-    import tensorflow as tf  # noqa: F401 - imported here, after the environment is in place
+    import_tensorflow()  # here, after the environment is in place
 
     effect = configure_threads(job.cells[0].threads)
     startup["process_start_to_tf_s"] = time.perf_counter() - _PROCESS_START
@@ -177,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         print(WORKER_PROTOCOL)
         print("features: " + " ".join(WORKER_FEATURES))
         return 0
+    if args.probe or args.build_op:
+        import_tensorflow()
     if args.probe:
         print(json.dumps(tensorflow_info()))
         return 0

@@ -14,6 +14,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--force", action="store_true", help="build: compile again whatever is cached")
     args = parser.parse_args(argv)
+    from ..tf_import import import_tensorflow
+
+    import_tensorflow()
     info = build(force=args.force) if args.action == "build" else status()
     if args.json:
         print(json.dumps(as_dict(info)))

@@ -152,7 +152,9 @@ def _import_tensorflow_quietly() -> None:
     try:
         with open(os.devnull, "w") as null:
             os.dup2(null.fileno(), 2)
-            import tensorflow  # noqa: F401
+            from ..tf_import import import_tensorflow
+
+            import_tensorflow()
     finally:
         os.dup2(saved, 2)
         os.close(saved)

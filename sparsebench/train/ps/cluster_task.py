@@ -93,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sparsebench: error: {exc}", file=sys.stderr)
         return 2
+    from ..tf_import import import_tensorflow
+
+    import_tensorflow()
     serve(cluster, job, index, args.intra_op_threads, args.inter_op_threads, args.profiler_port, args.custom_op)
     return 0
 
