@@ -1,6 +1,6 @@
 #!/bin/bash
 # The self-gate as CI runs it, against one planted commit (README: The self-gate):
-#   gate.sh NAME 'shell command that changes the clone' 'commit message'
+#   [TIERS=time,headline] gate.sh NAME 'shell command that changes the clone' 'commit message'
 # A = the checkout's HEAD (the reference), B = HEAD + that commit, installed as .ci/run does.
 # Output: $WORK/NAME/gate.log (each stage's time, the findings, rc=).
 set -u
@@ -21,6 +21,9 @@ echo "B installed in $(( $(date +%s) - t0 )) s" > "$base/gate.log"
 export SPARSEBENCH_OPS_CACHE="$base/ops"
 "$base/venv/bin/sparsebench" ops build >> "$base/gate.log" 2>&1
 start=$(date +%s)
+# TIERS=time,headline runs those tiers only (no ledger entry, no drift check).
+tiers=()
+[ -n "${TIERS:-}" ] && tiers=(--tiers "$TIERS")
 SPARSEBENCH_GATE_REFERENCE=$ref "$base/venv/bin/python" .ci/self_gate.py "$base/venv/bin/python" \
-  --record results/gate >> "$base/gate.log" 2>&1
+  --record results/gate "${tiers[@]}" >> "$base/gate.log" 2>&1
 echo "rc=$? self-gate seconds=$(( $(date +%s) - start ))" >> "$base/gate.log"
