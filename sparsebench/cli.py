@@ -16,6 +16,7 @@ import click
 
 from . import WORKER_PROTOCOL, __version__
 from .errors import UserError
+from .modules import module_command
 from .execute.side import PROTOCOL as SIDE_PROTOCOL
 from .plan.spec import DATA_FORMATS, DataSpec
 from .results import VERSION as RESULTS_VERSION
@@ -111,8 +112,6 @@ def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
         spec = read_cluster(cluster)
     job, index = parse_task(task, spec)
     check_ports_free(spec, job, index)
-    from .modules import module_command
-
     command = module_command(sys.executable, "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec),
                              "--task", task, "--intra-op-threads", str(intra_op_threads),
                              "--inter-op-threads", str(inter_op_threads), "--custom-op", custom_op)
@@ -141,8 +140,6 @@ def _data_tool(action: str, path: str, options: dict, *more_paths: str) -> None:
             argv.append(flag)
         elif value is not None and value is not False:
             argv += [flag, str(value)]
-    from .modules import module_command
-
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     os.execv(sys.executable, module_command(sys.executable, "sparsebench.train.inputs.datatool", *argv))
 

@@ -7,7 +7,7 @@ VM. sparsebench builds no Keras object, and every worker, cluster task, data too
 build pays the import again. TensorFlow catches an ImportError there and goes on, so the
 module is marked absent for the length of the import and unmarked after it: `tf.keras`, or
 a user's own variant that imports Keras, still loads it on first use. Records carry the
-import's time (`startup.tf_import_s`)."""
+import's time (`worker.tf_import_s`)."""
 
 from __future__ import annotations
 

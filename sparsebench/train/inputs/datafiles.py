@@ -418,8 +418,8 @@ def convert_to_blocks(source: str, fmt: str, path: Path, feature_bits: int, name
 
     paths = source_files(source)  # once: the glob must not later match the file being written
     destination = Path(path)
-    for source_path in paths:
-        if destination.exists() and destination.samefile(source_path):
+    for source_path in paths if destination.exists() else []:
+        if destination.samefile(source_path):
             raise DataFileError(f"{destination}: is the source {source_path} (matched by {source}); converting a "
                                 f"file onto itself would replace the data with its conversion: choose another DST")
     report_box = {}
