@@ -57,7 +57,9 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
     (SPARSEBENCH_HEARTBEAT_S) shows life in a CI log. The smoke suite takes about 75 s on
     2 cores, after the fused op's first compile (20-60 s)."""
     from .execute import runner
+    from .execute.progress import heartbeat_seconds
 
+    heartbeat_seconds()  # a bad SPARSEBENCH_HEARTBEAT_S is refused before anything is written
     overrides = list(overrides) + ([f"processes={processes}"] if processes is not None else [])
     if dry_run:
         if suite_arg is None:

@@ -46,7 +46,7 @@ def test_hostile_input(case, tmp_path, busy_port):
         for key, value in values.items():
             arg = arg.replace(key, value)
         args.append(arg)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **case.get("env", {})}
     done = subprocess.run([sys.executable, "-m", "sparsebench", *args], capture_output=True, text=True, env=env,
                           cwd=HOSTILE, timeout=600, stdin=subprocess.DEVNULL)
     output = done.stdout + done.stderr

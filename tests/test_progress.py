@@ -106,3 +106,23 @@ def test_the_live_view_names_the_phase_and_respects_no_color(monkeypatch):
     assert "quality: 40 steps" in drawn and "1/3" in drawn
     assert "\x1b[3" not in drawn and "\x1b[9" not in drawn  # no colour codes under NO_COLOR
     assert out.getvalue().startswith("[1/3] els-b512-sgd-cpu")  # results stay on stdout
+
+
+@pytest.mark.parametrize("text", ["0", "-5", "ten", "nan", "inf"])
+def test_an_invalid_heartbeat_interval_is_refused_by_name(text, monkeypatch):
+    """It fell back to 30 s without a word: a user who set 0 or "ten" got the default."""
+    from sparsebench.errors import ConfigError
+    from sparsebench.execute.progress import heartbeat_seconds
+
+    monkeypatch.setenv("SPARSEBENCH_HEARTBEAT_S", text)
+    with pytest.raises(ConfigError, match=f"SPARSEBENCH_HEARTBEAT_S={text!r}"):
+        heartbeat_seconds()
+
+
+def test_a_valid_or_unset_heartbeat_interval_is_taken(monkeypatch):
+    from sparsebench.execute.progress import HEARTBEAT_S, heartbeat_seconds
+
+    monkeypatch.setenv("SPARSEBENCH_HEARTBEAT_S", "2.5")
+    assert heartbeat_seconds() == 2.5
+    monkeypatch.delenv("SPARSEBENCH_HEARTBEAT_S")
+    assert heartbeat_seconds() == HEARTBEAT_S

@@ -8,11 +8,13 @@ failures and the final summary.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import time
 from typing import TextIO
 
+from ..errors import ConfigError
 from ..plan.cell import Cell
 from ..record import Record
 from ..stats import NOISY_CV, is_noisy
@@ -82,16 +84,25 @@ def describe_cluster(cluster: dict | None) -> str:
     return ", " + ", ".join(parts) if parts else ""
 
 
+HEARTBEAT_VARIABLE = "SPARSEBENCH_HEARTBEAT_S"
 HEARTBEAT_S = 30.0  # off a terminal: a line this often while a cell runs, so a CI log shows life
 
 
 def heartbeat_seconds() -> float:
-    """`SPARSEBENCH_HEARTBEAT_S` (seconds, > 0) or HEARTBEAT_S."""
-    try:
-        value = float(os.environ.get("SPARSEBENCH_HEARTBEAT_S", HEARTBEAT_S))
-    except ValueError:
+    """`SPARSEBENCH_HEARTBEAT_S` (seconds, finite and > 0) or HEARTBEAT_S. A value that is not
+    one is refused (ConfigError), never replaced in silence: a user who set 0 or "ten" would
+    otherwise wonder why the CI log still beats every 30 s."""
+    text = os.environ.get(HEARTBEAT_VARIABLE)
+    if text is None or text.strip() == "":
         return HEARTBEAT_S
-    return value if value > 0 else HEARTBEAT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{HEARTBEAT_VARIABLE}={text!r}: expected seconds between heartbeat lines, a finite "
+                          f"number > 0 (unset it for the default {HEARTBEAT_S:g} s)")
+    return value
 
 
 def wants_live(stream: TextIO) -> bool:
