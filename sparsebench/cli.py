@@ -160,10 +160,12 @@ def _data_tool(action: str, path: str, options: dict, *more_paths: str) -> None:
 @click.option("--seed", type=click.IntRange(min=0, max=2**63 - 1), default=0, show_default=True,
               help="The generator's seed.")
 @click.option("--gzip", is_flag=True, help="Compress (also implied by a .gz name).")
-def data_write(path, fmt, examples, feature_bits, mean_active, zipf_exponent, seed, gzip):
+@click.option("--force", is_flag=True, help="Replace PATH if it exists.")
+def data_write(path, fmt, examples, feature_bits, mean_active, zipf_exponent, seed, gzip, force):
     """Write the synthetic generator's examples to PATH (to try a file source, and for tests)."""
     _data_tool("write", path, {"format": fmt, "examples": examples, "feature_bits": feature_bits,
-                               "mean_active": mean_active, "zipf_exponent": zipf_exponent, "seed": seed, "gzip": gzip})
+                               "mean_active": mean_active, "zipf_exponent": zipf_exponent, "seed": seed, "gzip": gzip,
+                               "force": force})
 
 
 @data.command("inspect")

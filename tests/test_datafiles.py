@@ -337,3 +337,29 @@ def test_a_non_finite_tfrecord_value_is_a_bad_record_on_both_paths(tmp_path, exa
     spec = DataSpec(feature_bits=12, source=str(tmp_path / "x.tfrecord"), format="tfrecord", input="pipeline")
     sp, labels = next(iter(dataset(spec, 299, 0)))
     np.testing.assert_array_equal(sp.values.numpy(), batch.values)
+
+
+def test_a_write_that_fails_midway_leaves_no_file_and_an_existing_file_needs_force(tmp_path, monkeypatch, capsys):
+    """`data write` wrote straight into PATH: a full disk left half a file there, and an
+    existing file was replaced without --force (which `convert` asks for)."""
+    import errno
+
+    from sparsebench.train.inputs import datatool
+
+    def full_disk(batch, path, compress=False):
+        Path(path).write_text("1 3:1\n")  # the first line fits, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    target = tmp_path / "x.libsvm"
+    argv = ["write", str(target), "--format", "libsvm", "--examples", "5"]
+    monkeypatch.setitem(datatool.WRITERS, "libsvm", full_disk)
+    assert datatool.main(argv) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # neither PATH nor the partial file behind it
+    monkeypatch.undo()
+    target.write_text("precious\n")
+    assert datatool.main(argv) == 2
+    assert f"{target}: exists (--force to replace it)" in capsys.readouterr().err
+    assert target.read_text() == "precious\n"
+    assert datatool.main([*argv, "--force"]) == 0
+    assert len(target.read_text().splitlines()) == 5 and list(tmp_path.iterdir()) == [target]

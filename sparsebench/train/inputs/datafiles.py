@@ -432,6 +432,10 @@ def convert_to_blocks(source: str, fmt: str, path: Path, feature_bits: int, name
 
     def header_for(sink):
         report = report_box["report"]
+        if sink.examples == 0:  # an empty blocks file would pass for a conversion
+            first = f"; first malformed: {report.first_bad[0]}" if report.first_bad else ""
+            raise DataFileError(f"{source}: no well-formed {fmt} example to convert ({report.bad} malformed "
+                                f"line{'' if report.bad == 1 else 's'}{first}); {path} not written")
         origin = {"path": source, "format": fmt, "files": [str(p) for p in paths], **source_checksum(paths)}
         return Header(feature_bits, sink.dtype, block_examples, sink.blocks, sink.examples, sink.entries, origin,
                       report.bad, report.first_bad)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -59,14 +60,21 @@ def _write(args) -> int:
     spec = DataSpec(feature_bits=args.feature_bits, mean_active=args.mean_active, zipf_exponent=args.zipf_exponent,
                     seed=args.seed)
     spec.validate()
-    batch = SyntheticData(spec).sample(args.examples, stream=0)
     path = Path(args.path)
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path}: exists (--force to replace it)")
+    batch = SyntheticData(spec).sample(args.examples, stream=0)
     path.parent.mkdir(parents=True, exist_ok=True)
     compress = args.gzip or path.suffix == ".gz"
     if args.format == "blocks":
-        write_blocks(batch, path, compress, feature_bits=args.feature_bits)
+        write_blocks(batch, path, compress, feature_bits=args.feature_bits)  # renames a complete file into place
     else:
-        WRITERS[args.format](batch, path, compress=compress)
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        try:  # a full disk or a kill leaves no half-written file at PATH
+            WRITERS[args.format](batch, partial, compress=compress)
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
     print(f"wrote {batch.batch_size} examples ({batch.nnz} features) to {path} as {args.format}"
           f"{' (gzip)' if args.gzip or path.suffix == '.gz' else ''}")
     return 0
@@ -172,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--zipf-exponent", type=float, default=DataSpec.zipf_exponent)
     write.add_argument("--seed", type=int, default=0)
     write.add_argument("--gzip", action="store_true")
+    write.add_argument("--force", action="store_true")
     inspect = sub.add_parser("inspect")
     inspect.add_argument("path")
     inspect.add_argument("--format", choices=DATA_FORMATS, required=True)
@@ -201,6 +210,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataFileError, BlocksError, OSError) as exc:
         print(f"sparsebench: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        if not _is_tensorflow_file_error(exc):
+            raise
+        path = args.dst if args.command == "convert" else args.path
+        print(f"sparsebench: error: {path}: {_first_line(exc.message)}", file=sys.stderr)
+        return 2
+
+
+def _is_tensorflow_file_error(exc: Exception) -> bool:
+    """TensorFlow's file errors (an unwritable folder, a full disk: tf.errors.OpError) are the
+    user's to fix like an OSError; TensorFlow is only looked up if the command imported it."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(exc, tf.errors.OpError)
+
+
+def _first_line(text: str) -> str:
+    return (text or "").strip().splitlines()[0] if (text or "").strip() else "failed"
 
 
 if __name__ == "__main__":
