@@ -113,6 +113,8 @@ def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
     else:
         spec = read_cluster(cluster)
     job, index = parse_task(task, spec)
+    if custom_op not in ("try", "off"):
+        _check_op_library(custom_op)
     check_ports_free(spec, job, index)
     command = module_command(sys.executable, "sparsebench.train.ps.cluster_task", "--cluster", json.dumps(spec),
                              "--task", task, "--intra-op-threads", str(intra_op_threads),
@@ -120,6 +122,20 @@ def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
     click.echo(f"serving {task} of {cluster or 'TF_CONFIG'} (TensorFlow starts in this process; Ctrl-C stops it)",
                err=True)
     os.execv(sys.executable, command)  # the task replaces this process: TensorFlow stays out of the CLI's code
+
+
+def _check_op_library(path: str) -> None:
+    """`serve --custom-op PATH`: a PATH that is no shared library is refused here, in one line
+    with exit 2, before TensorFlow starts and logs (the task itself exits 3 for one that is
+    an ELF file and still will not load: its coordinator reads that as "skip the cell")."""
+    try:
+        with open(path, "rb") as library:
+            magic = library.read(4)
+    except OSError as exc:
+        raise UserError(f"serve --custom-op {path}: {exc.strerror.lower()}") from None
+    if magic != b"\x7fELF":
+        raise UserError(f"serve --custom-op {path}: not a shared library (no ELF header); give the fused op "
+                        f"library's path (`sparsebench ops build` prints it), try or off")
 
 
 @cli.group()

@@ -44,7 +44,7 @@ def load_custom_op(how: str, task: str) -> bool:
     except (OSError, tf.errors.OpError) as exc:
         message = getattr(exc, "message", None) or str(exc)
         print(f"sparsebench: error: {task} cannot load the fused op library {how}: {message.strip().splitlines()[0]}",
-              flush=True)
+              file=sys.stderr, flush=True)  # a local cluster's task log holds stderr too: its last line is this
         sys.exit(CUSTOM_OP_EXIT)
     print(f"{task}: fused op library loaded from {how}", flush=True)
     return True
