@@ -140,3 +140,60 @@ DOCUMENTED = {  # from the committed fixtures; README quotes the same figures
     "col 16x64 10G": (173700.0, "PS compute"),
     "fused ps1w2 error": 14.4,
 }
+
+
+def _edited(tmp_path, source: Path, header=lambda h: None, record=lambda r: None) -> Path:
+    """A copy of a committed results file with its header and each record edited in place."""
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
+    header(lines[0])
+    for line in lines[1:]:
+        record(line)
+    path = tmp_path / source.name
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def _set_bytes(value):
+    def edit(record):
+        for task in (record.get("cluster") or {}).get("ps_bytes_per_step") or {}:
+            record["cluster"]["ps_bytes_per_step"][task] = {"sent": value, "received": value}
+    return edit
+
+
+@pytest.mark.parametrize("view", ["projection", "traffic"])
+@pytest.mark.parametrize("what, edit", [
+    ("zero bytes", _set_bytes(0)),
+    ("negative bytes", _set_bytes(-5)),
+    ("zero CPU", lambda r: r.get("cluster") and r["cluster"]["cpu_ms_per_step"].update({"ps:0": 0.0})),
+    ("no ps_tasks", lambda r: r.get("axes", {}).pop("ps_tasks", None)),
+])
+def test_records_no_measurement_gives_are_left_out_never_divided_by(capsys, tmp_path, view, what, edit):
+    """Zero or negative byte counts, CPU times of zero and records without ps_tasks crashed
+    projection and traffic (ZeroDivisionError, int(None)) or were printed as data."""
+    path = _edited(tmp_path, PROFILE, record=edit)
+    code, out, err = sparsebench(capsys, "report", str(path), "--view", view)
+    assert "Traceback" not in out + err
+    assert code in (0, 2) and (code == 0 or len(err.strip().splitlines()) == 1), err
+    assert "-5" not in out and "-10 B" not in out
+
+
+def test_a_measured_cell_with_rate_zero_is_not_checked_against(capsys, tmp_path):
+    def stalled(record):
+        if record.get("windows"):
+            record.update(samples_per_sec=0.0, samples_per_sec_low=0.0, samples_per_sec_high=0.0,
+                          windows=[0.0] * len(record["windows"]))
+
+    measured = _edited(tmp_path, MEASURED, record=stalled)
+    code, out, err = sparsebench(capsys, "report", str(PROFILE), str(measured), "--view", "projection",
+                                 "--format", "json")
+    assert code == 0, err
+    assert all(row["error_pct"] is None for row in json.loads(out)["rows"])
+
+
+def test_a_header_without_cores_asks_for_task_cores_and_takes_them(capsys, tmp_path):
+    """It said there was "no profiled parameter-server cell" when the header lacked cores."""
+    path = _edited(tmp_path, PROFILE, header=lambda h: h["environment"].pop("cores_available"))
+    code, out, err = sparsebench(capsys, "report", str(path), "--view", "projection")
+    assert code == 2 and "record no environment.cores_available" in err and "--task-cores" in err, err
+    code, out, err = sparsebench(capsys, "report", str(path), "--view", "projection", "--task-cores", "8")
+    assert code == 0 and "8 cores (--task-cores's)" in out, err

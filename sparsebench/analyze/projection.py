@@ -36,6 +36,7 @@ trip), and shows the error: the check of the model this machine can make.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,7 +63,12 @@ class Settings:
     task_cores: float | None = None
 
     def cores_for(self, model: "Model") -> float:
-        return self.task_cores if self.task_cores is not None else model.profiles[0].cores
+        cores = self.task_cores if self.task_cores is not None else model.profiles[0].cores
+        if cores is None:
+            raise UserError(f"report --view projection: the results of {model.profiles[0].run} record no "
+                            f"environment.cores_available (a header written by hand or by an old version): give "
+                            f"each task machine's cores with --task-cores N")
+        return cores
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ class Profiled:
     batch_size: int
     out_dim: int
     variant: str
-    cores: float
+    cores: float | None  # the profiled machine's cores (None: its header does not say)
     worker_ms: float
     ps_ms: float
     chief_ms: float
@@ -135,8 +141,8 @@ class Model:
             "worker compute": workers * cores * 1000.0 / worker_ms,
             "PS compute": ps * cores * 1000.0 / ps_ms,
             "coordinator": 1000.0 / chief_ms,
-            "PS network": link / per_ps,
-            "worker network": workers * link / per_worker,
+            "PS network": _per_second(link, per_ps),
+            "worker network": workers * _per_second(link, per_worker),
             "worker round trip": workers * 1000.0 / round_trip_ms,
         }
 
@@ -151,6 +157,11 @@ class Model:
         }
 
 
+def _per_second(capacity: float, cost: float) -> float:
+    """How often a cost fits in a capacity; no bound (inf) from a cost of nothing."""
+    return capacity / cost if cost > 0 else math.inf
+
+
 def fixed_bytes_per_ps(variant: str, batch_size: int, out_dim: int) -> tuple[float, float]:
     """(in, out) bytes per step every PS task moves whatever the number of tasks: for the
     fused layout its output gradient and row counts in, its partial sum out (float32 and
@@ -161,35 +172,44 @@ def fixed_bytes_per_ps(variant: str, batch_size: int, out_dim: int) -> tuple[flo
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):  # numpy's too
         return None
     return float(value)
 
 
+def _positive_int(value: Any) -> int | None:
+    number = _number(value)
+    return int(number) if number is not None and number >= 1 and number == int(number) else None
+
+
 def profiled_cell(row: pd.Series, cores: float | None) -> Profiled | None:
-    """A profiled local PS cell's costs; None where the record lacks them (a remote
-    cluster, a profile written before they were measured, a hand-edited file)."""
+    """A profiled local PS cell's costs; None where the record lacks them or holds ones no
+    measurement gives (a remote cluster, a profile written before they were measured, a
+    hand-edited file: no task counts, CPU times of zero or less, negative byte counts)."""
+    shape = {key: _positive_int(row.get(key)) for key in ("ps_tasks", "worker_tasks", "batch_size", "out_dim")}
+    if any(v is None for v in shape.values()):
+        return None
     cluster = row.get("cluster")
     if isinstance(cluster, list):  # a merged record: one cluster per process; take the first measured
         cluster = next((c for c in cluster if isinstance(c, dict) and c.get("cpu_ms_per_step")), None)
     if not isinstance(cluster, dict) or row.get("strategy") != "parameter_server":
         return None
     cpu, traffic = cluster.get("cpu_ms_per_step"), cluster.get("ps_bytes_per_step")
-    if not isinstance(cpu, dict) or not isinstance(traffic, dict) or not traffic or cores is None:
+    if not isinstance(cpu, dict) or not isinstance(traffic, dict) or not traffic:
         return None
     values = {task: _number(ms) for task, ms in cpu.items()}
     sums = {kind: sum(v for task, v in values.items() if task.startswith(kind + ":") and v is not None)
             for kind in ("ps", "worker")}
     directions = {kind: [_number(t.get(kind)) if isinstance(t, dict) else None for t in traffic.values()]
                   for kind in ("received", "sent")}
-    if (any(v is None for v in values.values()) or values.get("chief") is None or not sums["ps"] or not sums["worker"]
-            or any(v is None for vs in directions.values() for v in vs)):
+    if (any(v is None or v <= 0 for v in values.values()) or values.get("chief") is None or not sums["ps"]
+            or not sums["worker"] or any(v is None or v < 0 for vs in directions.values() for v in vs)):
         return None
     costs = _number(cluster.get("costs_steps")), _number(cluster.get("costs_seconds"))
-    rate = (costs[0] * float(row["batch_size"]) / costs[1]) if costs[0] and costs[1] else None
+    rate = (costs[0] * shape["batch_size"] / costs[1]) if costs[0] and costs[1] and costs[1] > 0 else None
     return Profiled(
-        label=str(row["label"]), run=str(row["run"]), ps_tasks=int(row["ps_tasks"]),
-        worker_tasks=int(row["worker_tasks"]), batch_size=int(row["batch_size"]), out_dim=int(row["out_dim"]),
+        label=str(row["label"]), run=str(row["run"]), ps_tasks=shape["ps_tasks"],
+        worker_tasks=shape["worker_tasks"], batch_size=shape["batch_size"], out_dim=shape["out_dim"],
         variant=str(row["variant"]), cores=cores, worker_ms=sums["worker"], ps_ms=sums["ps"],
         chief_ms=values["chief"], ps_in=sum(directions["received"]), ps_out=sum(directions["sent"]),
         samples_per_sec=rate)
@@ -252,16 +272,18 @@ def validation_rows(model: Model, frame: pd.DataFrame) -> list[dict[str, Any]]:
     measured = frame[frame["profile"].isna() & (frame["strategy"] == "parameter_server")
                      & (frame["status"] == "ok") & frame["samples_per_sec"].notna()]
     rows = []
+    cores = model.profiles[0].cores
     for _, row in measured.iterrows():
-        if family_of(row) != tuple(model.family.values()):
-            continue
-        cores = model.profiles[0].cores
-        bounds = model.shared_bounds(int(row["ps_tasks"]), int(row["worker_tasks"]), cores)
+        ps, workers, actual = _positive_int(row.get("ps_tasks")), _positive_int(row.get("worker_tasks")), _number(
+            row.get("samples_per_sec"))
+        if (family_of(row) != tuple(model.family.values()) or cores is None or ps is None or workers is None
+                or actual is None or actual <= 0):
+            continue  # nothing to check the prediction against
+        bounds = model.shared_bounds(ps, workers, cores)
         name, steps, second, second_steps = _bottleneck(bounds)
         predicted = steps * float(row["batch_size"])
-        actual = float(row["samples_per_sec"])
-        rows.append({"model": _model_name(model), "cell": row["label"], "ps": int(row["ps_tasks"]),
-                     "workers": int(row["worker_tasks"]), "network": "loopback, shared cores",
+        rows.append({"model": _model_name(model), "cell": row["label"], "ps": ps,
+                     "workers": workers, "network": "loopback, shared cores",
                      "samples_per_sec": predicted, "bottleneck": name, "next_bound": second,
                      "next_bound_samples_per_sec": second_steps * float(row["batch_size"]),
                      "measured_samples_per_sec": actual, "error_pct": 100.0 * (predicted / actual - 1.0)})
@@ -313,7 +335,8 @@ def projection(frame: pd.DataFrame, cores_by_run: dict[str, float | None], setti
     models = models_from(frame, cores_by_run)
     if not models:
         raise UserError("report --view projection: these results hold no profiled parameter-server cell with "
-                        "per-task CPU time and bytes per step; write them with `sparsebench profile --suite "
+                        "per-task CPU time and bytes per step (records with CPU times of zero or less, negative byte counts or no "
+                        "task counts are left out); write them with `sparsebench profile --suite "
                         "distributed --set strategy=parameter_server` (a local cluster, this version or later)")
     rows, notes = [], []
     for model in models:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import statistics
 import math
+import numbers
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -507,6 +508,7 @@ def ps_traffic(row: pd.Series) -> list[dict[str, dict[str, float]]]:
         traffic = c.get("ps_bytes_per_step") if isinstance(c, dict) else None
         if isinstance(traffic, dict) and traffic and all(
                 isinstance(t, dict) and all(isinstance(t.get(k), (int, float)) and not isinstance(t.get(k), bool)
+                                            and math.isfinite(t[k]) and t[k] >= 0
                                             for k in ("sent", "received")) for t in traffic.values()):
             measured.append(traffic)  # anything else (a hand-edited file) counts as not measured
     return measured
@@ -526,6 +528,12 @@ def _bytes_text(value: float) -> str:
         if value >= size:
             return f"{value / size:.3g} {unit}"
     return f"{value:.3g} B"
+
+
+def _task_count(value) -> str:
+    """A record's task count as text; "?" where it holds none (a hand-edited record)."""
+    return str(int(value)) if isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(
+        value) else "?"
 
 
 def view_traffic(frame: pd.DataFrame) -> View:
@@ -555,7 +563,7 @@ def view_traffic(frame: pd.DataFrame) -> View:
             f"{_bytes_text(statistics.median([p[task]['sent'] for p in measured if task in p]))} out"
             for task in sorted({task for p in measured for task in p}))
         rows.append({**({"run": cell["run"]} if multi else {}), "cell": cell["label"], "optimizer": cell["optimizer"],
-                     "PS x workers": f"{int(cell['ps_tasks'])} x {int(cell['worker_tasks'])}",
+                     "PS x workers": f"{_task_count(cell['ps_tasks'])} x {_task_count(cell['worker_tasks'])}",
                      "samples/s [95% CI]": rate_with_interval(cell),
                      "per PS task and step": per_task or "not measured",
                      "bytes/example": _bytes_text(mine) if mine else "",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 TALK = HERE.parent / "fixtures" / "talk.jsonl"
+PROFILE = HERE.parent / "fixtures" / "distributed-profile-ps1.jsonl"
 GOOD = "1 3:1 17:0.5 99:2\n0 4:1 18:3\n"  # two well-formed libsvm lines
 
 
@@ -20,6 +21,14 @@ def results(name: str, header=lambda h: h, record=lambda r: r, extra: list[str] 
     head = header(json.loads(lines[0]))
     body = [json.dumps(record(json.loads(line))) for line in lines[1:3]]
     (HERE / "results" / name).write_text("\n".join([json.dumps(head), *body, *extra]) + "\n")
+
+
+def profiled(name: str, edit) -> None:
+    """The committed parameter-server profile with each record edited in place by `edit`."""
+    lines = [json.loads(line) for line in PROFILE.read_text().splitlines()]
+    for record in lines[1:]:
+        edit(record)
+    (HERE / "results" / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
 
 
 def main() -> None:
@@ -42,6 +51,9 @@ def main() -> None:
         **r, "axes": {**r["axes"], "strategy": "parameter_server", "ps_tasks": 1, "worker_tasks": 2},
         "cluster": {"ps_bytes_per_step": {"ps:0": {"sent": "lots", "received": None}}}})
     results("record-corrupt-line.jsonl", extra=['{"cell_id": "x", "status": "ok"', '{"cell_id": "y", "status": "ok"}'])
+    profiled("profile-bytes-negative.jsonl", lambda r: r.get("cluster") and r["cluster"].update(
+        ps_bytes_per_step={task: {"sent": -5, "received": -5} for task in r["cluster"]["ps_bytes_per_step"]}))
+    profiled("profile-no-ps-tasks.jsonl", lambda r: r.get("axes", {}).pop("ps_tasks", None))
     # Headers that --resume reads: a real run's header of the hostile suite, with wrong types.
     suite = (HERE / "suites" / "ok.toml").read_text()
     run = {"suite": "ok", "suite_arg": "suites/ok.toml", "suite_source": "suites/ok.toml", "suite_text": suite,
