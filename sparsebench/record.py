@@ -412,6 +412,13 @@ def declarations() -> list[dict[str, str]]:
 
 
 # -- rates ------------------------------------------------------------------------------
+def usable_windows(windows: Iterable[Any]) -> list[float]:
+    """The window rates a statistic can use: finite numbers above zero. A results file stores
+    a NaN window as null (JSON has no NaN), and a stalled or hand-edited one as 0; either
+    would crash or poison a median, a log and a change-point search."""
+    return [float(w) for w in windows if _is_number(w) and math.isfinite(w) and w > 0]
+
+
 def process_rate(windows: Iterable[float]) -> float:
     """One process's rate: the median of its windows."""
     values = list(windows)

@@ -69,13 +69,58 @@ def test_files_are_ordered_by_commit_time_not_by_name(tmp_path):
     assert found.commits == [make_fixtures.history_commit(i) for i in range(len(names))]
 
 
-def test_two_files_of_one_commit_are_its_processes(tmp_path):
+def _edited(source: Path, target: Path, header=lambda h: None, record=lambda r: None) -> Path:
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
+    header(lines[0])
+    for line in lines[1:]:
+        record(line)
+    target.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return target
+
+
+def test_two_files_of_one_commit_are_its_processes_and_a_byte_identical_copy_is_not(tmp_path):
+    """A copy of a file counted as a second process and narrowed the commit's interval."""
     first = sorted(HISTORY.glob("*.jsonl"))[0]
     shutil.copy(first, tmp_path / "a.jsonl")
-    shutil.copy(first, tmp_path / "b.jsonl")
+    _edited(first, tmp_path / "b.jsonl", record=lambda r: r.get("windows") and r.update(
+        windows=[w * 1.01 for w in r["windows"]]))  # another process of the same commit
     found = history.load_history([tmp_path])
     assert len(found.commits) == 1
     assert all(t.points[0].processes == 2 for t in found.trends)
+    shutil.copy(first, tmp_path / "c.jsonl")
+    found = history.load_history([tmp_path])
+    assert all(t.points[0].processes == 2 for t in found.trends)
+    assert any("c.jsonl: a byte-identical copy of" in w and "a.jsonl" in w for w in found.warnings), found.warnings
+
+
+def test_the_two_sides_of_an_ab_run_are_left_out_by_name(tmp_path):
+    """`ab`'s a.jsonl and b.jsonl in a history folder were merged into one commit point."""
+    files = sorted(HISTORY.glob("*.jsonl"))
+    for path in files[:4]:
+        shutil.copy(path, tmp_path / path.name)
+    for side in ("a", "b"):
+        _edited(files[4], tmp_path / f"{side}.jsonl", header=lambda h, side=side: h.update(
+            ab={"side": side.upper(), "python": "python", "overrides": [], "rounds": 8}))
+    found = history.load_history([tmp_path])
+    assert len(found.commits) == 4
+    assert sum("of a `sparsebench ab` run; left out" in w for w in found.warnings) == 2, found.warnings
+
+
+@pytest.mark.parametrize("windows", [[None, None, None], [0.0, 0.0, 0.0], [None, 1000.0, 0.0]])
+def test_windows_that_are_no_rate_are_left_out_and_named(tmp_path, windows):
+    """A null window (how a NaN is stored) crashed `history` and `compare`; all-zero windows
+    crashed inside ruptures."""
+    files = sorted(HISTORY.glob("*.jsonl"))
+    for path in files[:6]:
+        shutil.copy(path, tmp_path / path.name)
+    odd = _edited(files[6], tmp_path / files[6].name, record=lambda r: r.get("windows") and r.update(
+        windows=list(windows)))
+    found = history.load_history([tmp_path])
+    assert any("windows that are not rates above zero" in w and files[6].name in w for w in found.warnings)
+    assert all(p.rate > 0 for t in found.trends for p in t.points)
+    done = cli("compare", files[5], odd)
+    assert "Traceback" not in done.stderr, done.stderr
+    assert done.returncode in (0, 1) or (done.returncode == 2 and "nothing compared" in done.stderr), done.stderr
 
 
 def test_a_file_without_a_commit_is_placed_by_its_start_and_said_so(tmp_path):

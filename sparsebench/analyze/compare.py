@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UserError
 from ..machine import environment_differences
-from ..record import Record, cell_rate
+from ..record import Record, cell_rate, usable_windows
 from ..results import Results
 from ..stats import mann_whitney_min_p, mann_whitney_p, ratio_interval, welch_log_p
 from .difference import CellDifference, DifferenceReport, verdict
@@ -134,8 +134,9 @@ def _groups(record: Record, metric: str = "wall") -> list[list[float]]:
     if metric == "cpu":
         windows = record.cpu_windows or []
         groups = windows if windows and isinstance(windows[0], list) else [windows]
-        return [[w for w in g if w is not None] for g in groups if g]
-    return [g for g in (record.process_windows or [record.windows or []]) if g]
+        return [usable for usable in (usable_windows(g) for g in groups) if usable]
+    return [usable for usable in (usable_windows(g) for g in (record.process_windows or [record.windows or []]))
+            if usable]
 
 
 def _median(groups: list[list[float]]) -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import hashlib
 import math
 import re
 import subprocess
@@ -42,6 +43,7 @@ from scipy import stats as sps
 from .. import stats
 from ..errors import UserError
 from ..load import BUSY_CORES, record_busy
+from ..record import usable_windows
 from ..results import Results, ResultsError, read_results
 
 MIN_SEGMENT = 2  # commits on each side of a step
@@ -224,21 +226,37 @@ def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str
         raise UserError(f"history --min-step {min_step * 100:g}: must be at least 0 and below 100 (percent)")
     warnings: list[str] = []
     placed = []
+    seen: dict[str, Path] = {}  # content digest -> the first file with that content
     for path in results_paths(paths):
+        copy_of = _copy_of(path, seen)
+        if copy_of is not None:  # as a second process of its commit it would narrow the interval
+            warnings.append(f"{path}: a byte-identical copy of {copy_of}; left out (one run counts once)")
+            continue
         results = read_results(path)
         warnings += results.warnings
+        side = results.header.get("ab")
+        if isinstance(side, dict):
+            warnings.append(f"{path}: side {side.get('side', '?')} of a `sparsebench ab` run; left out (an A/B "
+                            f"pair is one comparison, not a commit's history: `compare` or `ab` reads it)")
+            continue
         placement = place(results, repo)
         if placement.commit is None:
             warnings.append(f"{path}: no commit in its header; placed at its run's start time")
         if placement.dirty:
             warnings.append(f"{path}: measured on a checkout with uncommitted changes to {short_commit(placement.commit)}")
         placed.append((placement, results))
+    if not placed:
+        raise UserError(f"history: no results file left to place ({'; '.join(warnings[-3:])})")
     placed = _since_filter(placed, since)
     if not placed:
         raise UserError(f"history --since {since}: no results file is that recent")
     placed.sort(key=lambda pr: (pr[0].when, pr[0].started_at or pr[0].when, str(pr[0].path)))
     skipped: list[str] = []
-    trends = _trends(placed, cells, skipped if skip_busy else None)
+    unusable: list[str] = []
+    trends = _trends(placed, cells, skipped if skip_busy else None, unusable)
+    if unusable:
+        warnings.append(f"{len(unusable)} record(s) hold windows that are not rates above zero (null, as a NaN is "
+                        f"stored, zero or infinite): those windows are left out, e.g. {unusable[0]}")
     if skipped:
         warnings.append(f"--skip-busy: left out {len(skipped)} measurement(s) taken on a busy machine, e.g. "
                         f"{skipped[0]}")
@@ -256,10 +274,24 @@ def load_history(paths: Sequence[Path], *, cells: Sequence[str] = (), since: str
     return History([p for p, _ in placed], trends, alpha, min_step, warnings)
 
 
+def _copy_of(path: Path, seen: dict[str, Path]) -> Path | None:
+    """The file read before with the same bytes as `path` (None: none; unreadable files are
+    left for the reader to name)."""
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+    if digest in seen:
+        return seen[digest]
+    seen[digest] = path
+    return None
+
+
 def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str],
-            skipped: list[str] | None = None) -> list[Trend]:
+            skipped: list[str] | None = None, unusable: list[str] | None = None) -> list[Trend]:
     """Per cell, a point per commit. With `skipped` (a list), measurements taken on a busy
-    machine are left out and named there instead."""
+    machine are left out and named there instead. Windows that are no rate above zero are
+    left out, each record holding some named in `unusable`."""
     order: list[str] = []
     positions: dict[str, list[tuple[Placement, Results]]] = {}
     for placement, results in placed:
@@ -282,8 +314,14 @@ def _trends(placed: list[tuple[Placement, Results]], patterns: Sequence[str],
                     if busy and skipped is not None:
                         skipped.append(f"{label} in {placement.path.name} ({busy})")
                         continue
+                    windows = usable_windows(record.windows)
+                    if len(windows) < len(record.windows) and unusable is not None:
+                        unusable.append(f"{label} in {placement.path.name} ({len(record.windows) - len(windows)} of "
+                                        f"{len(record.windows)} windows)")
+                    if not windows:
+                        continue
                     entry = per_cell.setdefault(cell_id, (label, [], [], []))
-                    entry[1].append([float(w) for w in record.windows])
+                    entry[1].append(windows)
                     if str(placement.path) not in entry[2]:
                         entry[2].append(str(placement.path))
                     if busy:

@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).parent
 TALK = HERE.parent / "fixtures" / "talk.jsonl"
 PROFILE = HERE.parent / "fixtures" / "distributed-profile-ps1.jsonl"
+NIGHTLY = HERE.parent / "fixtures" / "history" / "2026-11-01-smoke.jsonl"
 GOOD = "1 3:1 17:0.5 99:2\n0 4:1 18:3\n"  # two well-formed libsvm lines
 
 
@@ -23,9 +24,9 @@ def results(name: str, header=lambda h: h, record=lambda r: r, extra: list[str] 
     (HERE / "results" / name).write_text("\n".join([json.dumps(head), *body, *extra]) + "\n")
 
 
-def profiled(name: str, edit) -> None:
-    """The committed parameter-server profile with each record edited in place by `edit`."""
-    lines = [json.loads(line) for line in PROFILE.read_text().splitlines()]
+def edited(name: str, source: Path, edit) -> None:
+    """A committed results file with each record edited in place by `edit`."""
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
     for record in lines[1:]:
         edit(record)
     (HERE / "results" / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
@@ -42,6 +43,11 @@ def main() -> None:
     results("header-environment-null.jsonl", header=lambda h: {**h, "environment": None})
     results("header-version-99.jsonl", header=lambda h: {**h, "version": 99})
     results("record-windows-strings.jsonl", record=lambda r: {**r, "windows": ["x", "y"]})
+    results("record-window-null.jsonl", record=lambda r: {**r, "windows": [None, *r["windows"][1:]]})
+    edited("history-window-null.jsonl", NIGHTLY, lambda r: r.get("windows") and r.update(
+        windows=[None, *r["windows"][1:]]))
+    edited("history-windows-zero.jsonl", NIGHTLY, lambda r: r.get("windows") and r.update(
+        windows=[0.0] * len(r["windows"])))
     results("record-axes-null.jsonl", record=lambda r: {**r, "axes": None})
     results("record-axes-list.jsonl", record=lambda r: {**r, "axes": [1, 2]})
     results("record-status-bogus.jsonl", record=lambda r: {**r, "status": "great"})
@@ -51,9 +57,9 @@ def main() -> None:
         **r, "axes": {**r["axes"], "strategy": "parameter_server", "ps_tasks": 1, "worker_tasks": 2},
         "cluster": {"ps_bytes_per_step": {"ps:0": {"sent": "lots", "received": None}}}})
     results("record-corrupt-line.jsonl", extra=['{"cell_id": "x", "status": "ok"', '{"cell_id": "y", "status": "ok"}'])
-    profiled("profile-bytes-negative.jsonl", lambda r: r.get("cluster") and r["cluster"].update(
+    edited("profile-bytes-negative.jsonl", PROFILE, lambda r: r.get("cluster") and r["cluster"].update(
         ps_bytes_per_step={task: {"sent": -5, "received": -5} for task in r["cluster"]["ps_bytes_per_step"]}))
-    profiled("profile-no-ps-tasks.jsonl", lambda r: r.get("axes", {}).pop("ps_tasks", None))
+    edited("profile-no-ps-tasks.jsonl", PROFILE, lambda r: r.get("axes", {}).pop("ps_tasks", None))
     # Headers that --resume reads: a real run's header of the hostile suite, with wrong types.
     suite = (HERE / "suites" / "ok.toml").read_text()
     run = {"suite": "ok", "suite_arg": "suites/ok.toml", "suite_source": "suites/ok.toml", "suite_text": suite,
