@@ -363,3 +363,22 @@ def test_a_write_that_fails_midway_leaves_no_file_and_an_existing_file_needs_for
     assert target.read_text() == "precious\n"
     assert datatool.main([*argv, "--force"]) == 0
     assert len(target.read_text().splitlines()) == 5 and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("blank_at", [255, 0, 100])
+def test_a_check_chunk_ending_in_a_blank_line_is_checked_not_crashed(tmp_path, blank_at):
+    """The tf.strings check scattered each line's first token by its row start; a chunk
+    ending with an empty line put that start past the last token (ScatterNd out of range:
+    a file ending "\\n\\n" crashed its pipeline cell). Traced, as the pipeline maps it."""
+    import tensorflow as tf
+
+    from sparsebench.train.inputs.pipeline import VALIDATE_CHUNK, _libsvm_ok
+
+    lines = [f"{i % 2} {i}:1 {i + 1}:0.5" for i in range(VALIDATE_CHUNK + 10)]
+    lines[blank_at] = ""
+    path = tmp_path / "x.libsvm"
+    path.write_text("\n".join(lines) + "\n\n")  # and the file ends with a blank line
+    checked = tf.data.TextLineDataset(str(path)).batch(VALIDATE_CHUNK).map(_libsvm_ok)
+    ok = np.concatenate([chunk.numpy() for chunk in checked])
+    assert len(ok) == len(lines) + 1
+    assert ok.sum() == len(lines) - 1 and not ok[blank_at] and not ok[-1]

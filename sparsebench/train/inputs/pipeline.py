@@ -277,7 +277,9 @@ def _libsvm_ok(lines):
         tf.strings.regex_full_match(lines, r"\s*(#.*)?"))
     tokens = tf.strings.split(tf.strings.strip(lines))  # ragged [lines, 1 + pairs]
     rows = tokens.value_rowids()
-    firsts = tokens.row_splits[:-1]
+    # Each line's first token is its label; a blank line has none (its start would be the next
+    # line's first token, or past the last token where the chunk ends with it).
+    firsts = tf.boolean_mask(tokens.row_splits[:-1], tokens.row_lengths() > 0)
     is_label = tf.scatter_nd(firsts[:, None], tf.ones_like(firsts, tf.bool), tf.shape(tokens.values, out_type=tf.int64))
     # A token's number: the label itself, or the value after a pair's ":".
     after_colon = tf.strings.regex_replace(tokens.values, "^[^:]*:", "")
