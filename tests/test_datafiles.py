@@ -382,3 +382,39 @@ def test_a_check_chunk_ending_in_a_blank_line_is_checked_not_crashed(tmp_path, b
     ok = np.concatenate([chunk.numpy() for chunk in checked])
     assert len(ok) == len(lines) + 1
     assert ok.sum() == len(lines) - 1 and not ok[blank_at] and not ok[-1]
+
+
+@pytest.fixture
+def cut_gzip(tmp_path, examples):
+    """A libsvm.gz file cut 40 bytes before its end (a copy that stopped early)."""
+    whole = tmp_path / "whole.libsvm.gz"
+    WRITERS["libsvm"](examples, whole, compress=True)
+    cut = tmp_path / "cut.libsvm.gz"
+    cut.write_bytes(whole.read_bytes()[:-40])
+    return whole, cut
+
+
+def test_a_cut_gzip_source_is_one_error_naming_it_on_every_reader(cut_gzip):
+    """A truncated .gz printed an EOFError traceback (inspect, convert), failed a memory cell
+    without naming the file, and let a pipeline cell train on its readable part."""
+    from sparsebench.train.inputs.datafiles import DataFileError, convert_to_blocks
+    from sparsebench.train.inputs.paths import check_gzip_complete
+
+    whole, cut = cut_gzip
+    check_gzip_complete(whole)
+    for attempt in (lambda: check_gzip_complete(cut), lambda: read(str(cut), "libsvm", 12)):
+        with pytest.raises(DataFileError, match=f"{cut}: the gzip stream"):
+            attempt()
+
+
+def test_a_cut_gzip_source_fails_the_op_parsers_source_check(cut_gzip):
+    """The C++ parser's source check reads through TensorFlow, which stops at the cut."""
+    from sparsebench.train.inputs.datafiles import DataFileError
+    from sparsebench.train.inputs.pipeline import count_text
+
+    whole, cut = cut_gzip
+    parse_text = text_parser("op")
+    spec = DataSpec(feature_bits=12, source=str(whole), format="libsvm", input="pipeline", text_parser="op")
+    assert count_text(spec, parse_text).examples == 300
+    with pytest.raises(DataFileError, match=f"{cut}: the gzip stream ends early"):
+        count_text(replace(spec, source=str(cut)), parse_text)

@@ -81,6 +81,8 @@ def main() -> None:
     (data / "mixed" / "a.libsvm").write_bytes((GOOD + "1 5:nan\n").encode())
     with gzip.open(data / "mixed" / "b.libsvm.gz", "wb") as fh:
         fh.write((GOOD + "1 5:1e999\n").encode())
+    whole = gzip.compress((GOOD * 50).encode(), mtime=0)
+    (data / "cut.libsvm.gz").write_bytes(whole[:len(whole) - 12])  # a copy that stopped before the trailer
     truncated_blocks(data / "truncated.blocks")
 
 

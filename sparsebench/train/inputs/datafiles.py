@@ -19,6 +19,7 @@ the caller decides whether the bad fraction is acceptable (`max_bad_fraction`).
 from __future__ import annotations
 
 import gzip
+import zlib
 import hashlib
 import re
 from dataclasses import dataclass, field
@@ -69,8 +70,14 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     tf.data's TextLineDataset splits them: a lone "\r" inside a line stays in it (and makes
     the line malformed on both paths) instead of splitting it in two."""
     opener = gzip.open if is_gzip(path) else open
-    with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
-        yield from enumerate(fh, start=1)
+    number = 0
+    try:
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
+            for number, line in enumerate(fh, start=1):
+                yield number, line
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or corrupt gzip file: one line naming it
+        raise DataFileError(f"{path}: the gzip stream is cut short or corrupt after line {number} ({exc}); copy "
+                            f"it again or leave it out") from None
 
 
 def _splitmix64(x: int) -> int:

@@ -25,6 +25,7 @@ import time
 from ...plan.spec import DataSpec
 from .datafiles import (CRITEO_LINE, FIRST_BAD_KEPT, LIBSVM_LINE, MAX_LITERAL, ReadReport, is_gzip, source_files,
                         text_line_error)
+from .paths import check_gzip_complete
 
 VALIDATE_CHUNK = 256  # lines checked together: the rules run vectorized, not line by line
 
@@ -104,6 +105,8 @@ def count_text(spec: DataSpec, parse_text) -> ReadReport:
 
     report = ReadReport()
     for path in source_files(spec.source):
+        if is_gzip(path):
+            check_gzip_complete(path)  # TensorFlow's reader stops at a cut silently
         lines = tf.data.TextLineDataset(str(path), compression_type="GZIP" if is_gzip(path) else "")
         kinds = lines.batch(COUNT_CHUNK).map(lambda chunk: (chunk, parse_text(chunk, spec.format, spec.feature_bits)[4]),
                                              num_parallel_calls=tf.data.AUTOTUNE).prefetch(2)
