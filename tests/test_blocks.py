@@ -255,3 +255,57 @@ def test_convert_never_writes_onto_its_source_and_expands_its_glob_once(tmp_path
     batch, report = read(str(folder / "zz.blocks"), "blocks", 12)
     assert report.converted["malformed"] == 0
     same(batch, examples)
+
+
+def _hand_made(path: Path, header: dict, blocks: list[bytes]) -> Path:
+    """A blocks file written record by record: a header (what `data write` would say,
+    changed by `header`) and the given blocks."""
+    import tensorflow as tf
+
+    from sparsebench.train.inputs.blocks import MAGIC
+
+    facts = {"feature_bits": 12, "key_dtype": "int32", "block_examples": 4, "blocks": len(blocks), "examples": 0,
+             "entries": 0, "source": None, "malformed": 0, "first_malformed": [], "version": 1, **header}
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        writer.write(MAGIC + json.dumps(facts).encode())
+        for block in blocks:
+            writer.write(block)
+    return path
+
+
+def _block(lengths, labels, keys, values) -> bytes:
+    return (np.array([len(lengths), len(keys)], "<i4").tobytes() + np.array(lengths, "<i4").tobytes()
+            + np.array(labels, "<f4").tobytes() + np.array(keys, "<i4").tobytes() + np.array(values, "<f4").tobytes())
+
+
+GOOD_BLOCK = dict(lengths=[2, 1], labels=[1, 0], keys=[3, 9, 4], values=[1.0, 0.5, 2.0])
+
+
+@pytest.mark.parametrize("header, block, says", [
+    ({}, {**GOOD_BLOCK, "keys": [-1, 9, 4]}, r"block 1: key -1 is outside \[0, 2\*\*12\)"),
+    ({}, {**GOOD_BLOCK, "keys": [3, 4096, 4]}, r"block 1: key 4096 is outside \[0, 2\*\*12\)"),
+    ({}, {**GOOD_BLOCK, "values": [1.0, float("nan"), 2.0]}, r"block 1: a value is nan \(not finite\)"),
+    ({}, {**GOOD_BLOCK, "labels": [float("inf"), 0]}, r"block 1: a label is inf \(not finite\)"),
+    ({}, {**GOOD_BLOCK, "lengths": [-1, 4]}, r"block 1: example 0 has row length -1, below 0"),
+    ({"block_examples": 1}, GOOD_BLOCK, r"block 1: 2 examples, more than the header's block_examples 1"),
+    ({"examples": 2, "entries": 3, "blocks": 2}, GOOD_BLOCK, r"the header says 2 blocks, 2 examples, 3 entries; "
+                                                             r"the file holds 1, 2, 3 \(cut at a block boundary"),
+    ({"block_examples": 0}, GOOD_BLOCK, r"header block_examples is 0, expected an integer, 1 or more"),
+    ({"feature_bits": "12"}, GOOD_BLOCK, r"header feature_bits is \"12\", expected an integer, 1 to 63"),
+    ({"source": {"path": "x", "format": "libsvm", "bytes": 5}}, GOOD_BLOCK, r"header source must be null or hold"),
+])
+def test_a_blocks_file_is_checked_as_text_lines_are_naming_the_block(tmp_path, header, block, says):
+    """Blocks were trusted: out-of-range keys failed cells late in TensorFlow's words, NaN
+    trained, a file cut at a block boundary read silently, header fields went unchecked
+    (block_examples 0: ZeroDivisionError; a source without sha256: inspect's traceback)."""
+    counts = {"examples": len(block["labels"]), "entries": len(block["keys"])}
+    path = _hand_made(tmp_path / "x.blocks", {**counts, **header}, [_block(**block)])
+    with pytest.raises(DataFileError, match=says):
+        read(str(path), "blocks", 12, keep=False)
+
+
+def test_a_hand_made_blocks_file_that_is_right_reads(tmp_path):
+    """The checks above refuse only what is wrong: the same hand-made file, right, reads."""
+    path = _hand_made(tmp_path / "x.blocks", {"examples": 2, "entries": 3}, [_block(**GOOD_BLOCK)])
+    batch, _ = read(str(path), "blocks", 12)
+    assert batch.keys.tolist() == [3, 9, 4] and batch.labels.tolist() == [1, 0]

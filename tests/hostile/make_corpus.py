@@ -103,6 +103,11 @@ def truncated_blocks(path: Path) -> None:
     framed = block + 16  # TFRecord: length, its CRC, data, its CRC
     header = len(raw) - 5 * framed
     path.write_bytes(raw[:header + 2 * framed + framed // 2])
+    path.with_name("cut-at-block.blocks").write_bytes(raw[:header + 3 * framed])  # 3 whole blocks of 5
+    keys = np.tile(np.array([1, 5, 9], np.int64), 10)
+    keys[4] = -7
+    write_blocks(SparseBatch(splits, keys, batch.values, batch.labels), path.with_name("negative-key.blocks"),
+                 feature_bits=10, block_examples=2)
 
 
 if __name__ == "__main__":

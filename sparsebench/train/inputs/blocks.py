@@ -75,8 +75,12 @@ def encode_block(batch: SparseBatch, dtype: str) -> bytes:
             + batch.values.astype("<f4").tobytes())
 
 
-def decode_block(raw: bytes, dtype: str, where: str) -> SparseBatch:
-    """A block's bytes back into examples, every length checked against the record's."""
+def decode_block(raw: bytes, dtype: str, where: str, header: "Header | None" = None) -> SparseBatch:
+    """A block's bytes back into examples, every length checked against the record's; with
+    the file's `header`, also what the text readers check of a line: keys in
+    `[0, 2**feature_bits)`, finite values and labels, at most `block_examples` examples.
+    A blocks file is input like any other: a hand-made or damaged one is named here, not
+    by TensorFlow deep inside a cell."""
     if len(raw) < _BLOCK_HEAD:
         raise BlocksError(f"{where}: {len(raw)} bytes, shorter than a block's 8-byte head")
     n, nnz = (int(x) for x in np.frombuffer(raw, "<i4", 2))
@@ -89,11 +93,30 @@ def decode_block(raw: bytes, dtype: str, where: str) -> SparseBatch:
     labels = np.frombuffer(raw, "<f4", n, at + 4 * n)
     keys = np.frombuffer(raw, "<i4" if dtype == "int32" else "<i8", nnz, at + 8 * n)
     values = np.frombuffer(raw, "<f4", nnz, at + 8 * n + key_bytes * nnz)
-    if lengths.min(initial=0) < 0 or int(lengths.sum()) != nnz:
+    if lengths.min(initial=0) < 0:
+        at_example = int(np.argmin(lengths))
+        raise BlocksError(f"{where}: example {at_example} has row length {int(lengths[at_example])}, below 0")
+    if int(lengths.sum()) != nnz:
         raise BlocksError(f"{where}: row lengths sum to {int(lengths.sum())}, not nnz={nnz}")
+    if header is not None:
+        _check_contents(where, header, n, labels, keys, values)
     splits = np.zeros(n + 1, np.int64)
     np.cumsum(lengths, out=splits[1:])
     return SparseBatch(splits, keys.astype(np.int64), values.astype(np.float32), labels.astype(np.float32))
+
+
+def _check_contents(where: str, header: "Header", n: int, labels, keys, values) -> None:
+    if n > header.block_examples:
+        raise BlocksError(f"{where}: {n} examples, more than the header's block_examples {header.block_examples}")
+    limit = 1 << header.feature_bits
+    if len(keys) and (int(keys.min()) < 0 or int(keys.max()) >= limit):
+        bad = int(keys.min()) if int(keys.min()) < 0 else int(keys.max())
+        raise BlocksError(f"{where}: key {bad} is outside [0, 2**{header.feature_bits}) (the header's feature_bits)")
+    for name, array in (("value", values), ("label", labels)):
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise BlocksError(f"{where}: a {name} is {array[~finite][0]} (not finite); the text readers leave such "
+                              f"an example out: convert the source again")
 
 
 def _records(path: Path):
@@ -127,6 +150,13 @@ def tf_reason(message: str) -> str:
     return re.sub(r"\s*\[Op:[^\]]*\].*$", "", text).strip()
 
 
+# The header's counts and the range each must be in (feature_bits as DataSpec allows).
+HEADER_COUNTS = {"feature_bits": (1, 63), "block_examples": (1, None), "blocks": (0, None), "examples": (0, None),
+                 "entries": (0, None), "malformed": (0, None)}
+# What a converted file's header says of its source (`data inspect` prints each).
+SOURCE_FIELDS = {"path": str, "format": str, "bytes": int, "sha256": str}
+
+
 def parse_header(raw: bytes, path: Path) -> Header:
     if not raw.startswith(MAGIC):
         raise BlocksError(f"{path}: not a sparsebench blocks file (record 0 does not start with "
@@ -140,6 +170,17 @@ def parse_header(raw: bytes, path: Path) -> Header:
         raise BlocksError(f"{path}: blocks format version {header.version}; this sparsebench reads {VERSION}")
     if header.key_dtype not in ("int32", "int64"):
         raise BlocksError(f"{path}: key_dtype {header.key_dtype!r}, expected int32 or int64")
+    for name, (low, high) in HEADER_COUNTS.items():
+        value = getattr(header, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+            allowed = f"{low} to {high}" if high is not None else f"{low} or more"
+            raise BlocksError(f"{path}: header {name} is {json.dumps(value)}, expected an integer, {allowed}")
+    if not isinstance(header.first_malformed, list) or not all(isinstance(x, str) for x in header.first_malformed):
+        raise BlocksError(f"{path}: header first_malformed is not a list of strings")
+    if header.source is not None and not (isinstance(header.source, dict) and all(
+            isinstance(header.source.get(key), kind) for key, kind in SOURCE_FIELDS.items())):
+        raise BlocksError(f"{path}: header source must be null or hold "
+                          f"{', '.join(f'{k} ({t.__name__})' for k, t in SOURCE_FIELDS.items())}")
     return header
 
 
@@ -158,14 +199,21 @@ def check_bits(header: Header, feature_bits: int, path: Path) -> None:
 def iter_blocks(path: Path, feature_bits: int):
     """Each block of `path` as a SparseBatch (the header checked first)."""
     header = None
+    blocks = examples = entries = 0
     for number, raw in _records(path):
         if number == 0:
             header = parse_header(raw, path)
             check_bits(header, feature_bits, path)
             continue
-        yield decode_block(raw, header.key_dtype, f"{path}: block {number}")
+        block = decode_block(raw, header.key_dtype, f"{path}: block {number}", header)
+        blocks, examples, entries = blocks + 1, examples + block.batch_size, entries + block.nnz
+        yield block
     if header is None:
         raise BlocksError(f"{path}: empty file, no header")
+    if (blocks, examples, entries) != (header.blocks, header.examples, header.entries):
+        raise BlocksError(f"{path}: the header says {header.blocks} blocks, {header.examples} examples, "
+                          f"{header.entries} entries; the file holds {blocks}, {examples}, {entries} (cut at a "
+                          f"block boundary, or blocks added or lost): convert the source again")
 
 
 class BlockSink:
