@@ -418,3 +418,53 @@ def test_a_cut_gzip_source_fails_the_op_parsers_source_check(cut_gzip):
     assert count_text(spec, parse_text).examples == 300
     with pytest.raises(DataFileError, match=f"{cut}: the gzip stream ends early"):
         count_text(replace(spec, source=str(cut)), parse_text)
+
+
+# Item 4 of issue 36: lines where the readers disagreed. Whitespace is RE2's \s on every path
+# (not Python's str.strip()), every "\r" is dropped as TensorFlow's line reader drops it, and
+# a label is compared in float32.
+ODD_LINES = {
+    "\v": "malformed", "\u00a0": "malformed", "\x1c": "malformed", "\u0085": "malformed",
+    " \v# not a comment: \\v is no whitespace": "malformed", "1 3:1\r5:2": "malformed",
+    "\f": "skipped", "  \f # a comment after a form feed": "skipped",
+    "1 3:1 7:2\r\r": "example", "1e-46 3:1 5:2": "example",
+}
+
+
+@pytest.mark.parametrize("parser", ["op", "tf.strings"])
+def test_every_reader_agrees_on_the_odd_lines(tmp_path, examples, parser):
+    """One file holding every line the readers disagreed on, inside the training part: the
+    memory path, the pipeline (C++ parser or tf.strings), inspect's and convert's reader count
+    the same malformed lines and yield the same examples with the same labels."""
+    from sparsebench.plan.cell import Cell
+    from sparsebench.plan.spec import MeasureSpec, ModelSpec
+    from sparsebench.train.inputs.blocks import read_header
+    from sparsebench.train.inputs.datafiles import TFRecordNames, convert_to_blocks
+    from sparsebench.train.inputs.open import open_input
+
+    path = tmp_path / "odd.libsvm"
+    WRITERS["libsvm"](examples, path)
+    lines = path.read_text().splitlines()
+    lines[60:60] = list(ODD_LINES)  # after the 50 held out, inside the first training batch
+    path.write_bytes(("\n".join(lines) + "\n").encode())
+    malformed = sum(kind == "malformed" for kind in ODD_LINES.values())
+    spec = DataSpec(feature_bits=12, source=str(path), format="libsvm", input="pipeline", max_bad_fraction=0.5,
+                    text_parser=parser)
+    measure = MeasureSpec(batch_pool=2, eval_examples=50)
+    memory = open_input(Cell("t", 64, ModelSpec(), replace(spec, input="memory"), measure=measure))
+    piped = open_input(Cell("t", 64, ModelSpec(), spec, measure=measure), text_parser(parser))
+    assert memory.facts["read"]["bad"] == piped.facts["read"]["bad"] == malformed
+    assert piped.facts["read"]["examples"] == 300 + 2
+    odd_labels = memory.pool[0].labels[10:12]
+    assert odd_labels.tolist() == [1.0, 0.0]  # "1 3:1 7:2\r\r" and the label 1e-46, which is 0 in float32
+    iterator = iter(piped.dataset())
+    for expected in memory.pool:
+        sp, labels = next(iterator)
+        np.testing.assert_array_equal(sp.indices.numpy(), expected.coo_indices())
+        np.testing.assert_array_equal(sp.values.numpy(), expected.values)
+        np.testing.assert_array_equal(labels.numpy(), expected.labels)
+    inspected, report = read(str(path), "libsvm", 12)  # `data inspect`'s reader
+    assert report.bad == malformed and inspected.batch_size == 302
+    header = convert_to_blocks(str(path), "libsvm", tmp_path / "odd.blocks", 12, TFRecordNames())
+    assert header.malformed == malformed and header.examples == 302
+    assert read_header(tmp_path / "odd.blocks").first_malformed[0].startswith(f"{path}:61:")

@@ -75,7 +75,9 @@ def main() -> None:
                        ("long-literal.libsvm", GOOD + "1 5:" + "1" * 40 + "\n"),
                        ("key-beyond-int64.libsvm", GOOD + "1 " + "9" * 19 + ":1\n"),
                        ("lone-cr.libsvm", GOOD + "1 5:1\r6:2\n"),
-                       ("nul.libsvm", GOOD + "1 5:1\x002\n")):
+                       ("nul.libsvm", GOOD + "1 5:1\x002\n"),
+                       # whitespace Python's strip() knows and RE2's \s does not, a form feed, \r\r\n, a tiny label
+                       ("odd-lines.libsvm", GOOD + "\v\n\u00a0\n\x1c\n\u0085\n\f\n1 3:1\r\r\n1e-46 3:1\n")):
         (data / name).write_bytes(text.encode())
     (data / "mixed").mkdir(exist_ok=True)
     (data / "mixed" / "a.libsvm").write_bytes((GOOD + "1 5:nan\n").encode())

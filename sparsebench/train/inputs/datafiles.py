@@ -66,15 +66,16 @@ class ReadReport:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
-    """(line number, line) of a text file, plain or gzip. Lines end at "\n" only, as
-    tf.data's TextLineDataset splits them: a lone "\r" inside a line stays in it (and makes
-    the line malformed on both paths) instead of splitting it in two."""
+    """(line number, line) of a text file, plain or gzip, as tf.data's TextLineDataset gives
+    the pipeline its lines: split at "\n" only, and every "\r" dropped (a CRLF end, "\r\r\n",
+    and a lone "\r" inside a line, which then joins its neighbours: "5:1\r6:2" is "5:16:2",
+    malformed on every path)."""
     opener = gzip.open if is_gzip(path) else open
     number = 0
     try:
         with opener(path, "rt", encoding="utf-8", errors="replace", newline="\n") as fh:
             for number, line in enumerate(fh, start=1):
-                yield number, line
+                yield number, line.replace("\r", "")
     except (EOFError, gzip.BadGzipFile, zlib.error) as exc:  # a cut or corrupt gzip file: one line naming it
         raise DataFileError(f"{path}: the gzip stream is cut short or corrupt after line {number} ({exc}); copy "
                             f"it again or leave it out") from None
@@ -150,11 +151,11 @@ def number(text: str) -> float:
     not finite in float32 (rules 2 and 3 above)."""
     if len(text) > MAX_LITERAL:
         raise ValueError(f"number literal of {len(text)} characters ({text[:12]}...): at most {MAX_LITERAL}")
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         value = np.float32(float(text))
     if not np.isfinite(value):
         raise ValueError(f"{text} is not finite in float32")
-    return float(text)
+    return float(value)  # in float32, as the pipeline parses it: a label 1e-46 is 0, not above it
 
 
 def _libsvm_example(line: str, mask: int) -> tuple[float, dict[int, float]]:
@@ -188,9 +189,18 @@ def _criteo_example(line: str, feature_bits: int) -> tuple[float, dict[int, floa
     return label, features
 
 
+# 4. A line of whitespace only, or (libsvm) whitespace then a comment, is neither an example
+#    nor malformed. Whitespace is RE2's `\s`, [\t\n\f\r ], on every path (the C++ parser's
+#    IsSpace too): not Python's str.strip(), which also strips \v, \x1c-\x1f, U+0085 and
+#    U+00A0; a line of those is malformed everywhere.
+SPACE = "[\t\n\f\r ]"
+SKIPPED_LINE = {"libsvm": rf"{SPACE}*(?:#.*)?", "criteo": rf"{SPACE}*"}
+_SKIPPED = {fmt: re.compile(pattern) for fmt, pattern in SKIPPED_LINE.items()}
+
+
 def _skipped(line: str, fmt: str) -> bool:
-    """A blank line, or a libsvm comment: neither an example nor malformed."""
-    return not line.strip() or (fmt == "libsvm" and line.lstrip().startswith("#"))
+    """A blank line, or a libsvm comment: neither an example nor malformed (rule 4)."""
+    return _SKIPPED[fmt].fullmatch(line.rstrip("\n")) is not None
 
 
 def _text_example(line: str, fmt: str, feature_bits: int) -> tuple[float, dict[int, float]]:

@@ -23,8 +23,8 @@ from __future__ import annotations
 import time
 
 from ...plan.spec import DataSpec
-from .datafiles import (CRITEO_LINE, FIRST_BAD_KEPT, LIBSVM_LINE, MAX_LITERAL, ReadReport, is_gzip, source_files,
-                        text_line_error)
+from .datafiles import (CRITEO_LINE, FIRST_BAD_KEPT, LIBSVM_LINE, MAX_LITERAL, SKIPPED_LINE, ReadReport, is_gzip,
+                        source_files, text_line_error)
 from .paths import check_gzip_complete
 
 VALIDATE_CHUNK = 256  # lines checked together: the rules run vectorized, not line by line
@@ -277,7 +277,7 @@ def _libsvm_ok(lines):
     import tensorflow as tf
 
     matches = tf.strings.regex_full_match(lines, LIBSVM_LINE) & tf.logical_not(
-        tf.strings.regex_full_match(lines, r"\s*(#.*)?"))
+        tf.strings.regex_full_match(lines, SKIPPED_LINE["libsvm"]))
     tokens = tf.strings.split(tf.strings.strip(lines))  # ragged [lines, 1 + pairs]
     rows = tokens.value_rowids()
     # Each line's first token is its label; a blank line has none (its start would be the next
