@@ -22,7 +22,38 @@ from .plan.spec import DATA_FORMATS, DataSpec
 from .results import VERSION as RESULTS_VERSION
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+# What every command shares, said once: under the command list of `sparsebench --help`,
+# and in the docs (README "Commands"); tests/test_layout.py checks that both say it.
+EPILOG = """\b
+Exit codes, every command:
+  0    done: every cell ok or skipped, no regression, the check passed
+  1    run, profile, bound: a cell failed or timed out;
+       ab, compare: a regression, or a cell that failed where
+       the baseline measured it; history: the gate's ledger drifted
+       beyond its bound; env --check: this machine is not fit to
+       measure now; ops status: the op is not built
+  2    bad input or nothing to decide (one line on stderr, no traceback)
+  130  interrupted (finished cells are kept: --resume runs the rest)
+
+\b
+Conventions: -o/--output names a file where a command writes one (run, report,
+history) and a folder where it writes several (ab, bisect, profile, bound);
+--format chooses how a report is printed (table or text, markdown, csv, json,
+html as the command offers); --json is JSON where --format names a data file's
+format (data inspect) or there is no report (env); -q quiets progress where a
+command has it. Figures printed come from the files read or the run just made.
+
+\b
+Requires Linux (process groups, /proc, fcntl locks) and Python 3.11+."""
+
+
+def _plain_as(name: str):
+    """--format's plain-text rendering answers to both "table" and "text" on every command
+    (one convention); the command sees its own name for it."""
+    return lambda ctx, param, value: name if value in ("table", "text") else value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="sparsebench",
                       message=f"%(prog)s %(version)s (results format {RESULTS_VERSION}, worker protocol {WORKER_PROTOCOL}, "
                               f"side protocol {SIDE_PROTOCOL})")
@@ -30,7 +61,7 @@ def cli() -> None:
     """Benchmark and profile sparse linear layers and sparse ranking models in TensorFlow."""
 
 
-@cli.command()
+@cli.command(short_help="Run a suite's cells, each in its own worker process.")
 @click.option("--suite", "suite_arg", metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]",
               help="Override a matrix axis (batch_size=256,1024) or a setting (windows=3). Repeatable.")
@@ -54,8 +85,8 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
 
     On a terminal a live view names the running cell and its phase (starting the worker,
     quality steps, warm-up, timing, memory bound); off one a heartbeat line every 30 s
-    (SPARSEBENCH_HEARTBEAT_S) shows life in a CI log. The smoke suite takes about 75 s on
-    2 cores, after the fused op's first compile (20-60 s)."""
+    (SPARSEBENCH_HEARTBEAT_S) shows life in a CI log. The first run on a machine also
+    compiles the fused op (its time is printed)."""
     from .execute import runner
     from .execute.progress import heartbeat_seconds
 
@@ -93,7 +124,7 @@ def run(suite_arg, overrides, output, resume, processes, isolation, allow_env_ch
 @click.option("--inter-op-threads", type=click.IntRange(min=0), default=0, help="TensorFlow inter-op threads (0: default).")
 @click.option("--custom-op", "custom_op", default="try", show_default=True, metavar="try|off|PATH",
               help="The fused op library, loaded before the server starts (fused_custom_op cells need it on every "
-                   "task): try = build or load it where this machine can (a first build compiles for 20-60 s), else "
+                   "task): try = build or load it where this machine can (a first build runs the compiler), else "
                    "serve the stock layouts only; off; or a library's path, which must load.")
 def serve(cluster, task, intra_op_threads, inter_op_threads, custom_op):
     """Serve one task (PS or worker) of a real cluster until killed.
@@ -140,7 +171,9 @@ def _check_op_library(path: str) -> None:
 
 @cli.group()
 def data():
-    """Write the synthetic data as a file, or describe a data file."""
+    """Write, describe or convert data files (libsvm, Criteo, TFRecord).
+
+    Each command reads and writes libsvm, Criteo TSV, TFRecord and the blocks format."""
 
 
 FEATURE_BITS = click.IntRange(1, 30)  # as DataSpec.validate
@@ -162,7 +195,7 @@ def _data_tool(action: str, path: str, options: dict, *more_paths: str) -> None:
     os.execv(sys.executable, module_command(sys.executable, "sparsebench.train.inputs.datatool", *argv))
 
 
-@data.command("write")
+@data.command("write", short_help="Write the synthetic generator's examples to PATH.")
 @click.argument("path")
 @click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), required=True, help="The file format.")
 @click.option("--examples", type=click.IntRange(min=1), required=True, help="How many examples.")
@@ -184,7 +217,7 @@ def data_write(path, fmt, examples, feature_bits, mean_active, zipf_exponent, se
                                "force": force})
 
 
-@data.command("inspect")
+@data.command("inspect", short_help="Describe a data file in the generator's terms.")
 @click.argument("path")
 @click.option("--format", "fmt", type=click.Choice(DATA_FORMATS), required=True, help="The file format.")
 @click.option("--feature-bits", type=FEATURE_BITS, default=DataSpec.feature_bits, show_default=True,
@@ -202,7 +235,7 @@ def data_inspect(path, fmt, feature_bits, limit, ids_feature, values_feature, la
                                  "label_feature": label_feature, "json": as_json})
 
 
-@data.command("convert")
+@data.command("convert", short_help="Convert SRC to the binary blocks format.")
 @click.argument("src")
 @click.argument("dst")
 @click.option("--format", "fmt", type=click.Choice([f for f in DATA_FORMATS if f != "blocks"]), required=True,
@@ -307,7 +340,8 @@ def _env_check(seconds: float, as_json: bool) -> int:
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["table", "markdown", "csv", "json", "html"]), default="table",
+@click.option("--format", "fmt", type=click.Choice(["table", "text", "markdown", "csv", "json", "html"]), default="table",
+              callback=_plain_as("table"),
               show_default=True, help="json: one object per cell with stable keys, whatever the view.")
 @click.option("--view", type=click.Choice(["talk", "matrix", "pivot", "best", "ops", "traffic", "projection"]),
               help="Default: ops for profiles, talk for a gpu-vs-cpu run, matrix otherwise.")
@@ -371,7 +405,8 @@ def gate_options(alpha: float, regression_help: str, max_regression: float = 10.
             click.option("--max-regression", default=max_regression, show_default=True, metavar="PCT",
                          help=regression_help),
             click.option("--alpha", default=alpha, show_default=True, help="Significance level of the test."),
-            click.option("--format", "fmt", type=click.Choice(["table", "markdown", "json"]), default="table",
+            click.option("--format", "fmt", type=click.Choice(["table", "text", "markdown", "json"]), default="table",
+                         callback=_plain_as("table"),
                          show_default=True),
             click.option("--github-benchmark", type=click.Path(path_type=Path),
                          help="Also write the current (B) side in github-action-benchmark's customBiggerIsBetter "
@@ -404,7 +439,7 @@ def _emit(reports, fmt: str, github_benchmark: Path | None, current, fail_on: st
     return max(report.exit_code_for(fail_on) for report in reports)
 
 
-@cli.command()
+@cli.command(short_help="Gate two stored runs; exit 1 if CURRENT regressed.")
 @click.argument("baseline", type=click.Path(path_type=Path))
 @click.argument("current", type=click.Path(path_type=Path))
 @gate_options(0.01, "Slowdown (percent of the baseline median) a cell must exceed to regress.")
@@ -440,7 +475,8 @@ def compare(baseline, current, max_regression, alpha, fmt, github_benchmark, noi
 
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "json", "html"]), default="text",
+@click.option("--format", "fmt", type=click.Choice(["text", "table", "markdown", "json", "html"]), default="text",
+              callback=_plain_as("text"),
               show_default=True)
 @click.option("--cells", "cells", multiple=True, metavar="PATTERN",
               help="Only cells whose label or id matches (shell pattern, e.g. 'fused*'). Repeatable.")
@@ -542,7 +578,7 @@ def _write_text(output: Path, text: str, what: str) -> None:
     click.echo(f"wrote {output}", err=True)
 
 
-@cli.command()
+@cli.command(short_help="Interleaved A/B on this machine; exit 1 if B regressed.")
 @click.option("--suite", "suite_arg", default="gate", show_default=True, metavar="NAME|PATH",
               help="A shipped suite name or a TOML file (gate: every variant and optimizer, sized for CI).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override for both sides.")
@@ -580,8 +616,9 @@ def _write_text(output: Path, text: str, what: str) -> None:
               help="--count: change of a cell's (or the suite's) instructions per example that is a finding.")
 @click.option("--cycles-threshold", default=None, type=float, metavar="PCT",
               help="--count: also gate on estimated cycles beyond this change. Off by default: their simulated "
-                   "cache misses vary with where memory lands, and A/A runs here moved a dense-Adam cell's "
-                   "estimated cycles by up to 3.9% (its instructions by 0.0%); the cycles table is printed either way.")
+                   "cache misses vary with where memory lands, so A/A runs move them far more than instructions "
+                   "(README, \"Comparing runs in CI\", has the measured spread); the cycles table is printed "
+                   "either way.")
 @click.option("--output", "-o", type=click.Path(path_type=Path),
               help="Folder for both sides' results and logs (default results/ab-<suite>-<time>).")
 @click.option("--json", "json_file", type=click.Path(path_type=Path),
@@ -683,7 +720,7 @@ def _ab_counted(suite_arg, overrides, a, b, folder, steps, patterns, also, cycle
     return _emit(reports, fmt, github_benchmark, side_b, fail_on, json_file)
 
 
-@cli.command()
+@cli.command(short_help="The first commit between GOOD and BAD that made cells slower.")
 @click.argument("good")
 @click.argument("bad")
 @click.option("--suite", "suite_arg", default="gate", show_default=True, metavar="NAME|PATH",
@@ -720,7 +757,7 @@ def bisect(good, bad, suite_arg, cell_patterns, overrides, rounds, count_steps, 
     return 0
 
 
-@cli.command()
+@cli.command(short_help="Profile each cell's train step op by op (TensorBoard).")
 @click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override an axis or setting.")
 @click.option("--steps", default=20, show_default=True, help="Steady-state steps profiled per cell (after warm-up).")
@@ -752,7 +789,7 @@ def profile(suite_arg, overrides, steps, output, isolation, top, quiet):
     return summary.exit_code
 
 
-@cli.command()
+@cli.command(short_help="Each cell's memory bound, its layer's memory traffic alone.")
 @click.option("--suite", "suite_arg", required=True, metavar="NAME|PATH", help="A shipped suite name or a TOML file.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=V1[,V2...]", help="Override an axis or setting.")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="Folder (default results/bound-<suite>-<time>).")
@@ -782,12 +819,12 @@ def bound(suite_arg, overrides, output, isolation, quiet):
     return summary.exit_code
 
 
-@cli.group()
+@cli.group(short_help="The fused custom op: build it, or say why it is not built.")
 def ops():
     """The fused custom op: build it ahead of time, or say whether it is built."""
 
 
-@ops.command("build")
+@ops.command("build", short_help="Compile the fused custom op into the per-user cache.")
 @click.option("--target", type=click.Choice(["native", "portable"]), default=None,
               help="native: -march=native (the default); portable: -mavx2 -mfma, for a library copied to other "
                    "x86-64 machines. Runs use the target SPARSEBENCH_OPS_TARGET names; this option sets it for "
@@ -811,7 +848,7 @@ def ops_build(target, force):
     return 0
 
 
-@ops.command("status")
+@ops.command("status", short_help="Say whether the fused custom op is built here, or why not.")
 def ops_status():
     """Say whether the fused custom op is built for this machine, and why not."""
     from .execute.custom_op import custom_op

@@ -339,3 +339,61 @@ def test_tensorflow_is_imported_without_keras_and_keras_still_loads_on_demand():
     assert done.stdout.split("\n")[:3] == ["[]", "3.0", "keras"], done.stdout
     for path in ("train/worker.py", "train/ps/cluster_task.py", "train/inputs/datatool.py", "train/custom_ops/__main__.py"):
         assert "import_tensorflow()" in (PACKAGE / path).read_text(), path
+
+
+# -- the CLI's help and the README say the same, and nothing there ages ---------------------
+def _helps():
+    """(command path, help text at 80 columns) of every command and group."""
+    import click
+
+    from sparsebench.cli import cli
+
+    found = []
+
+    def walk(command, path):
+        context = click.Context(command, info_name=" ".join(path), terminal_width=80, max_content_width=80)
+        found.append((" ".join(path), command.get_help(context)))
+        for name, sub in getattr(command, "commands", {}).items():
+            walk(sub, [*path, name])
+
+    walk(cli, ["sparsebench"])
+    return found
+
+
+def test_no_command_summary_is_cut_at_80_columns():
+    """6 of 12 summaries in `sparsebench --help` ended in "..." (cut by click)."""
+    for path, text in _helps():
+        listed = text.split("Commands:\n")[1].split("\n\n")[0] if "Commands:\n" in text else ""
+        assert "..." not in listed, f"{path}: a cut summary:\n{listed}"
+
+
+def test_help_texts_carry_no_measured_figure():
+    """`--help` said "about 75 s", "20-60 s", "3.9%": measurements that age. Figures belong
+    to the README's dated measurements, the tool's output to what it just measured."""
+    import re
+
+    aging = re.compile(r"\d+(?:\.\d+)?\s?%|about \d+ ?s\b|\d+-\d+ ?s\b|\d+(?:\.\d+)?x\b")
+    for path, text in _helps():
+        assert not aging.search(text), f"{path}: {aging.search(text).group()!r} in its help"
+
+
+def test_the_readme_lists_every_command_axis_and_the_exit_codes_the_cli_has():
+    """The README's commands table lacked `bisect`, its axis list `text_parser`, its exit
+    codes every command but `run`: the README now quotes the CLI's epilog, and the table and
+    axis list are checked against the CLI and the suite parser."""
+    import re
+
+    from sparsebench.cli import EPILOG, cli
+    from sparsebench.plan.suite import AXES
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## Commands")[1].split("\n\n")[1]
+    listed = {m.group(1) for m in re.finditer(r"^\| `sparsebench (\w+)", table, re.M)}
+    assert listed == set(cli.commands), (listed ^ set(cli.commands))
+    suites = readme.split("## Suites")[1].split("expanded by")[0]
+    axes = set(re.findall(r"`(\w+)`", suites.split("[matrix]` of axes")[1]))
+    assert axes == set(AXES), axes ^ set(AXES)
+    for line in EPILOG.splitlines():
+        if line.strip() and line.strip() != "\b":
+            assert line in readme, f"README lacks the --help line {line!r}"
+    assert "130  interrupted" in EPILOG and "Requires Linux" in EPILOG

@@ -57,8 +57,8 @@ def prebuild(cells: list[Cell], python: str = sys.executable,
     replay after its windows. None when no cell is local (nothing needs it)."""
     if not any(needs_custom_op(c) or c.distribution.is_local for c in cells):
         return None
-    say("custom op: building the fused op library, or loading it from the cache (a first build compiles for "
-        "20-60 s)")
+    say("custom op: building the fused op library, or loading it from the cache (a first build runs the "
+        "compiler; its time is printed when it ends)")
     info = custom_op("build", python, tensorflow_facts=True)
     if info.get("ok"):
         how = "cached" if info.get("cached") else f"compiled in {info.get('compile_seconds') or 0:.0f} s"
