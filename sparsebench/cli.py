@@ -383,6 +383,11 @@ def report(paths, fmt, view, rows, cols, metric, conditions, output, plots, netw
         from .analyze.plots import write_plots
 
         written = write_plots(loaded, plots) if plots is not None else []
+        if plots is not None and not written:
+            from .analyze.plots import PLOTS_NEED
+
+            click.echo(f"note: no plot written to {plots}: these results have none of what a plot compares "
+                       f"({', '.join(PLOTS_NEED)}) among their ok cells", err=True)
     if fmt == "html":
         from .analyze.html import render_html
 

@@ -224,3 +224,14 @@ def test_busy_measurements_are_ringed_warned_about_and_skipped_on_request(tmp_pa
     assert len(els.points) == 9 and not any(p.busy for p in els.points)
     assert [s.after for s in els.steps] == [make_fixtures.history_commit(make_fixtures.HISTORY_STEP_AT)]
     assert any("--skip-busy: left out 1 measurement(s)" in w for w in skipped.warnings)
+
+
+@pytest.mark.parametrize("cells", [["els*"], []])
+def test_the_history_plots_caption_stays_inside_the_figure(cells):
+    """Its one-line caption ran off the right edge of a one-panel figure (cut to "levels betwe")."""
+    from sparsebench.analyze.history_view import figure
+
+    found = history.load_history([HISTORY], cells=cells)
+    fig = figure(found)
+    box = fig._suptitle.get_window_extent(fig.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.x1, box

@@ -261,3 +261,23 @@ def test_the_traffic_view_gives_bytes_per_example_and_the_fused_layouts_saving()
     stock_step = sum(t["sent"] + t["received"] for t in stock["cluster"]["ps_bytes_per_step"].values())
     assert numeric.loc["fused-b1024-sgd-cpu-ps2w2", "times_fewer_bytes"] == pytest.approx(stock_step / per_step)
     assert any("loopback" in note for note in view.notes)
+
+
+def test_plots_of_results_that_support_none_say_so(tmp_path):
+    """`report distributed.jsonl --plots DIR` wrote nothing and said nothing."""
+    done = subprocess.run([sys.executable, "-m", "sparsebench", "report", str(DISTRIBUTED), "--plots",
+                           str(tmp_path / "plots")], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert f"note: no plot written to {tmp_path / 'plots'}" in done.stderr
+    assert list((tmp_path / "plots").iterdir()) == []
+
+
+def test_the_op_category_plot_promises_no_error_bars():
+    """Its caption said one-process cells' error bars leave out run-to-run noise: it draws none."""
+    from sparsebench.analyze.plots import figures
+
+    profiled = FIXTURES / "distributed-profile-ps1.jsonl"
+    [fig] = figures(report.load([profiled]).frame).values()
+    title = fig.axes[0].get_title(loc="left").replace("\n", " ")
+    assert title.startswith("Step time by op category") and "error bars" not in title

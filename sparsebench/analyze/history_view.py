@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -150,6 +151,9 @@ def _draw(ax, trend: Trend, commits: list[str]) -> None:
     ax.grid(alpha=0.3)
 
 
+CHARACTERS_PER_INCH = 10  # of a fontsize-10 title
+
+
 def figure(history: History, trends: list[Trend] | None = None, columns: int = 4):
     """One panel per cell: samples/s per commit with its 95% interval, the levels between
     steps, each step marked with its size. The y axes start at zero."""
@@ -161,9 +165,11 @@ def figure(history: History, trends: list[Trend] | None = None, columns: int = 4
         _draw(ax, trend, history.commits)
     for ax in list(axes.flat)[len(chosen):]:
         ax.axis("off")
-    fig.suptitle("samples/s per commit (95% intervals; orange: levels between steps; red dashes: steps; red rings: "
-                 "measured on a busy machine)", fontsize=10,
-                 x=0.01, ha="left")
+    caption = ("samples/s per commit (95% intervals; orange: levels between steps; red dashes: steps; red rings: "
+               "measured on a busy machine)")
+    # Wrapped to the figure's width (about 10 characters an inch at this size): one line ran
+    # off the right edge of a one- or two-panel figure.
+    fig.suptitle(textwrap.fill(caption, int(CHARACTERS_PER_INCH * fig.get_figwidth())), fontsize=10, x=0.01, ha="left")
     fig.supylabel("samples/s")
     fig.tight_layout()
     return fig

@@ -180,23 +180,27 @@ def _op_category_plot(profiled: pd.DataFrame, title: str):
     return fig
 
 
+PLOTS_NEED = ("a profile (op categories)", "several batch sizes", "the baseline variant and another",
+              "several intra-op thread counts", "several Hogwild workers", "several shard counts")
+
+
 def figures(frame: pd.DataFrame) -> dict[str, object]:
     """name -> matplotlib figure, for every plot this data supports."""
     ok = _ok(frame)
     if ok.empty:
         return {}
     where = f"suite {_suite(ok)} on {_machine(ok)}"
-    if not ok["run_to_run_measured"].fillna(False).astype(bool).all():
-        where += "; error bars of one-process cells leave out run-to-run noise"
     missing = frame[frame["status"] != "ok"]
     if len(missing):
         reasons = ", ".join(sorted({f"{s}: {r}" if r else str(s) for s, r in zip(missing["status"], missing["reason"])}))
         where += f"; {len(missing)} cells not shown ({reasons})"
     out: dict[str, object] = {}
     profiled = ok[ok["profile"].notna()] if "profile" in ok else ok.iloc[0:0]
-    if len(profiled):
+    if len(profiled):  # bars of one profile each: no error bars to qualify
         out["step_time_by_op_category"] = _op_category_plot(profiled, f"Step time by op category ({where})")
         return out
+    if not ok["run_to_run_measured"].fillna(False).astype(bool).all():
+        where += "; error bars of one-process cells leave out run-to-run noise"
     if ok["batch_size"].nunique() > 1:
         out["throughput_vs_batch"] = _line_plot(ok, "batch_size", "batch size (examples)",
                                                 f"Training throughput vs batch size ({where})")
