@@ -139,6 +139,11 @@ def _groups(record: Record, metric: str = "wall") -> list[list[float]]:
             if usable]
 
 
+def _stores_windows(record: Record) -> bool:
+    """The record holds windows, usable or not (a stalled or NaN window is stored as 0 or null)."""
+    return any(record.process_windows or [record.windows or []])
+
+
 def _median(groups: list[list[float]]) -> float:
     """The cell rate, recomputed from the stored windows (both runs alike)."""
     return cell_rate(groups)
@@ -152,7 +157,9 @@ def _compare_cell(cid: str, base: Record, cur: Record, groups_a: list, groups_b:
     if not base.ok or not cur.ok:
         return CellDifference(cid, "not compared", note=f"baseline {_status(base)}, current {_status(cur)}")
     if not groups_a or not groups_b:
-        return CellDifference(cid, "not compared", note="no windows stored")
+        stored = all(_stores_windows(r) for r, g in ((base, groups_a), (cur, groups_b)) if not g)
+        return CellDifference(cid, "not compared", note="no usable median (its windows are zero, NaN or infinite)"
+                              if stored else "no windows stored")
     median_a, median_b = _median(groups_a), _median(groups_b)
     ratio = median_b / median_a if median_a > 0 else float("nan")
     if not math.isfinite(ratio) or ratio <= 0:
